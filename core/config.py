@@ -1,0 +1,103 @@
+"""Operator configuration: defaults, an optional TOML file, then ``DOCKYARD_*`` variables.
+
+Precedence, lowest first: built-in defaults, the file named by ``--config`` or
+``DOCKYARD_CONFIG``, environment variables (``DOCKYARD_PORT=9000``), command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from dockyard.core.errors import ConfigError
+from dockyard.core.models import Model
+from msgspec import Meta
+
+
+def default_data_dir() -> str:
+    """Where state lives when nothing says otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/dockyard"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "dockyard")
+
+
+class Settings(Model):
+    """Everything an operator can set. Per-plugin options live under ``plugins.<name>``."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8800
+    data_dir: str = msgspec.field(default_factory=default_data_dir)
+    runtime: str = "podman"
+    store: str = "sqlite"
+    router: str = "none"
+    strategy: str = "bluegreen"
+    port_range_start: Annotated[int, Meta(ge=1024, le=65535)] = 40000
+    port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 41000
+    podman_socket: str | None = None
+    require_limits: bool = False
+    disable_plugins: list[str] = []
+    log_level: str = "INFO"
+    plugins: dict[str, dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        if self.port_range_end < self.port_range_start:
+            raise ValueError("port_range_end must not be below port_range_start")
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        """The ``[plugins.<name>]`` table, empty when absent."""
+        return dict(self.plugins.get(name, {}))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        if name == "plugins":
+            continue
+        raw = environ.get(f"DOCKYARD_{name.upper()}")
+        if raw is None:
+            continue
+        if name == "disable_plugins":
+            values[name] = [p.strip() for p in raw.split(",") if p.strip()]
+        else:
+            values[name] = raw
+    return values
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build Settings from a TOML file, the environment and explicit overrides.
+
+    Raises ConfigError with a message naming the bad field or file.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = config_file or environ.get("DOCKYARD_CONFIG")
+    if path:
+        try:
+            merged.update(tomllib.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    merged.update(_from_env(environ))
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

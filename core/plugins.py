@@ -1,0 +1,239 @@
+"""The plugin manager: built-ins and third-party plugins load the same way.
+
+``build_plugin_manager()`` makes a fresh manager (no import-time globals): it registers the
+built-in plugins listed in :data:`DEFAULT_PLUGINS`, then every entry point in the group
+``dockyard``, skipping names blocked by ``DOCKYARD_DISABLE_PLUGINS`` (comma-separated), and
+fails loudly on an implementation that matches no hookspec. Registrar hooks are then called
+once to fill the registries of runtimes, routers, stores, strategies, protocols and sources.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from importlib import metadata
+from typing import Any, Generic, TypeVar
+
+import pluggy
+from dockyard.core import hookspecs
+from dockyard.core.errors import DockyardError, PluginError, UnknownPluginError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dockyard"
+DISABLE_ENV = "DOCKYARD_DISABLE_PLUGINS"
+
+#: Built-in plugins, registered by name exactly like third-party ones. The first registered
+#: under a kind is not special: ``Settings`` names the one in use.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("podman", "dockyard.backends.podman"),
+    ("sqlite", "dockyard.plugins.sqlite_store"),
+)
+
+T = TypeVar("T")
+
+
+class Registrar(Generic[T]):
+    """What a ``dockyard_register_*`` hook receives: call it as ``register(name, factory)``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._owners: dict[str, str] = {}
+        self._current_plugin = "?"
+
+    def __call__(self, name: str, factory: T) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {self._current_plugin!r} registered a {self.kind} "
+                              "with an empty name")
+        if name in self._items:
+            raise PluginError(
+                f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and "
+                f"{self._current_plugin!r})"
+            )
+        self._items[name] = factory
+        self._owners[name] = self._current_plugin
+
+    def get(self, name: str) -> T:
+        """The factory registered under ``name``; UnknownPluginError lists the known ones."""
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "none"
+            raise UnknownPluginError(
+                f"unknown {self.kind} {name!r}; available: {known}", kind=self.kind, name=name
+            ) from None
+
+    def owner(self, name: str) -> str:
+        return self._owners[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(sorted(self._items.items()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Registries:
+    """Everything the registrar hooks registered, by kind."""
+
+    KINDS = ("runtimes", "routers", "stores", "strategies", "protocols", "sources")
+
+    def __init__(self, pm: DockyardPluginManager) -> None:
+        self.runtimes: Registrar[Callable[..., Any]] = Registrar("runtime")
+        self.routers: Registrar[Callable[..., Any]] = Registrar("router")
+        self.stores: Registrar[Callable[..., Any]] = Registrar("store")
+        self.strategies: Registrar[Callable[..., Any]] = Registrar("strategy")
+        self.protocols: Registrar[Callable[..., Any]] = Registrar("protocol")
+        self.sources: Registrar[Callable[..., Any]] = Registrar("source")
+        self.api_handlers: Registrar[Any] = Registrar("API handler")
+        for kind in self.KINDS:
+            _call_registrar(pm, f"dockyard_register_{kind}", getattr(self, kind))
+        _call_registrar(pm, "dockyard_api_handlers", self.api_handlers)
+
+
+def _call_registrar(pm: DockyardPluginManager, hook_name: str, registrar: Registrar[Any]) -> None:
+    caller = getattr(pm.hook, hook_name)
+    # Oldest registration first, so built-ins are seen before third-party plugins.
+    for impl in reversed(caller.get_hookimpls()):
+        registrar._current_plugin = impl.plugin_name
+        try:
+            impl.function(register=registrar)
+        except DockyardError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+
+
+class DockyardPluginManager(pluggy.PluginManager):
+    """pluggy's manager with dockyard's hookspecs, registries and plugin metadata."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self._registries: Registries | None = None
+        self.versions: dict[str, str] = {}
+        self.disabled: set[str] = set()
+
+    @property
+    def registries(self) -> Registries:
+        """Registries filled by the registrar hooks, computed once."""
+        if self._registries is None:
+            self._registries = Registries(self)
+        return self._registries
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Name, version, module and implemented hooks of every registered plugin."""
+        out = []
+        for name, plugin in sorted(self.list_name_plugin(), key=lambda item: item[0]):
+            if plugin is None:
+                continue
+            hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
+            module = getattr(plugin, "__name__", type(plugin).__module__)
+            out.append({
+                "name": name,
+                "version": self.versions.get(name, ""),
+                "module": module,
+                "hooks": hooks,
+            })
+        return out
+
+
+def _disabled_names(disable: Iterable[str] | None) -> set[str]:
+    names = set(disable or ())
+    raw = os.environ.get(DISABLE_ENV, "")
+    names.update(n.strip() for n in raw.split(",") if n.strip())
+    return names
+
+
+def _dockyard_version() -> str:
+    try:
+        return metadata.version("dockyard")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_plugin_manager(
+    disable: Iterable[str] | None = None,
+    *,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+    load_entry_points: bool = True,
+) -> DockyardPluginManager:
+    """A fresh plugin manager with built-ins, entry-point plugins and ``extra_plugins``.
+
+    :param disable: plugin names to block, added to ``DOCKYARD_DISABLE_PLUGINS``.
+    :param extra_plugins: ``(name, plugin)`` pairs to register too (tests, embedding).
+    :raises PluginError: a plugin fails to import or implements a hook with no spec.
+    """
+    pm = DockyardPluginManager()
+    pm.disabled = _disabled_names(disable)
+    for name in sorted(pm.disabled):
+        pm.set_blocked(name)
+    own_version = _dockyard_version()
+    for name, module_path in DEFAULT_PLUGINS:
+        if pm.is_blocked(name):
+            continue
+        pm.register(importlib.import_module(module_path), name=name)
+        pm.versions[name] = own_version
+    if load_entry_points:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+            _register(pm, plugin, ep.name)
+            pm.versions[ep.name] = ep.dist.version if ep.dist else ""
+    for name, plugin in extra_plugins:
+        if not pm.is_blocked(name):
+            _register(pm, plugin, name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from None
+    return pm
+
+
+def _register(pm: DockyardPluginManager, plugin: object, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from None
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """Await ``value`` if it is awaitable, return it otherwise."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def call_all(results: Iterable[Any | Awaitable[Any]]) -> list[Any]:
+    """Await every awaitable among a hook's results, in order."""
+    return [await await_me_maybe(r) for r in results]
+
+
+async def emit_event(pm: pluggy.PluginManager, event: Any) -> None:
+    """Hand ``event`` to every ``dockyard_event`` observer; an observer's failure is logged
+    and never propagated."""
+    for impl in pm.hook.dockyard_event.get_hookimpls():
+        try:
+            await await_me_maybe(impl.function(event=event))
+        except Exception:
+            log.exception("plugin %r failed in dockyard_event", impl.plugin_name)
+
+
+async def check_spec(pm: pluggy.PluginManager, spec: Any) -> None:
+    """Run every ``dockyard_check_spec`` policy; the first that raises refuses ``spec``."""
+    for impl in pm.hook.dockyard_check_spec.get_hookimpls():
+        await await_me_maybe(impl.function(spec=spec))

@@ -1,0 +1,111 @@
+"""The state-store contract: what every store plugin (SQLite by default) provides.
+
+The contract suite in ``tests/contract/test_store_contract.py`` checks any implementation:
+deployments, revisions, slots, the append-only event history and host-port leases that are
+never handed out twice, even to two processes at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+from dockyard.core.models import Color, Deployment, DeploymentSpec, Event, Revision, Slot
+
+
+class StateStore(abc.ABC):
+    """Durable state. Built by the factory a plugin registers through
+    ``dockyard_register_stores`` and used between ``open()`` and ``close()``."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema and get ready."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """Whether the store answers a trivial read."""
+
+    # deployments ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_deployment(self, spec: DeploymentSpec) -> Deployment:
+        """Store a new deployment and its two IDLE slots; Conflict if the id exists."""
+
+    @abc.abstractmethod
+    async def update_deployment(self, spec: DeploymentSpec) -> Deployment:
+        """Replace a deployment's spec, bumping its generation; NotFound if missing."""
+
+    @abc.abstractmethod
+    async def get_deployment(self, deployment_id: str) -> Deployment | None:
+        """One deployment, or None."""
+
+    @abc.abstractmethod
+    async def list_deployments(self) -> list[Deployment]:
+        """Every deployment, ordered by id."""
+
+    @abc.abstractmethod
+    async def delete_deployment(self, deployment_id: str) -> None:
+        """Remove a deployment with its slots, revisions, events and port leases."""
+
+    # revisions --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_revision(self, revision: Revision) -> Revision:
+        """Store an immutable revision; Conflict if its id exists."""
+
+    @abc.abstractmethod
+    async def get_revision(self, revision_id: str) -> Revision | None:
+        """One revision, or None."""
+
+    @abc.abstractmethod
+    async def list_revisions(self, deployment_id: str) -> list[Revision]:
+        """A deployment's revisions, oldest first."""
+
+    # slots ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_slot(self, deployment_id: str, color: Color) -> Slot:
+        """A deployment's slot; NotFound if the deployment does not exist."""
+
+    @abc.abstractmethod
+    async def list_slots(self, deployment_id: str) -> list[Slot]:
+        """Both slots, blue first."""
+
+    @abc.abstractmethod
+    async def save_slot(self, slot: Slot, event: Event | None = None) -> Slot:
+        """Write a slot (and its event) in one transaction. The write happens only when the
+        stored state still matches what the caller read: the caller passes the slot returned
+        by ``dockyard.core.states.transition`` and the store checks the move is legal from
+        the stored state, raising IllegalTransition otherwise."""
+
+    # events -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_event(self, event: Event) -> Event:
+        """Append to the history; returns the event with its sequence number."""
+
+    @abc.abstractmethod
+    async def list_events(
+        self, deployment_id: str, *, after: int = 0, limit: int = 1000
+    ) -> list[Event]:
+        """A deployment's events with ``seq > after``, oldest first."""
+
+    # port leases ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def lease_port(self, owner: str) -> int:
+        """Lease the lowest free port of the pool to ``owner``; PortPoolExhausted when none.
+        A port is never leased twice, even across processes sharing the store."""
+
+    @abc.abstractmethod
+    async def release_port(self, port: int) -> None:
+        """Return a port to the pool; releasing a free port is not an error."""
+
+    @abc.abstractmethod
+    async def list_leases(self) -> dict[int, str]:
+        """Every leased port and its owner."""
+
+
+StoreFactory = Callable[..., StateStore]

@@ -17,7 +17,9 @@ from dockyard.core.models import Slot, SlotState, now
 S = SlotState
 
 #: Working states: a container is (being) made or runs for the slot.
-WORKING: frozenset[SlotState] = frozenset({S.BUILDING, S.STAGING, S.HEALTHY, S.PROMOTED, S.DRAINING})
+WORKING: frozenset[SlotState] = frozenset(
+    {S.BUILDING, S.STAGING, S.HEALTHY, S.PROMOTED, S.DRAINING}
+)
 
 TRANSITIONS: Mapping[SlotState, frozenset[SlotState]] = {
     S.IDLE: frozenset({S.BUILDING}),

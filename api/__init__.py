@@ -1,1 +1,1 @@
-"""placeholder"""
+"""dockyard's REST API (Litestar) and its command-line interface."""

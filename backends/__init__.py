@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Container runtimes as plugins: Podman (default, rootful or rootless)."""

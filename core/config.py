@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
+
 from dockyard.core.errors import ConfigError
 from dockyard.core.models import Model
-from msgspec import Meta
 
 
 def default_data_dir() -> str:

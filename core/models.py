@@ -13,8 +13,9 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgspec
-from dockyard.core.errors import ValidationError
 from msgspec import Meta
+
+from dockyard.core.errors import ValidationError
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any, Generic, TypeVar
 
 import pluggy
+
 from dockyard.core import hookspecs
 from dockyard.core.errors import DockyardError, PluginError, UnknownPluginError
 
@@ -47,8 +48,9 @@ class Registrar(Generic[T]):
 
     def __call__(self, name: str, factory: T) -> None:
         if not isinstance(name, str) or not name:
-            raise PluginError(f"plugin {self._current_plugin!r} registered a {self.kind} "
-                              "with an empty name")
+            raise PluginError(
+                f"plugin {self._current_plugin!r} registered a {self.kind} with an empty name"
+            )
         if name in self._items:
             raise PluginError(
                 f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and "
@@ -139,12 +141,14 @@ class DockyardPluginManager(pluggy.PluginManager):
                 continue
             hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
             module = getattr(plugin, "__name__", type(plugin).__module__)
-            out.append({
-                "name": name,
-                "version": self.versions.get(name, ""),
-                "module": module,
-                "hooks": hooks,
-            })
+            out.append(
+                {
+                    "name": name,
+                    "version": self.versions.get(name, ""),
+                    "module": module,
+                    "hooks": hooks,
+                }
+            )
         return out
 
 
@@ -155,7 +159,7 @@ def _disabled_names(disable: Iterable[str] | None) -> set[str]:
     return names
 
 
-def _dockyard_version() -> str:
+def dockyard_version() -> str:
     try:
         return metadata.version("dockyard")
     except metadata.PackageNotFoundError:
@@ -178,7 +182,7 @@ def build_plugin_manager(
     pm.disabled = _disabled_names(disable)
     for name in sorted(pm.disabled):
         pm.set_blocked(name)
-    own_version = _dockyard_version()
+    own_version = dockyard_version()
     for name, module_path in DEFAULT_PLUGINS:
         if pm.is_blocked(name):
             continue

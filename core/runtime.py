@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
+
 from dockyard.core.models import Model
 
 #: Label keys dockyard puts on everything it creates, so a restarted controller can adopt

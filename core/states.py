@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import msgspec
+
 from dockyard.core.errors import IllegalTransition
 from dockyard.core.models import Slot, SlotState, now
 

@@ -1,0 +1,74 @@
+"""The Litestar app factory.
+
+``create_app(settings)`` opens the configured plugins in the app's lifespan;
+``create_app(settings, services=...)`` uses services the caller opened (the CLI and tests).
+Handlers reach the services through dependency injection (``services: Services``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from dockyard.api.errors import EXCEPTION_HANDLERS
+from dockyard.api.system import SystemController
+from dockyard.core.config import Settings
+from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
+from dockyard.core.services import Services
+
+log = logging.getLogger(__name__)
+
+#: Request bodies above this many bytes get 413.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def _services(state: State) -> Services:
+    return state.services  # type: ignore[no-any-return]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    pm: DockyardPluginManager | None = None,
+) -> Litestar:
+    """Build the API. Plugins' ``dockyard_api_handlers`` are mounted beside the built-ins."""
+    settings = settings or (services.settings if services else Settings())
+    pm = services.pm if services else (pm or build_plugin_manager(settings.disable_plugins))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if services is not None:
+            app.state.services = services
+            yield
+            return
+        opened = await Services.open(settings, pm)
+        app.state.services = opened
+        try:
+            yield
+        finally:
+            await opened.close()
+
+    handlers: list[Any] = [SystemController]
+    handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
+    return Litestar(
+        route_handlers=handlers,
+        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="dockyard",
+            version=dockyard_version(),
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+    )

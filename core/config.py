@@ -41,6 +41,11 @@ class Settings(Model):
     port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 41000
     podman_socket: str | None = None
     require_limits: bool = False
+    allowed_git_hosts: list[str] = msgspec.field(default_factory=lambda: ["github.com"])
+    insecure_sources: bool = False
+    fetch_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+    fetch_max_bytes: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
+    fetch_max_files: Annotated[int, Meta(ge=1)] = 2000
     disable_plugins: list[str] = []
     log_level: str = "INFO"
     plugins: dict[str, dict[str, Any]] = {}
@@ -69,7 +74,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ.get(f"DOCKYARD_{name.upper()}")
         if raw is None:
             continue
-        if name == "disable_plugins":
+        if name in ("disable_plugins", "allowed_git_hosts"):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             values[name] = raw

@@ -128,3 +128,12 @@ class LimitsNotEnforceable(DockyardError):
 
     reason = "limits_not_enforceable"
     status_code = 503
+
+
+class SourceError(DockyardError):
+    """Fetching source failed or was refused. ``reason`` is one of the stable codes:
+    ``invalid_repo_url``, ``repo_unreachable``, ``ref_not_found``, ``repo_too_large``,
+    ``fetch_timeout``, ``subdir_not_found``, ``path_escapes_repo``, ``dockerfile_not_found``."""
+
+    reason = "source_error"
+    status_code = 422

@@ -18,9 +18,11 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS
 from dockyard.api.system import SystemController
 from dockyard.core.config import Settings
+from dockyard.core.controller import Controller
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 from dockyard.core.services import Services
 
@@ -34,34 +36,48 @@ def _services(state: State) -> Services:
     return state.services  # type: ignore[no-any-return]
 
 
+def _controller(state: State) -> Controller:
+    return state.controller  # type: ignore[no-any-return]
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     services: Services | None = None,
     pm: DockyardPluginManager | None = None,
 ) -> Litestar:
-    """Build the API. Plugins' ``dockyard_api_handlers`` are mounted beside the built-ins."""
+    """Build the API. Plugins' ``dockyard_api_handlers`` are mounted beside the built-ins.
+
+    Services that are not started yet are started by the app's lifespan and closed with it.
+    """
     settings = settings or (services.settings if services else Settings())
     pm = services.pm if services else (pm or build_plugin_manager(settings.disable_plugins))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        if services is not None:
-            app.state.services = services
-            yield
-            return
-        opened = await Services.open(settings, pm)
-        app.state.services = opened
+        ours = services if services is not None else Services.build(settings, pm)
+        owned = not ours.started  # the caller may have opened them (the CLI does, to fail fast)
+        if owned:
+            await ours.start()
+        controller = Controller.from_services(ours)
+        app.state.services = ours
+        app.state.controller = controller
         try:
+            await controller.start()
             yield
         finally:
-            await opened.close()
+            await controller.stop()
+            if owned:
+                await ours.close()
 
-    handlers: list[Any] = [SystemController]
+    handlers: list[Any] = [SystemController, DeploymentRoutes]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
     return Litestar(
         route_handlers=handlers,
-        dependencies={"services": Provide(_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(_services, sync_to_thread=False),
+            "controller": Provide(_controller, sync_to_thread=False),
+        },
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,

@@ -1,4 +1,6 @@
-"""The ``dockyard`` command line: ``serve`` runs the API; ``plugins`` lists what loads.
+"""The ``dockyard`` command line: ``serve`` runs the API; ``deploy``, ``redeploy``,
+``switch``, ``delete``, ``status`` and ``logs`` talk to a running one; ``plugins`` lists
+what loads.
 
 Every failure the user can cause prints one line ``dockyard: error: ...`` and exits 2; no
 tracebacks.
@@ -9,16 +11,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
+import aiohttp
 import msgspec
 
+from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.plugins import build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
+API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +50,184 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list the plugins that load, and what they register")
     sub.add_parser("config", help="print the effective configuration as JSON")
+
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument(
+        "--url",
+        default=os.environ.get("DOCKYARD_URL", DEFAULT_URL),
+        help=f"dockyard's API (default $DOCKYARD_URL or {DEFAULT_URL})",
+    )
+    api.add_argument(
+        "--token",
+        default=os.environ.get("DOCKYARD_TOKEN"),
+        help="bearer token (default $DOCKYARD_TOKEN)",
+    )
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument(
+        "--wait", action="store_true", help="follow the operation, showing progress, until it ends"
+    )
+    wait.add_argument("--timeout", type=float, default=900.0, help="seconds to follow at most")
+
+    deploy = sub.add_parser("deploy", parents=[api, wait], help="deploy a git repository")
+    deploy.add_argument("repo", help="repository URL, e.g. https://github.com/owner/agent")
+    deploy.add_argument("--id", help="deployment id (default: from the repository name)")
+    _spec_flags(deploy)
+
+    redeploy = sub.add_parser(
+        "redeploy", parents=[api, wait], help="deploy a new ref and/or arguments into the idle slot"
+    )
+    redeploy.add_argument("id")
+    _spec_flags(redeploy)
+
+    for name, text in [
+        ("switch", "promote the other slot (rollback)"),
+        ("delete", "remove a deployment and everything it owns"),
+    ]:
+        cmd = sub.add_parser(name, parents=[api, wait] if name == "switch" else [api], help=text)
+        cmd.add_argument("id")
+    status = sub.add_parser("status", parents=[api], help="deployments, slots and health")
+    status.add_argument("id", nargs="?")
+    logs = sub.add_parser("logs", parents=[api], help="container (or build) logs")
+    logs.add_argument("id")
+    logs.add_argument("--slot", choices=["blue", "green"])
+    logs.add_argument("--tail", type=int, default=200)
+    logs.add_argument("--build", action="store_true", help="the build log instead")
+    logs.add_argument("--raw", action="store_true", help="keep ANSI colour codes")
     return parser
+
+
+def _spec_flags(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--ref", help="branch, tag or full commit")
+    cmd.add_argument("--subdir", help="subdirectory holding the app")
+    cmd.add_argument("--dockerfile", help="Dockerfile path, relative to the subdirectory")
+    cmd.add_argument("--mode", dest="build_mode", choices=["dockerfile", "image"])
+    cmd.add_argument("--image", help="base image for --mode image")
+    cmd.add_argument("--port", dest="container_port", type=int, help="port the app listens on")
+    cmd.add_argument("--health-path", help="health check path (default /health)")
+    cmd.add_argument("--grace", dest="grace_period_s", type=float, help="drain seconds")
+    cmd.add_argument("--no-promote", dest="auto_promote", action="store_false", default=None)
+    cmd.add_argument("--build-arg", action="append", default=[], metavar="K=V")
+    cmd.add_argument("--env", action="append", default=[], metavar="K=V")
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise DockyardError(f"{flag} wants KEY=VALUE, got {value!r}")
+        out[key] = val
+    return out
+
+
+def _spec_changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in (
+        "ref",
+        "subdir",
+        "dockerfile",
+        "build_mode",
+        "image",
+        "container_port",
+        "grace_period_s",
+        "auto_promote",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if args.health_path:
+        changes["health"] = {"path": args.health_path}
+    if args.build_arg:
+        changes["build_args"] = _pairs(args.build_arg, "--build-arg")
+    if args.env:
+        changes["env"] = _pairs(args.env, "--env")
+    return changes
+
+
+def _default_id(repo: str) -> str:
+    name = repo.rstrip("/").removesuffix(".git").rsplit("/", 1)[-1].lower()
+    slug = re.sub(r"[^a-z0-9-]+", "-", name).strip("-")[:40].strip("-")
+    return slug or "app"
+
+
+def _show_event(event: dict[str, Any]) -> None:
+    at = time.strftime("%H:%M:%S", time.localtime(event.get("at", 0)))
+    color = event.get("color") or "-"
+    if event["kind"] == "slot_transition":
+        text = f"{event.get('from_state')} -> {event.get('to_state')}"
+    else:
+        text = event["kind"].replace("_", " ")
+    extra = event.get("message") or event.get("reason") or ""
+    print(f"  {at} {color:<5} {text}{'  ' + extra if extra else ''}", flush=True)
+
+
+def _show(view: dict[str, Any]) -> None:
+    promoted = view.get("promoted") or "none"
+    print(f"{view['id']}: promoted={promoted} url={view.get('url') or '-'}")
+    for slot in view["slots"]:
+        commit = (slot.get("commit") or "")[:12] or "-"
+        port = slot.get("host_port") or "-"
+        health = slot["health"]["status"]
+        line = f"  {slot['color']:<5} {slot['state']:<9} commit={commit} port={port} {health}"
+        if slot.get("reason"):
+            line += f"  [{slot['reason']}] {slot.get('message') or ''}"
+        print(line)
+    op = view.get("operation")
+    if op:
+        state = "running" if op["running"] else "done"
+        err = f": {op['error']['reason']}: {op['error']['message']}" if op.get("error") else ""
+        print(f"  operation {op['kind']} {state}{err}")
+
+
+async def _api(args: argparse.Namespace) -> int:
+    async with DockyardClient(args.url, token=args.token) as client:
+        follow = getattr(args, "wait", False)
+        if args.command in ("deploy", "redeploy", "switch"):
+            after = 0
+            if args.command == "deploy":
+                spec = {
+                    "id": args.id or _default_id(args.repo),
+                    "repo": args.repo,
+                    **_spec_changes(args),
+                }
+                view = await client.deploy(spec)
+            elif args.command == "redeploy":
+                existing = await client.events(args.id)
+                after = max((e.get("seq") or 0 for e in existing), default=0)
+                view = await client.redeploy(args.id, _spec_changes(args))
+            else:
+                existing = await client.events(args.id)
+                after = max((e.get("seq") or 0 for e in existing), default=0)
+                view = await client.switch(args.id)
+            if follow:
+                print(f"{view['id']}: {args.command} started", flush=True)
+                view = await client.wait_for(
+                    view["id"], timeout_s=args.timeout, on_event=_show_event, after=after
+                )
+            _show(view)
+            op = view.get("operation") or {}
+            return 1 if follow and op.get("error") else 0
+        if args.command == "status":
+            views = (
+                [await client.get(args.id)] if args.id else (await client.status())["deployments"]
+            )
+            for view in views:
+                _show(view)
+            if not views:
+                print("no deployments")
+            return 0
+        if args.command == "logs":
+            body = await client.logs(
+                args.id, slot=args.slot, tail=args.tail, strip_ansi=not args.raw, build=args.build
+            )
+            for line in body["lines"]:
+                print(line)
+            return 0
+        if args.command == "delete":
+            await client.delete(args.id)
+            print(f"{args.id}: deleted")
+            return 0
+    raise AssertionError(args.command)
 
 
 async def _serve(settings: Settings) -> None:
@@ -93,9 +279,20 @@ def _plugins(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dockyard`` command."""
     args = _parser().parse_args(argv)
-    overrides = {
-        k: v for k, v in vars(args).items() if k not in {"command", "config"} and v is not None
-    }
+    if args.command in API_COMMANDS:
+        try:
+            return asyncio.run(_api(args))
+        except ApiError as exc:
+            print(f"dockyard: error: {exc.message} ({exc.reason})", file=sys.stderr)
+            return 1
+        except DockyardError as exc:
+            print(f"dockyard: error: {exc.message}", file=sys.stderr)
+            return 2
+        except (aiohttp.ClientError, OSError) as exc:
+            print(f"dockyard: error: cannot reach dockyard at {args.url}: {exc}", file=sys.stderr)
+            return 1
+    serve_fields = {"host", "port", "data_dir", "runtime", "store", "podman_socket", "log_level"}
+    overrides = {k: v for k, v in vars(args).items() if k in serve_fields and v is not None}
     try:
         settings = load_settings(args.config, **overrides)
         logging.basicConfig(

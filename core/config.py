@@ -41,6 +41,12 @@ class Settings(Model):
     port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 41000
     podman_socket: str | None = None
     require_limits: bool = False
+    monitor_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
+    allow_build_network: bool = False
+    build_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 900.0
+    build_memory_mb: Annotated[int, Meta(ge=64)] = 2048
+    build_cpus: Annotated[float, Meta(gt=0)] = 2.0
+    allowed_base_images: list[str] = []
     allowed_git_hosts: list[str] = msgspec.field(default_factory=lambda: ["github.com"])
     insecure_sources: bool = False
     fetch_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0

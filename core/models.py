@@ -61,6 +61,8 @@ class HealthCheck(Model):
     healthy_threshold: Annotated[int, Meta(ge=1, le=20)] = 1
     startup_delay_s: Annotated[float, Meta(ge=0, le=600)] = 0.0
     deadline_s: Annotated[float, Meta(gt=0, le=1800)] = 60.0
+    failure_threshold: Annotated[int, Meta(ge=1, le=100)] = 3
+    on_failure: Literal["none", "restart", "rollback"] = "none"
 
 
 class Resources(Model):
@@ -147,6 +149,7 @@ class Revision(Model):
     image_tag: str | None = None
     created_at: float = msgspec.field(default_factory=now)
     provenance: dict[str, str] = {}
+    spec: DeploymentSpec | None = None  # the spec it was built from, to restart it later
 
 
 class SlotHealth(Model):
@@ -170,6 +173,7 @@ class Slot(Model):
     host_port: int | None = None
     health: SlotHealth = msgspec.field(default_factory=SlotHealth)
     reason: str | None = None
+    message: str | None = None
     updated_at: float = msgspec.field(default_factory=now)
 
 

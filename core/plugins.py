@@ -32,6 +32,8 @@ DISABLE_ENV = "DOCKYARD_DISABLE_PLUGINS"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("podman", "dockyard.backends.podman"),
     ("sqlite", "dockyard.plugins.sqlite_store"),
+    ("bluegreen", "dockyard.plugins.bluegreen"),
+    ("none-router", "dockyard.routers.none"),
 )
 
 T = TypeVar("T")

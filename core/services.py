@@ -1,5 +1,9 @@
-"""The composition root: the plugin manager plus the opened runtime and state store that one
-dockyard process works with. The API and the CLI both build one through :meth:`Services.open`.
+"""The composition root: the plugin manager plus the runtime, store, router, sources and
+builder that one dockyard process works with.
+
+``Services.build`` makes them from the configured plugin names (no I/O; tests may pass
+replacements), ``start`` opens them, ``close`` closes them; ``Services.open`` does the first
+two at once. The API and the CLI both go through it.
 """
 
 from __future__ import annotations
@@ -9,10 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from dockyard.core.builds import Builder
 from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError, LimitsNotEnforceable
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
+from dockyard.core.router import Router
 from dockyard.core.runtime import Runtime, RuntimeInfo
+from dockyard.core.source import Source
 from dockyard.core.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -20,49 +27,91 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Services:
-    """Everything a running dockyard needs, opened and ready."""
+    """Everything a running dockyard needs."""
 
     settings: Settings
     pm: DockyardPluginManager
     runtime: Runtime
     store: StateStore
+    router: Router
+    sources: dict[str, Source]
+    builder: Builder
     runtime_info: RuntimeInfo | None = None
-    _closers: list[Any] = field(default_factory=list)
+    _opened: list[Any] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings, pm: DockyardPluginManager | None = None) -> Services:
-        """Build the plugin manager (unless given), then open the configured store and runtime.
+    def build(
+        cls,
+        settings: Settings,
+        pm: DockyardPluginManager | None = None,
+        *,
+        runtime: Runtime | None = None,
+        store: StateStore | None = None,
+        router: Router | None = None,
+        sources: dict[str, Source] | None = None,
+    ) -> Services:
+        """Instantiate the configured plugins (or the given replacements); nothing is opened.
 
-        :raises DockyardError: an unknown plugin name, an unreachable runtime, a store that
-            cannot open, or limits that cannot be enforced while ``require_limits`` is set.
+        :raises UnknownPluginError: a configured name that no plugin registered.
         """
         pm = pm or build_plugin_manager(settings.disable_plugins)
         regs = pm.registries
-        store: StateStore = regs.stores.get(settings.store)(settings)
-        runtime: Runtime = regs.runtimes.get(settings.runtime)(settings)
-        opened: list[Any] = []
+        store = store or regs.stores.get(settings.store)(settings)
+        runtime = runtime or regs.runtimes.get(settings.runtime)(settings)
+        router = router or regs.routers.get(settings.router)(settings)
+        if sources is None:
+            sources = {name: factory(settings) for name, factory in regs.sources.items()}
+        builder = Builder(
+            runtime=runtime,
+            network_allowed=settings.allow_build_network,
+            memory_mb=settings.build_memory_mb,
+            cpus=settings.build_cpus,
+            timeout_s=settings.build_timeout_s,
+            allowed_base_images=list(settings.allowed_base_images),
+        )
+        return cls(settings=settings, pm=pm, runtime=runtime, store=store, router=router,
+                   sources=sources, builder=builder)
+
+    @classmethod
+    async def open(cls, settings: Settings, pm: DockyardPluginManager | None = None) -> Services:
+        """``build`` then ``start``."""
+        services = cls.build(settings, pm)
+        await services.start()
+        return services
+
+    @property
+    def started(self) -> bool:
+        return bool(self._opened)
+
+    async def start(self) -> None:
+        """Open the store, the runtime and the router.
+
+        :raises DockyardError: an unreachable runtime, a store that cannot open, or limits
+            that cannot be enforced while ``require_limits`` is set.
+        """
         try:
-            await store.open()
-            opened.append(store)
-            await runtime.open()
-            opened.append(runtime)
-            info = await runtime.info()
-            if settings.require_limits and not info.limits_enforced:
+            await self.store.open()
+            self._opened.append(self.store)
+            await self.runtime.open()
+            self._opened.append(self.runtime)
+            info = await self.runtime.info()
+            self.runtime_info = info
+            if self.settings.require_limits and not info.limits_enforced:
                 raise LimitsNotEnforceable(
                     f"require_limits is set but this host cannot enforce them: {info.limits_note}"
                 )
             if not info.limits_enforced:
                 log.warning("resource limits are NOT enforced on this host: %s", info.limits_note)
+            await self.router.open()
+            self._opened.append(self.router)
         except BaseException:
-            for thing in reversed(opened):
-                with contextlib.suppress(Exception):
-                    await thing.close()
+            await self.close()
             raise
-        return cls(settings=settings, pm=pm, runtime=runtime, store=store, runtime_info=info)
 
     async def close(self) -> None:
-        """Close the runtime, then the store; errors are logged, never raised."""
-        for thing in (self.runtime, self.store):
+        """Close what ``start`` opened, last first; errors are logged, never raised."""
+        while self._opened:
+            thing = self._opened.pop()
             try:
                 await thing.close()
             except DockyardError as exc:

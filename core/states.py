@@ -39,10 +39,18 @@ def is_legal(src: SlotState, dst: SlotState) -> bool:
     return dst in TRANSITIONS[src]
 
 
-def transition(slot: Slot, to: SlotState, *, reason: str | None = None, **changes: object) -> Slot:
+def transition(
+    slot: Slot,
+    to: SlotState,
+    *,
+    reason: str | None = None,
+    message: str | None = None,
+    **changes: object,
+) -> Slot:
     """Return ``slot`` moved to ``to`` with ``changes`` applied, or raise IllegalTransition.
 
-    FAILED needs a reason; every other state clears the previous one unless given.
+    FAILED needs a reason (a stable code; ``message`` is for people); every other state
+    clears the previous reason and message unless given.
     """
     to = SlotState(to)
     if not is_legal(slot.state, to):
@@ -53,4 +61,6 @@ def transition(slot: Slot, to: SlotState, *, reason: str | None = None, **change
         )
     if to is S.FAILED and not reason:
         raise IllegalTransition("a move to FAILED needs a reason")
-    return msgspec.structs.replace(slot, state=to, reason=reason, updated_at=now(), **changes)
+    return msgspec.structs.replace(
+        slot, state=to, reason=reason, message=message, updated_at=now(), **changes
+    )

@@ -49,28 +49,41 @@ def api_client_factory(tmp_path: Path, example_plugin_module: Any) -> Any:
     from dockyard.core.config import Settings
     from dockyard.core.plugins import build_plugin_manager
     from dockyard.core.services import Services
-    from dockyard.plugins.sqlite_store import SqliteStore
 
     @contextlib.contextmanager
     def make(
         extra_plugins: Sequence[tuple[str, object]] = (), **settings: Any
     ) -> Iterator[TestClient[Any]]:
-        cfg = Settings(data_dir=str(tmp_path / "data"), runtime="example", **settings)
-        pm = build_plugin_manager(load_entry_points=False, extra_plugins=list(extra_plugins))
-        services = Services(
-            settings=cfg,
-            pm=pm,
-            runtime=example_plugin_module.ExampleRuntime(cfg),
-            store=SqliteStore(tmp_path / "data" / "dockyard.db"),
+        cfg = Settings(
+            data_dir=str(tmp_path / "data"), runtime="example", monitor_interval_s=0, **settings
         )
-        app = create_app(cfg, services=services)
-        (tmp_path / "data").mkdir(exist_ok=True)
-        with TestClient(app) as client:
-            asyncio_run = client.portal.call  # type: ignore[union-attr]
-            asyncio_run(services.store.open)
-            try:
-                yield client
-            finally:
-                asyncio_run(services.store.close)
+        pm = build_plugin_manager(load_entry_points=False, extra_plugins=list(extra_plugins))
+        services = Services.build(cfg, pm, runtime=example_plugin_module.ExampleRuntime(cfg))
+        with TestClient(create_app(cfg, services=services)) as client:
+            yield client
+
+    return make
+
+
+@pytest.fixture
+def fake_client_factory(tmp_path: Path) -> Any:
+    """A TestClient over FakeRuntime + FakeSource + SQLite: fast orchestration tests."""
+    from litestar.testing import TestClient
+
+    from dockyard.api.app import create_app
+    from dockyard.core.config import Settings
+    from dockyard.core.plugins import build_plugin_manager
+    from dockyard.core.services import Services
+    from tests.fakes import FakeRuntime, FakeSource
+
+    @contextlib.contextmanager
+    def make(**settings: Any) -> Iterator[TestClient[Any]]:
+        cfg = Settings(data_dir=str(tmp_path / "data"), monitor_interval_s=0, **settings)
+        pm = build_plugin_manager(load_entry_points=False)
+        services = Services.build(
+            cfg, pm, runtime=FakeRuntime(), sources={"fake": FakeSource(tmp_path / "src")}
+        )
+        with TestClient(create_app(cfg, services=services)) as client:
+            yield client
 
     return make

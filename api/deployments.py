@@ -1,0 +1,322 @@
+"""The v1 deployment routes: deploy, redeploy, switch, delete, status, events and logs."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Response, delete, get, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+from msgspec import UNSET, Meta, UnsetType
+
+from dockyard.core.controller import Controller as DeploymentController
+from dockyard.core.errors import NotFound, ValidationError
+from dockyard.core.models import (
+    BuildMode,
+    Color,
+    Deployment,
+    DeploymentSpec,
+    EnvMap,
+    Event,
+    GitRef,
+    HealthCheck,
+    Model,
+    Port,
+    RelPath,
+    Resources,
+    Slot,
+    SlotHealth,
+    SlotState,
+)
+
+SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+REDACTED = "<redacted>"
+MAX_WAIT_S = 900.0
+
+
+class SlotView(Model):
+    color: Color
+    state: SlotState
+    revision_id: str | None
+    commit: str | None
+    host_port: int | None
+    container_name: str | None
+    health: SlotHealth
+    reason: str | None
+    message: str | None
+    updated_at: float
+
+
+class OperationView(Model):
+    kind: str
+    running: bool
+    started_at: float
+    finished_at: float | None
+    error: dict[str, Any] | None
+
+
+class DeploymentView(Model):
+    """A deployment as the API shows it. Env values and build args are never shown."""
+
+    id: str
+    spec: DeploymentSpec
+    generation: int
+    created_at: float
+    updated_at: float
+    promoted: Color | None
+    url: str | None
+    slots: list[SlotView]
+    operation: OperationView | None
+
+
+class StatusView(Model):
+    deployments: list[DeploymentView]
+
+
+class RedeployRequest(Model):
+    """Fields to change before deploying into the idle slot; absent fields keep their value."""
+
+    ref: GitRef | UnsetType | None = UNSET
+    subdir: RelPath | UnsetType = UNSET
+    build_mode: BuildMode | UnsetType = UNSET
+    dockerfile: RelPath | UnsetType = UNSET
+    image: Annotated[str, Meta(max_length=255)] | UnsetType | None = UNSET
+    command: (
+        Annotated[list[Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)] | UnsetType
+    ) = UNSET
+    build_args: EnvMap | UnsetType = UNSET
+    build_network: bool | UnsetType = UNSET
+    env: EnvMap | UnsetType = UNSET
+    container_port: Port | UnsetType = UNSET
+    health: HealthCheck | UnsetType = UNSET
+    resources: Resources | UnsetType = UNSET
+    grace_period_s: Annotated[float, Meta(ge=0, le=3600)] | UnsetType = UNSET
+    auto_promote: bool | UnsetType = UNSET
+
+
+class LogsView(Model):
+    deployment_id: str
+    slot: Color | None
+    source: Literal["container", "build"]
+    lines: list[str]
+
+
+class DeletedView(Model):
+    deleted: str
+
+
+def _redact(spec: DeploymentSpec) -> DeploymentSpec:
+    return msgspec.structs.replace(
+        spec,
+        env={k: REDACTED for k in spec.env},
+        build_args={k: REDACTED for k in spec.build_args},
+    )
+
+
+def _check_id(deployment_id: str) -> str:
+    if not SLUG.match(deployment_id):
+        raise ValidationError(
+            f"id: {deployment_id[:60]!r} is not a valid deployment id "
+            "(lower-case letters, digits and '-', 1-40 chars)"
+        )
+    return deployment_id
+
+
+async def render(controller: DeploymentController, deployment: Deployment) -> DeploymentView:
+    """The API view of a deployment, with its slots and current operation."""
+    store = controller.services.store
+    slots: list[Slot] = await store.list_slots(deployment.id)
+    views = []
+    for slot in slots:
+        revision = await store.get_revision(slot.revision_id) if slot.revision_id else None
+        views.append(
+            SlotView(
+                color=slot.color,
+                state=slot.state,
+                revision_id=slot.revision_id,
+                commit=revision.commit if revision else None,
+                host_port=slot.host_port,
+                container_name=slot.container_name,
+                health=slot.health,
+                reason=slot.reason,
+                message=slot.message,
+                updated_at=slot.updated_at,
+            )
+        )
+    promoted = next((s for s in slots if s.state is SlotState.PROMOTED), None)
+    url = None
+    if promoted is not None:
+        url = controller.services.router.url_for(deployment.id) or (
+            f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
+        )
+    op = controller.operation(deployment.id)
+    return DeploymentView(
+        id=deployment.id,
+        spec=_redact(deployment.spec),
+        generation=deployment.generation,
+        created_at=deployment.created_at,
+        updated_at=deployment.updated_at,
+        promoted=promoted.color if promoted else None,
+        url=url,
+        slots=views,
+        operation=OperationView(
+            kind=op.kind,
+            running=op.running,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            error=op.error,
+        )
+        if op
+        else None,
+    )
+
+
+WaitParam = Annotated[bool, Parameter(description="wait (bounded) for the operation to end")]
+TimeoutParam = Annotated[
+    float, Parameter(ge=0.1, le=MAX_WAIT_S, description="seconds to wait at most")
+]
+
+
+class DeploymentRoutes(Controller):
+    """Deployments: create, change, watch and remove."""
+
+    path = "/v1"
+    tags = ["deployments"]
+
+    async def _respond(
+        self, controller: DeploymentController, deployment_id: str, wait: bool, timeout: float
+    ) -> Response[DeploymentView]:
+        finished = True
+        if wait:
+            finished = await controller.wait(deployment_id, timeout)
+        view = await render(controller, await controller.get(deployment_id))
+        return Response(view, status_code=HTTP_200_OK if wait and finished else HTTP_202_ACCEPTED)
+
+    @get("/status", operation_id="status", summary="Every deployment, its slots and health")
+    async def status(self, controller: DeploymentController) -> StatusView:
+        deployments = await controller.services.store.list_deployments()
+        return StatusView(deployments=[await render(controller, d) for d in deployments])
+
+    @post(
+        "/repos",
+        operation_id="createDeployment",
+        summary="Create and deploy a repository",
+        status_code=HTTP_202_ACCEPTED,
+    )
+    async def create(
+        self,
+        data: DeploymentSpec,
+        controller: DeploymentController,
+        wait: WaitParam = False,
+        timeout: TimeoutParam = 300.0,
+    ) -> Response[DeploymentView]:
+        await controller.create(data)
+        return await self._respond(controller, data.id, wait, timeout)
+
+    @get("/repos/{deployment_id:str}", operation_id="getDeployment", summary="One deployment")
+    async def show(self, deployment_id: str, controller: DeploymentController) -> DeploymentView:
+        return await render(controller, await controller.get(_check_id(deployment_id)))
+
+    @get(
+        "/repos/{deployment_id:str}/events",
+        operation_id="listEvents",
+        summary="A deployment's history",
+    )
+    async def events(
+        self,
+        deployment_id: str,
+        controller: DeploymentController,
+        after: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=5000)] = 1000,
+    ) -> list[Event]:
+        await controller.get(_check_id(deployment_id))
+        return await controller.services.store.list_events(deployment_id, after=after, limit=limit)
+
+    @post(
+        "/repos/{deployment_id:str}/redeploy",
+        operation_id="redeploy",
+        summary="Deploy a new ref and/or arguments into the idle slot",
+        status_code=HTTP_202_ACCEPTED,
+    )
+    async def redeploy(
+        self,
+        deployment_id: str,
+        controller: DeploymentController,
+        data: RedeployRequest | None = None,
+        wait: WaitParam = False,
+        timeout: TimeoutParam = 300.0,
+    ) -> Response[DeploymentView]:
+        changes = {}
+        if data is not None:
+            changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not UNSET}
+            changes = msgspec.to_builtins(changes)
+        await controller.redeploy(_check_id(deployment_id), changes)
+        return await self._respond(controller, deployment_id, wait, timeout)
+
+    @post(
+        "/repos/{deployment_id:str}/switch",
+        operation_id="switch",
+        summary="Promote the other slot (rollback included)",
+        status_code=HTTP_202_ACCEPTED,
+    )
+    async def switch(
+        self,
+        deployment_id: str,
+        controller: DeploymentController,
+        wait: WaitParam = False,
+        timeout: TimeoutParam = 300.0,
+    ) -> Response[DeploymentView]:
+        await controller.switch(_check_id(deployment_id))
+        return await self._respond(controller, deployment_id, wait, timeout)
+
+    @delete(
+        "/repos/{deployment_id:str}",
+        operation_id="deleteDeployment",
+        summary="Stop and remove everything a deployment owns",
+        status_code=HTTP_200_OK,
+    )
+    async def remove(self, deployment_id: str, controller: DeploymentController) -> DeletedView:
+        await controller.delete(_check_id(deployment_id))
+        return DeletedView(deleted=deployment_id)
+
+    @get(
+        "/repos/{deployment_id:str}/logs",
+        operation_id="logs",
+        summary="Container logs (or the build log) of a deployment",
+    )
+    async def logs(
+        self,
+        deployment_id: str,
+        controller: DeploymentController,
+        slot: Color | None = None,
+        tail: Annotated[int, Parameter(ge=1, le=10000)] = 200,
+        strip_ansi: bool = False,
+        build: Annotated[bool, Parameter(description="the build log instead")] = False,
+    ) -> LogsView:
+        await controller.get(_check_id(deployment_id))
+        slots = {s.color: s for s in await controller.services.store.list_slots(deployment_id)}
+        chosen = (
+            slots[slot]
+            if slot
+            else (
+                next((s for s in slots.values() if s.state is SlotState.PROMOTED), None)
+                or max(slots.values(), key=lambda s: s.updated_at)
+            )
+        )
+        if build:
+            if not chosen.revision_id:
+                raise NotFound(f"the {chosen.color} slot has no build")
+            path = controller.ops.build_log_path(chosen.revision_id)
+            lines = path.read_text().splitlines()[-tail:] if path.exists() else []
+            source: Literal["container", "build"] = "build"
+        else:
+            lines = []
+            if chosen.container_name:
+                lines = await controller.services.runtime.logs(chosen.container_name, tail=tail)
+            source = "container"
+        if strip_ansi:
+            lines = [ANSI.sub("", line) for line in lines]
+        return LogsView(deployment_id=deployment_id, slot=chosen.color, source=source, lines=lines)

@@ -1,0 +1,216 @@
+"""From a fetched source to a runnable image: safety checks, content-addressed tags, reuse.
+
+Two build modes:
+
+- ``dockerfile``: the repository's own Dockerfile (relative to the subdirectory) is built
+  with the runtime, network ``none`` unless the deployment opts in and the operator allows
+  it. Parser directives (``# syntax=``) and ``RUN --security=insecure`` are refused.
+- ``image``: nothing is built; an operator-chosen base image runs the source mounted
+  read-only (default at ``/app``) with a start command, as Autoppia's validator does today.
+
+Images are tagged from the repository and commit plus a hash of every build input, and
+labelled with their provenance, so the same inputs never build twice (an evaluation of a
+commit that was deployed before reuses its image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dockyard.core.errors import BuildFailed, ValidationError
+from dockyard.core.models import DeploymentSpec
+from dockyard.core.runtime import (
+    LABEL_MANAGED,
+    BuildRequest,
+    Runtime,
+)
+from dockyard.core.source import FetchedSource
+
+LABEL_REPO = "io.dockyard.source.repo"
+LABEL_COMMIT = "io.dockyard.source.commit"
+LABEL_SUBDIR = "io.dockyard.source.subdir"
+LABEL_DOCKERFILE = "io.dockyard.source.dockerfile"
+LABEL_INPUTS = "io.dockyard.build.inputs"
+LABEL_ARGS_HASH = "io.dockyard.build.args-hash"
+
+#: Where ``image`` mode mounts the source inside the container.
+SOURCE_MOUNT = "/app"
+
+_SYNTAX_DIRECTIVE = re.compile(r"^\s*#\s*syntax\s*=", re.I)
+_DIRECTIVE = re.compile(r"^\s*#\s*[a-z]+\s*=", re.I)
+_INSECURE = re.compile(r"--security(?:=|\s+)insecure", re.I)
+_RUN_NETWORK = re.compile(r"--network(?:=|\s+)(\S+)", re.I)
+_MAX_DOCKERFILE_BYTES = 256 * 1024
+
+
+def check_dockerfile(text: str, *, network_allowed: bool = False) -> None:
+    """Refuse Dockerfile features that escape the build sandbox.
+
+    :raises BuildFailed: with reason ``dockerfile_refused`` and the offending line.
+    """
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not _DIRECTIVE.match(line):
+            break
+        if _SYNTAX_DIRECTIVE.match(line):
+            raise BuildFailed(
+                f"Dockerfile line {number}: '# syntax=' frontends are not allowed",
+                reason="dockerfile_refused",
+            )
+    for number, line in enumerate(_logical_lines(lines), 1):
+        stripped = line.lstrip()
+        if not stripped.upper().startswith("RUN"):
+            continue
+        if _INSECURE.search(stripped):
+            raise BuildFailed(
+                f"Dockerfile instruction {number}: RUN --security=insecure is not allowed",
+                reason="dockerfile_refused",
+            )
+        net = _RUN_NETWORK.search(stripped)
+        if net and net.group(1).lower() != "none" and not network_allowed:
+            raise BuildFailed(
+                f"Dockerfile instruction {number}: RUN --network={net.group(1)} is not allowed",
+                reason="dockerfile_refused",
+            )
+
+
+def _logical_lines(lines: list[str]) -> list[str]:
+    """Join backslash continuations so a flag cannot hide on a continuation line."""
+    out: list[str] = []
+    buf = ""
+    for line in lines:
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        out.append(buf + line)
+        buf = ""
+    if buf:
+        out.append(buf)
+    return out
+
+
+def build_inputs(spec: DeploymentSpec, source: FetchedSource) -> dict[str, object]:
+    """Everything that determines the image; its hash names the image."""
+    return {
+        "repo": source.repo,
+        "commit": source.commit,
+        "subdir": spec.subdir,
+        "mode": spec.build_mode,
+        "dockerfile": spec.dockerfile if spec.build_mode == "dockerfile" else None,
+        "build_args": dict(sorted(spec.build_args.items())),
+        "network": spec.build_network,
+    }
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def image_tag(source: FetchedSource, inputs_hash: str) -> str:
+    """``localhost/dockyard/<owner>-<repo>:<commit12>-<inputs8>``, a valid local reference."""
+    path = source.repo.rstrip("/").removesuffix(".git")
+    name = "-".join(path.split("/")[-2:]).lower()
+    name = re.sub(r"[^a-z0-9._-]+", "-", name).strip("-._") or "source"
+    return f"localhost/dockyard/{name[:100]}:{source.commit[:12]}-{inputs_hash[:8]}"
+
+
+@dataclass
+class BuiltRevision:
+    """What a deployment runs: an image, and for ``image`` mode the source mount."""
+
+    image: str
+    image_id: str | None
+    inputs_hash: str
+    build_args_hash: str
+    reused: bool
+    log: list[str] = field(default_factory=list)
+    mounts: list[tuple[str, str]] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Builder:
+    """Builds revisions with a runtime, never twice for the same inputs at once or ever."""
+
+    runtime: Runtime
+    network_allowed: bool = False
+    memory_mb: int = 2048
+    cpus: float = 2.0
+    timeout_s: float = 900.0
+    allowed_base_images: list[str] = field(default_factory=list)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    async def build(
+        self,
+        spec: DeploymentSpec,
+        source: FetchedSource,
+        on_log: Callable[[str], None] | None = None,
+    ) -> BuiltRevision:
+        """Produce the image for ``spec`` at ``source.commit``, reusing one built before."""
+        inputs = build_inputs(spec, source)
+        inputs_hash = _digest(inputs)
+        args_hash = _digest(inputs["build_args"])
+        if spec.build_mode == "image":
+            return await self._image_mode(spec, source, inputs_hash, args_hash)
+        if spec.build_network and not self.network_allowed:
+            raise ValidationError(
+                "build_network: the operator does not allow network access during builds"
+            )
+        tag = image_tag(source, inputs_hash)
+        lock = self._locks.setdefault(inputs_hash, asyncio.Lock())
+        async with lock:
+            if await self.runtime.image_exists(tag):
+                if on_log:
+                    on_log(f"reusing {tag}: built before from the same inputs")
+                return BuiltRevision(tag, None, inputs_hash, args_hash, reused=True)
+            dockerfile = Path(source.dockerfile or Path(source.context) / spec.dockerfile)
+            text = dockerfile.read_bytes()[:_MAX_DOCKERFILE_BYTES].decode("utf-8", "replace")
+            check_dockerfile(text, network_allowed=spec.build_network)
+            request = BuildRequest(
+                context=source.context,
+                tag=tag,
+                dockerfile=str(dockerfile.relative_to(source.context)),
+                build_args=dict(spec.build_args),
+                labels={
+                    LABEL_MANAGED: "true",
+                    LABEL_REPO: source.repo,
+                    LABEL_COMMIT: source.commit,
+                    LABEL_SUBDIR: spec.subdir,
+                    LABEL_DOCKERFILE: spec.dockerfile,
+                    LABEL_INPUTS: inputs_hash,
+                    LABEL_ARGS_HASH: args_hash,
+                },
+                network=spec.build_network,
+                memory_mb=self.memory_mb,
+                cpus=self.cpus,
+                timeout_s=self.timeout_s,
+            )
+            built = await self.runtime.build(request, on_log)
+            return BuiltRevision(tag, built.id, inputs_hash, args_hash, False, built.log)
+
+    async def _image_mode(
+        self, spec: DeploymentSpec, source: FetchedSource, inputs_hash: str, args_hash: str
+    ) -> BuiltRevision:
+        assert spec.image is not None  # enforced by DeploymentSpec
+        if self.allowed_base_images and spec.image not in self.allowed_base_images:
+            allowed = ", ".join(self.allowed_base_images)
+            raise ValidationError(f"image: {spec.image!r} is not an allowed base image ({allowed})")
+        if not await self.runtime.image_exists(spec.image):
+            raise ValidationError(
+                f"image: {spec.image!r} does not exist on this host (images are never pulled)"
+            )
+        return BuiltRevision(
+            image=spec.image,
+            image_id=None,
+            inputs_hash=inputs_hash,
+            build_args_hash=args_hash,
+            reused=True,
+            mounts=[(source.context, SOURCE_MOUNT)],
+            command=list(spec.command),
+        )

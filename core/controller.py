@@ -1,0 +1,369 @@
+"""The deployment controller: operations, their locks and background tasks, drains, the
+health monitor of promoted slots, and resuming after a restart.
+
+One operation per deployment at a time (a second gets Conflict -> 409); different
+deployments proceed in parallel. Operations run as background tasks owned by the controller
+(and so by the app's lifespan); callers may wait for them with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from dockyard.core.deployer import SlotOps, container_name, lease_owner
+from dockyard.core.errors import Conflict, DockyardError, NotFound
+from dockyard.core.health import probe_once
+from dockyard.core.models import (
+    Color,
+    Deployment,
+    DeploymentSpec,
+    SlotHealth,
+    SlotState,
+    now,
+)
+from dockyard.core.plugins import check_spec
+from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT, LABEL_MANAGED
+from dockyard.core.services import Services
+from dockyard.core.strategy import Strategy
+
+log = logging.getLogger(__name__)
+S = SlotState
+
+
+@dataclass
+class Operation:
+    """A running or finished operation on one deployment."""
+
+    kind: str
+    started_at: float
+    task: asyncio.Task[None]
+    finished_at: float | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self.task.done()
+
+
+@dataclass
+class Controller:
+    """Owns every deployment's operations for one dockyard process."""
+
+    services: Services
+    strategy: Strategy
+    monitor_interval_s: float = 5.0
+    ops: SlotOps = field(init=False)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _operations: dict[str, Operation] = field(default_factory=dict)
+    _timers: dict[tuple[str, Color], asyncio.Task[None]] = field(default_factory=dict)
+    _monitor: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.ops = SlotOps(self.services)
+
+    @classmethod
+    def from_services(cls, services: Services) -> Controller:
+        factory = services.pm.registries.strategies.get(services.settings.strategy)
+        return cls(
+            services=services,
+            strategy=factory(services.settings),
+            monitor_interval_s=services.settings.monitor_interval_s,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume from the stored state, restore routes, start the health monitor."""
+        await self.resume()
+        if self.monitor_interval_s > 0:
+            self._monitor = asyncio.create_task(self._monitor_loop(), name="health-monitor")
+
+    async def stop(self) -> None:
+        """Cancel the monitor, drain timers and running operations (which clean up)."""
+        tasks: list[asyncio.Task[Any]] = [t for t in self._timers.values() if not t.done()]
+        if self._monitor:
+            tasks.append(self._monitor)
+        tasks += [op.task for op in self._operations.values() if op.running]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, timeout=30)
+
+    def _lock(self, deployment_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(deployment_id, asyncio.Lock())
+
+    # -- queries -------------------------------------------------------------------------
+    async def get(self, deployment_id: str) -> Deployment:
+        deployment = await self.services.store.get_deployment(deployment_id)
+        if deployment is None:
+            raise NotFound(f"deployment {deployment_id!r} does not exist")
+        return deployment
+
+    def operation(self, deployment_id: str) -> Operation | None:
+        return self._operations.get(deployment_id)
+
+    # -- operations ----------------------------------------------------------------------
+    async def create(self, spec: DeploymentSpec) -> Deployment:
+        """Store a new deployment and start deploying it."""
+        await self._admit(spec)
+        deployment = await self.services.store.create_deployment(spec)
+        await self.ops.event(spec.id, "created", data={"repo": spec.repo, "ref": spec.ref})
+        self._start(deployment.id, "deploy", self._deploy)
+        return deployment
+
+    async def redeploy(self, deployment_id: str, changes: dict[str, Any]) -> Deployment:
+        """Apply ``changes`` to the spec (new ref, args, ...) and deploy into the idle slot."""
+        deployment = await self.get(deployment_id)
+        self._ensure_idle(deployment_id)
+        raw = msgspec.to_builtins(deployment.spec)
+        raw.update(changes)
+        from dockyard.core.models import decode_spec
+
+        spec = decode_spec(raw)
+        await self._admit(spec)
+        self._ensure_idle(deployment_id)
+        deployment = await self.services.store.update_deployment(spec)
+        await self.ops.event(deployment_id, "redeploy_requested", data={"changed": sorted(changes)})
+        self._start(deployment_id, "redeploy", self._deploy)
+        return deployment
+
+    async def switch(self, deployment_id: str) -> Deployment:
+        """Promote the other slot (manual rollback)."""
+        deployment = await self.get(deployment_id)
+        self._start(deployment_id, "switch", self._switch)
+        return deployment
+
+    async def delete(self, deployment_id: str) -> None:
+        """Cancel what runs, remove every container, route, port lease and record."""
+        await self.get(deployment_id)
+        op = self._operations.get(deployment_id)
+        if op and op.running:
+            op.task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(op.task), timeout=60)
+        for color in Color:
+            timer = self._timers.pop((deployment_id, color), None)
+            if timer:
+                timer.cancel()
+        async with self._lock(deployment_id):
+            await self._remove_everything(deployment_id)
+        self._operations.pop(deployment_id, None)
+        self._locks.pop(deployment_id, None)
+
+    async def wait(self, deployment_id: str, timeout_s: float) -> bool:
+        """Wait (bounded) for the current operation; True when it has finished."""
+        op = self._operations.get(deployment_id)
+        if op is None or not op.running:
+            return True
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(op.task), timeout=timeout_s)
+        return not op.running
+
+    # -- internals -----------------------------------------------------------------------
+    async def _admit(self, spec: DeploymentSpec) -> None:
+        """Refuse early what would fail anyway: policies, and a URL no source accepts."""
+        await check_spec(self.services.pm, spec)
+        source = self.ops.source_for(spec.repo)
+        validate = getattr(source, "validate", None)
+        if validate is not None:
+            validate(spec.repo, spec.ref)
+
+    def _ensure_idle(self, deployment_id: str) -> None:
+        op = self._operations.get(deployment_id)
+        if op and op.running:
+            raise Conflict(
+                f"deployment {deployment_id!r} is busy: a {op.kind} is in progress",
+                operation=op.kind,
+            )
+
+    def _start(
+        self, deployment_id: str, kind: str, body: Callable[[str], Awaitable[None]]
+    ) -> Operation:
+        self._ensure_idle(deployment_id)
+        lock = self._lock(deployment_id)
+
+        async def run() -> None:
+            async with lock:
+                try:
+                    await body(deployment_id)
+                except DockyardError as exc:
+                    op.error = exc.to_dict()
+                    log.info("%s of %s failed: %s", kind, deployment_id, exc.message)
+                except asyncio.CancelledError:
+                    op.error = {"reason": "cancelled", "message": f"{kind} was cancelled"}
+                    raise
+                except Exception as exc:
+                    op.error = {"reason": "internal_error", "message": str(exc)}
+                    log.exception("%s of %s crashed", kind, deployment_id)
+                finally:
+                    op.finished_at = now()
+                    with contextlib.suppress(Exception):
+                        await self._schedule_drains(deployment_id)
+
+        task = asyncio.create_task(run(), name=f"{kind}:{deployment_id}")
+        op = Operation(kind=kind, started_at=now(), task=task)
+        self._operations[deployment_id] = op
+        return op
+
+    async def _deploy(self, deployment_id: str) -> None:
+        await self.strategy.deploy(self.ops, await self.get(deployment_id))
+
+    async def _switch(self, deployment_id: str) -> None:
+        await self.strategy.switch(self.ops, await self.get(deployment_id))
+
+    async def _remove_everything(self, deployment_id: str) -> None:
+        for slot in await self.services.store.list_slots(deployment_id):
+            with contextlib.suppress(DockyardError):
+                await self.ops.clear(slot)
+        leftovers = await self.services.runtime.list({LABEL_DEPLOYMENT: deployment_id})
+        for info in leftovers:
+            await self.services.runtime.remove(info.id)
+        await self.services.router.remove(deployment_id)
+        await self.services.store.delete_deployment(deployment_id)
+
+    # -- drains --------------------------------------------------------------------------
+    async def _schedule_drains(self, deployment_id: str) -> None:
+        deployment = await self.services.store.get_deployment(deployment_id)
+        if deployment is None:
+            return
+        for slot in await self.services.store.list_slots(deployment_id):
+            key = (deployment_id, slot.color)
+            if slot.state is not S.DRAINING:
+                continue
+            if key in self._timers and not self._timers[key].done():
+                continue
+            delay = max(0.0, slot.updated_at + deployment.spec.grace_period_s - time.time())
+            self._timers[key] = asyncio.create_task(
+                self._retire_after(deployment_id, slot.color, slot.container_name, delay),
+                name=f"drain:{deployment_id}:{slot.color}",
+            )
+
+    async def _retire_after(
+        self, deployment_id: str, color: Color, name: str | None, delay: float
+    ) -> None:
+        await asyncio.sleep(delay)
+        async with self._lock(deployment_id):
+            try:
+                slot = await self.services.store.get_slot(deployment_id, color)
+            except NotFound:
+                return
+            if slot.state is S.DRAINING and slot.container_name == name:
+                await self.ops.retire(slot, message="grace period over")
+
+    # -- monitor -------------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await asyncio.sleep(self.monitor_interval_s)
+                try:
+                    await self.check_promoted(session)
+                except Exception:
+                    log.exception("health monitor round failed")
+
+    async def check_promoted(self, session: aiohttp.ClientSession) -> None:
+        """Probe every promoted slot once; act on a slot that stays unhealthy."""
+        for deployment in await self.services.store.list_deployments():
+            lock = self._lock(deployment.id)
+            if lock.locked():
+                continue  # an operation is changing it
+            async with lock:
+                await self._check_one(session, deployment)
+
+    async def _check_one(self, session: aiohttp.ClientSession, deployment: Deployment) -> None:
+        spec = deployment.spec
+        for slot in await self.services.store.list_slots(deployment.id):
+            if slot.state is not S.PROMOTED or slot.host_port is None:
+                continue
+            url = f"http://127.0.0.1:{slot.host_port}{spec.health.path}"
+            result = await probe_once(session, url, spec.health.timeout_s)
+            failures = 0 if result.ok else slot.health.consecutive_failures + 1
+            health = SlotHealth(
+                status="healthy" if result.ok else "unhealthy",
+                last_latency_ms=result.latency_ms,
+                consecutive_failures=failures,
+                checked_at=now(),
+            )
+            slot = await self.services.store.save_slot(
+                msgspec.structs.replace(slot, health=health), None
+            )
+            if result.ok or failures != spec.health.failure_threshold:
+                continue
+            await self.ops.event(
+                deployment.id,
+                "promoted_unhealthy",
+                color=slot.color,
+                message=result.error or f"HTTP {result.status}",
+                data={"action": spec.health.on_failure, "failures": failures},
+            )
+            if spec.health.on_failure == "rollback":
+                try:
+                    await self.strategy.switch(self.ops, deployment)
+                except DockyardError as exc:
+                    await self.ops.event(deployment.id, "rollback_failed", message=exc.message)
+            elif spec.health.on_failure == "restart":
+                await self._restart(deployment, slot)
+
+    async def _restart(self, deployment: Deployment, slot: Any) -> None:
+        revision = await self.services.store.get_revision(slot.revision_id or "")
+        if revision is None or revision.spec is None:
+            return
+        spec = msgspec.structs.replace(revision.spec, ref=revision.commit)
+        _, built = await self.ops.build(slot, spec)
+        await self.ops.start_container(slot, spec, revision, built)
+        await self.ops.event(deployment.id, "restarted", color=slot.color)
+
+    # -- resume --------------------------------------------------------------------------
+    async def resume(self) -> None:
+        """Make the stored state true again after a (re)start.
+
+        Slots caught mid-operation (BUILDING, STAGING) end FAILED with ``controller_restarted``
+        and their container and port are removed; promoted and healthy slots whose container
+        is gone end FAILED; draining slots get their drain timer back; routes of promoted
+        slots are restored; containers and leases that no slot accounts for are reaped.
+        """
+        store, runtime = self.services.store, self.services.runtime
+        known: set[str] = set()
+        owners: dict[int, str] = {}
+        routes = []
+        for deployment in await store.list_deployments():
+            for slot in await store.list_slots(deployment.id):
+                if slot.state in (S.BUILDING, S.STAGING):
+                    await self.ops.fail(
+                        slot,
+                        "controller_restarted",
+                        "the controller restarted during this operation",
+                    )
+                    continue
+                if slot.state in (S.HEALTHY, S.PROMOTED, S.DRAINING):
+                    info = await runtime.inspect(slot.container_name or "")
+                    if info is None or not info.running:
+                        await self.ops.fail(
+                            slot, "container_gone", "the container is no longer running"
+                        )
+                        continue
+                    known.add(container_name(deployment.id, slot.color))
+                    if slot.host_port:
+                        owners[slot.host_port] = lease_owner(deployment.id, slot.color)
+                    if slot.state is S.PROMOTED:
+                        routes.append(self.ops.route(deployment, slot))
+            await self._schedule_drains(deployment.id)
+        for info in await runtime.list({LABEL_MANAGED: "true"}):
+            expected = container_name(
+                info.labels.get(LABEL_DEPLOYMENT, ""), info.labels.get(LABEL_COLOR, "")
+            )  # type: ignore[arg-type]
+            if info.name not in known or info.name != expected:
+                log.info("reaping orphaned container %s", info.name)
+                await runtime.remove(info.id)
+        for port, owner in (await store.list_leases()).items():
+            if owners.get(port) != owner:
+                await store.release_port(port)
+        await self.services.router.restore(routes)

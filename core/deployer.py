@@ -1,0 +1,322 @@
+"""Slot operations: the primitives a deploy strategy composes.
+
+Each primitive records its intent in the store (a slot transition with its event) BEFORE the
+side effect it announces, so a restarted controller knows what may have happened and can
+resume or roll back (``Controller.resume``). Nothing here is engine-specific: containers go
+through the Runtime contract, routes through the Router contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from dockyard.core.builds import BuiltRevision
+from dockyard.core.errors import Conflict, DockyardError, SourceError
+from dockyard.core.health import HealthOutcome, wait_healthy
+from dockyard.core.models import (
+    Color,
+    Deployment,
+    DeploymentSpec,
+    Event,
+    Revision,
+    Slot,
+    SlotState,
+)
+from dockyard.core.plugins import emit_event
+from dockyard.core.router import Route, Upstream, route_prefix
+from dockyard.core.runtime import (
+    LABEL_COLOR,
+    LABEL_DEPLOYMENT,
+    LABEL_MANAGED,
+    LABEL_REVISION,
+    ContainerSpec,
+    Limits,
+)
+from dockyard.core.services import Services
+from dockyard.core.source import FetchedSource, Source, SourceRequest
+from dockyard.core.states import transition
+
+log = logging.getLogger(__name__)
+
+S = SlotState
+#: Build logs kept per revision, in lines.
+BUILD_LOG_LINES = 2000
+
+
+def container_name(deployment_id: str, color: Color) -> str:
+    """Deterministic container name of a slot."""
+    return f"dockyard-{deployment_id}-{color}"
+
+
+def lease_owner(deployment_id: str, color: Color) -> str:
+    """Owner string of a slot's host-port lease (``<deployment>:<color>``)."""
+    return f"{deployment_id}:{color}"
+
+
+class SlotOps:
+    """Intent-first operations on one controller's deployments."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.store = services.store
+        self.runtime = services.runtime
+
+    # -- records -------------------------------------------------------------------------
+    async def event(self, deployment_id: str, kind: str, **fields: Any) -> Event:
+        """Append an event that is not a slot transition, and tell the observers."""
+        stored = await self.store.append_event(
+            Event(deployment_id=deployment_id, kind=kind, **fields)
+        )
+        await emit_event(self.services.pm, stored)
+        return stored
+
+    async def move(
+        self,
+        slot: Slot,
+        to: SlotState,
+        *,
+        reason: str | None = None,
+        message: str | None = None,
+        data: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> Slot:
+        """Transition ``slot`` (legal moves only), store it with its event, notify."""
+        new = transition(slot, to, reason=reason, message=message, **changes)
+        event = Event(
+            deployment_id=slot.deployment_id,
+            kind="slot_transition",
+            color=slot.color,
+            from_state=slot.state,
+            to_state=to,
+            reason=reason,
+            message=message,
+            data=data or {},
+        )
+        saved = await self.store.save_slot(new, event)
+        await emit_event(self.services.pm, event)
+        return saved
+
+    async def slots(self, deployment_id: str) -> dict[Color, Slot]:
+        return {s.color: s for s in await self.store.list_slots(deployment_id)}
+
+    # -- source and image ----------------------------------------------------------------
+    def source_for(self, url: str) -> Source:
+        for source in self.services.sources.values():
+            if source.accepts(url):
+                return source
+        raise SourceError(f"repo: no source plugin accepts {url!r}", reason="invalid_repo_url")
+
+    async def fetch(self, spec: DeploymentSpec) -> FetchedSource:
+        request = SourceRequest(
+            repo=spec.repo,
+            ref=spec.ref,
+            subdir=spec.subdir,
+            dockerfile=spec.dockerfile if spec.build_mode == "dockerfile" else None,
+        )
+        return await self.source_for(spec.repo).fetch(request)
+
+    def build_log_path(self, revision_id: str) -> Path:
+        return self.services.settings.data_path / "builds" / f"{revision_id}.log"
+
+    async def build(self, slot: Slot, spec: DeploymentSpec) -> tuple[Revision, BuiltRevision]:
+        """Fetch and build ``spec`` for a slot in BUILDING; store the revision."""
+        source = await self.fetch(spec)
+        await self.event(
+            spec.id,
+            "source_fetched",
+            color=slot.color,
+            data={
+                "commit": source.commit,
+                "ref": source.resolved_ref,
+                "cached": source.cached,
+                "files": source.files,
+                "bytes": source.bytes_received,
+            },
+        )
+        lines: deque[str] = deque(maxlen=BUILD_LOG_LINES)
+        built = await self.services.builder.build(spec, source, on_log=lines.append)
+        lines.extend(built.log[-BUILD_LOG_LINES:] if not lines else [])
+        revision = Revision(
+            id=f"{spec.id}-{source.commit[:12]}-{built.inputs_hash[:8]}",
+            deployment_id=spec.id,
+            repo=source.repo,
+            commit=source.commit,
+            ref=spec.ref,
+            subdir=spec.subdir,
+            dockerfile=spec.dockerfile,
+            build_mode=spec.build_mode,
+            build_args_hash=built.build_args_hash,
+            image_id=built.image_id,
+            image_tag=built.image,
+            provenance={
+                "resolved_ref": source.resolved_ref or "",
+                "inputs": built.inputs_hash,
+                "reused_image": str(built.reused).lower(),
+            },
+            spec=spec,
+        )
+        path = self.build_log_path(revision.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + ("\n" if lines else ""))
+        existing = await self.store.get_revision(revision.id)
+        if existing is None:
+            with contextlib.suppress(Conflict):
+                await self.store.add_revision(revision)
+        await self.event(
+            spec.id,
+            "image_ready",
+            color=slot.color,
+            data={
+                "revision": revision.id,
+                "image": built.image,
+                "reused": built.reused,
+            },
+        )
+        return revision, built
+
+    # -- containers ----------------------------------------------------------------------
+    def limits(self, spec: DeploymentSpec) -> Limits:
+        r = spec.resources
+        return Limits(memory_mb=r.memory_mb, cpus=r.cpus, pids=r.pids, tmpfs_mb=r.tmpfs_mb)
+
+    async def stage(
+        self, slot: Slot, spec: DeploymentSpec, revision: Revision, built: BuiltRevision | None
+    ) -> Slot:
+        """BUILDING -> STAGING: lease a port, record it, then start the container."""
+        name = container_name(spec.id, slot.color)
+        port = await self.store.lease_port(lease_owner(spec.id, slot.color))
+        try:
+            slot = await self.move(
+                slot,
+                S.STAGING,
+                revision_id=revision.id,
+                host_port=port,
+                container_name=name,
+                container_id=None,
+            )
+        except BaseException:
+            await self.store.release_port(port)
+            raise
+        return await self.start_container(slot, spec, revision, built)
+
+    async def start_container(
+        self, slot: Slot, spec: DeploymentSpec, revision: Revision, built: BuiltRevision | None
+    ) -> Slot:
+        """(Re)start a slot's container on its recorded name and port."""
+        assert slot.container_name is not None and slot.host_port is not None
+        await self.runtime.remove(slot.container_name)  # a leftover of a crash: ours by name
+        mounts = built.mounts if built else []
+        command = built.command if built else list(spec.command)
+        info = await self.runtime.run(
+            ContainerSpec(
+                name=slot.container_name,
+                image=revision.image_tag or "",
+                container_port=spec.container_port,
+                host_port=slot.host_port,
+                command=command,
+                mounts=mounts,
+                env={"PORT": str(spec.container_port), **spec.env},
+                labels={
+                    LABEL_MANAGED: "true",
+                    LABEL_DEPLOYMENT: spec.id,
+                    LABEL_COLOR: str(slot.color),
+                    LABEL_REVISION: revision.id,
+                    **spec.labels,
+                },
+                limits=self.limits(spec),
+            )
+        )
+        return await self.store.save_slot(_replace(slot, container_id=info.id), None)
+
+    async def wait_healthy(self, slot: Slot, spec: DeploymentSpec) -> HealthOutcome:
+        """Probe a STAGING slot until healthy or its deadline."""
+        assert slot.host_port is not None and slot.container_name is not None
+        name = slot.container_name
+
+        async def running() -> bool:
+            info = await self.runtime.inspect(name)
+            return bool(info and info.running)
+
+        url = f"http://127.0.0.1:{slot.host_port}{spec.health.path}"
+        return await wait_healthy(url, spec.health, still_running=running)
+
+    async def clear(self, slot: Slot) -> None:
+        """Remove a slot's container and free its port (no state change)."""
+        if slot.container_name:
+            try:
+                await self.runtime.stop(slot.container_name, timeout_s=5)
+            finally:
+                await self.runtime.remove(slot.container_name)
+        if slot.host_port:
+            await self.store.release_port(slot.host_port)
+
+    async def fail(self, slot: Slot, reason: str, message: str) -> Slot:
+        """Move a working slot to FAILED, then remove what it ran."""
+        current = await self.store.get_slot(slot.deployment_id, slot.color)
+        if current.state not in (S.FAILED, S.IDLE, S.RETIRED):
+            current = await self.move(current, S.FAILED, reason=reason, message=message)
+        try:
+            await self.clear(current)
+        except DockyardError as exc:
+            log.warning("cleaning %s/%s failed: %s", slot.deployment_id, slot.color, exc)
+        return await self.store.save_slot(
+            _replace(current, container_id=None, host_port=None), None
+        )
+
+    async def retire(self, slot: Slot, *, message: str | None = None) -> Slot:
+        """DRAINING or HEALTHY -> RETIRED: remove the container, free the port; the revision
+        stays recorded so the slot can be switched back to (its image is kept)."""
+        slot = await self.move(slot, S.RETIRED, message=message)
+        await self.clear(slot)
+        return await self.store.save_slot(_replace(slot, container_id=None, host_port=None), None)
+
+    async def reset(self, slot: Slot) -> Slot:
+        """Make a slot usable: RETIRED/FAILED -> IDLE, a draining or unpromoted healthy one
+        is retired first (a new deploy cuts its grace period short)."""
+        if slot.state in (S.DRAINING, S.HEALTHY):
+            slot = await self.retire(slot, message="replaced by a new deploy")
+        if slot.state in (S.RETIRED, S.FAILED):
+            slot = await self.move(slot, S.IDLE, revision_id=slot.revision_id)
+        return slot
+
+    # -- routing -------------------------------------------------------------------------
+    def route(self, deployment: Deployment, slot: Slot) -> Route:
+        assert slot.host_port is not None
+        return Route(
+            deployment_id=deployment.id,
+            prefix=route_prefix(deployment.id),
+            upstream=Upstream(port=slot.host_port),
+        )
+
+    async def promote(self, deployment: Deployment, target: Slot) -> Slot:
+        """Point the route at ``target`` (one write, verified), then record the switch:
+        the old promoted slot goes DRAINING first, so at most one slot is ever PROMOTED."""
+        router = self.services.router
+        route = self.route(deployment, target)
+        await router.apply(route)
+        if not await router.verify(route, timeout_s=10):
+            raise DockyardError(
+                f"router {router.name} did not serve the new upstream", reason="switch_failed"
+            )
+        slots = await self.slots(deployment.id)
+        old = slots[target.color.other]
+        if old.state is S.PROMOTED:
+            await self.move(
+                old, S.DRAINING, data={"grace_period_s": deployment.spec.grace_period_s}
+            )
+        target = await self.move(
+            await self.store.get_slot(deployment.id, target.color),
+            S.PROMOTED,
+            data={"url": router.url_for(deployment.id)},
+        )
+        return target
+
+
+def _replace(slot: Slot, **changes: Any) -> Slot:
+    import msgspec
+
+    return msgspec.structs.replace(slot, **changes)

@@ -1,0 +1,173 @@
+"""Fast stand-ins for unit tests of orchestration logic (never the only proof of a feature).
+
+``FakeRuntime`` keeps "containers" as small aiohttp servers on their leased loopback port,
+so the real prober, router and strategy code talk HTTP to them. ``FakeSource`` returns a
+checkout made on disk without git; a ref resolves to a commit derived from its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from dockyard.core.errors import BuildFailed, Conflict, SourceError
+from dockyard.core.runtime import (
+    BuildRequest,
+    BuiltImage,
+    ContainerInfo,
+    ContainerSpec,
+    LogCallback,
+    Runtime,
+    RuntimeInfo,
+)
+from dockyard.core.source import FetchedSource, Source, SourceRequest
+
+
+class FakeRuntime(Runtime):
+    """Containers are HTTP servers answering ``/health`` (200, or 503 when the image's build
+    args asked for ``HEALTH=fail``) and ``/`` with their revision label."""
+
+    name = "fake"
+
+    def __init__(self, settings: Any = None) -> None:
+        self.images: dict[str, dict[str, str]] = {}
+        self.builds = 0
+        self.containers: dict[str, ContainerInfo] = {}
+        self.servers: dict[str, web.AppRunner] = {}
+        self._ids = itertools.count(1)
+
+    async def info(self) -> RuntimeInfo:
+        return RuntimeInfo(
+            name="fake",
+            version="0",
+            rootless=True,
+            cgroup_version="none",
+            limits_enforced=False,
+            limits_note="fake runtime",
+        )
+
+    async def build(self, request: BuildRequest, on_log: LogCallback | None = None) -> BuiltImage:
+        self.builds += 1
+        if request.build_args.get("BUILD") == "fail":
+            raise BuildFailed("build failed on request", log_tail=["boom"])
+        self.images[request.tag] = dict(request.build_args)
+        if on_log:
+            on_log(f"built {request.tag}")
+        return BuiltImage(id=f"sha256:{next(self._ids):064x}", tag=request.tag)
+
+    async def image_exists(self, ref: str) -> bool:
+        return ref in self.images
+
+    async def remove_image(self, ref: str, *, force: bool = False) -> None:
+        self.images.pop(ref, None)
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        if any(c.name == spec.name for c in self.containers.values()):
+            raise Conflict(f"container {spec.name} exists")
+        args = self.images.get(spec.image, {})
+        healthy = args.get("HEALTH") != "fail"
+        revision = spec.labels.get("io.dockyard.revision", "")
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(status=200 if healthy else 503, text="ok" if healthy else "no")
+
+        async def root(_: web.Request) -> web.Response:
+            return web.Response(text=revision)
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_get("/", root)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        info = ContainerInfo(
+            id=f"{next(self._ids):012x}",
+            name=spec.name,
+            image=spec.image,
+            status="running",
+            running=True,
+            labels=dict(spec.labels),
+            host_port=spec.host_port,
+        )
+        self.containers[info.id] = info
+        self.servers[info.id] = runner
+        return info
+
+    def _find(self, ref: str) -> ContainerInfo | None:
+        return next((c for c in self.containers.values() if ref in (c.id, c.name)), None)
+
+    async def stop(self, ref: str, *, timeout_s: float = 10.0) -> None:
+        info = self._find(ref)
+        if info is None:
+            return
+        runner = self.servers.pop(info.id, None)
+        if runner:
+            await runner.cleanup()
+        self.containers[info.id] = msgspec.structs.replace(info, running=False, status="exited")
+
+    async def remove(self, ref: str) -> None:
+        info = self._find(ref)
+        if info is None:
+            return
+        await self.stop(info.id)
+        del self.containers[info.id]
+
+    async def logs(self, ref: str, *, tail: int | None = 200) -> list[str]:
+        return [f"\x1b[32mlog of {ref}\x1b[0m"] if self._find(ref) else []
+
+    async def inspect(self, ref: str) -> ContainerInfo | None:
+        return self._find(ref)
+
+    async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
+        wanted = dict(labels or {})
+        return [
+            c
+            for c in self.containers.values()
+            if all(c.labels.get(k) == v for k, v in wanted.items())
+        ]
+
+    async def close(self) -> None:
+        for ref in list(self.containers):
+            await self.remove(ref)
+
+
+class FakeSource(Source):
+    """Accepts ``https://github.com/<owner>/<repo>``; ``ref`` "missing" is not found."""
+
+    name = "fake"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fetches = 0
+
+    def accepts(self, url: str) -> bool:
+        return url.startswith("https://github.com/")
+
+    def validate(self, url: str, ref: str | None) -> None:
+        if url.count("/") != 4:
+            raise SourceError(f"repo: {url!r} is not owner/repo", reason="invalid_repo_url")
+
+    async def fetch(self, request: SourceRequest) -> FetchedSource:
+        self.fetches += 1
+        if request.ref == "missing":
+            raise SourceError(f"ref {request.ref!r} not found", reason="ref_not_found")
+        commit = hashlib.sha1(f"{request.repo}@{request.ref}".encode()).hexdigest()
+        checkout = self.root / commit
+        context = checkout / request.subdir
+        context.mkdir(parents=True, exist_ok=True)
+        (context / "Dockerfile").write_text("FROM scratch\n")
+        return FetchedSource(
+            repo=request.repo,
+            ref=request.ref,
+            resolved_ref=request.ref,
+            commit=commit,
+            checkout=str(checkout),
+            context=str(context),
+            dockerfile=str(context / "Dockerfile") if request.dockerfile else None,
+        )

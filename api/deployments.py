@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from msgspec import UNSET, Meta, UnsetType
 
@@ -174,9 +175,9 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
     )
 
 
-WaitParam = Annotated[bool, Parameter(description="wait (bounded) for the operation to end")]
+WaitParam = Annotated[bool, QueryParameter(description="wait (bounded) for the operation to end")]
 TimeoutParam = Annotated[
-    float, Parameter(ge=0.1, le=MAX_WAIT_S, description="seconds to wait at most")
+    float, QueryParameter(ge=0.1, le=MAX_WAIT_S, description="seconds to wait at most")
 ]
 
 
@@ -196,7 +197,7 @@ class DeploymentRoutes(Controller):
         return Response(view, status_code=HTTP_200_OK if wait and finished else HTTP_202_ACCEPTED)
 
     @get("/status", operation_id="status", summary="Every deployment, its slots and health")
-    async def status(self, controller: DeploymentController) -> StatusView:
+    async def status(self, controller: NamedDependency[DeploymentController]) -> StatusView:
         deployments = await controller.services.store.list_deployments()
         return StatusView(deployments=[await render(controller, d) for d in deployments])
 
@@ -208,8 +209,8 @@ class DeploymentRoutes(Controller):
     )
     async def create(
         self,
-        data: DeploymentSpec,
-        controller: DeploymentController,
+        data: JSONBody[DeploymentSpec],
+        controller: NamedDependency[DeploymentController],
         wait: WaitParam = False,
         timeout: TimeoutParam = 300.0,
     ) -> Response[DeploymentView]:
@@ -217,7 +218,9 @@ class DeploymentRoutes(Controller):
         return await self._respond(controller, data.id, wait, timeout)
 
     @get("/repos/{deployment_id:str}", operation_id="getDeployment", summary="One deployment")
-    async def show(self, deployment_id: str, controller: DeploymentController) -> DeploymentView:
+    async def show(
+        self, deployment_id: FromPath[str], controller: NamedDependency[DeploymentController]
+    ) -> DeploymentView:
         return await render(controller, await controller.get(_check_id(deployment_id)))
 
     @get(
@@ -227,10 +230,10 @@ class DeploymentRoutes(Controller):
     )
     async def events(
         self,
-        deployment_id: str,
-        controller: DeploymentController,
-        after: Annotated[int, Parameter(ge=0)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=5000)] = 1000,
+        deployment_id: FromPath[str],
+        controller: NamedDependency[DeploymentController],
+        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
     ) -> list[Event]:
         await controller.get(_check_id(deployment_id))
         return await controller.services.store.list_events(deployment_id, after=after, limit=limit)
@@ -243,9 +246,9 @@ class DeploymentRoutes(Controller):
     )
     async def redeploy(
         self,
-        deployment_id: str,
-        controller: DeploymentController,
-        data: RedeployRequest | None = None,
+        deployment_id: FromPath[str],
+        controller: NamedDependency[DeploymentController],
+        data: JSONBody[RedeployRequest | None] = None,
         wait: WaitParam = False,
         timeout: TimeoutParam = 300.0,
     ) -> Response[DeploymentView]:
@@ -264,8 +267,8 @@ class DeploymentRoutes(Controller):
     )
     async def switch(
         self,
-        deployment_id: str,
-        controller: DeploymentController,
+        deployment_id: FromPath[str],
+        controller: NamedDependency[DeploymentController],
         wait: WaitParam = False,
         timeout: TimeoutParam = 300.0,
     ) -> Response[DeploymentView]:
@@ -278,7 +281,9 @@ class DeploymentRoutes(Controller):
         summary="Stop and remove everything a deployment owns",
         status_code=HTTP_200_OK,
     )
-    async def remove(self, deployment_id: str, controller: DeploymentController) -> DeletedView:
+    async def remove(
+        self, deployment_id: FromPath[str], controller: NamedDependency[DeploymentController]
+    ) -> DeletedView:
         await controller.delete(_check_id(deployment_id))
         return DeletedView(deleted=deployment_id)
 
@@ -289,12 +294,12 @@ class DeploymentRoutes(Controller):
     )
     async def logs(
         self,
-        deployment_id: str,
-        controller: DeploymentController,
-        slot: Color | None = None,
-        tail: Annotated[int, Parameter(ge=1, le=10000)] = 200,
-        strip_ansi: bool = False,
-        build: Annotated[bool, Parameter(description="the build log instead")] = False,
+        deployment_id: FromPath[str],
+        controller: NamedDependency[DeploymentController],
+        slot: FromQuery[Color | None] = None,
+        tail: Annotated[int, QueryParameter(ge=1, le=10000)] = 200,
+        strip_ansi: FromQuery[bool] = False,
+        build: Annotated[bool, QueryParameter(description="the build log instead")] = False,
     ) -> LogsView:
         await controller.get(_check_id(deployment_id))
         slots = {s.color: s for s in await controller.services.store.list_slots(deployment_id)}

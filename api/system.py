@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Controller, get
+from litestar.di import NamedDependency
 
 from dockyard.core.models import Model
 from dockyard.core.plugins import dockyard_version
@@ -43,7 +44,7 @@ class SystemController(Controller):
     tags = ["system"]
 
     @get("/healthz", operation_id="healthz", summary="The controller's own health")
-    async def healthz(self, services: Services) -> Health:
+    async def healthz(self, services: NamedDependency[Services]) -> Health:
         runtime_info: RuntimeInfo | None = None
         runtime_error: str | None = None
         try:
@@ -68,5 +69,5 @@ class SystemController(Controller):
         )
 
     @get("/plugins", operation_id="listPlugins", summary="Every loaded plugin and its hooks")
-    async def plugins(self, services: Services) -> list[PluginInfo]:
+    async def plugins(self, services: NamedDependency[Services]) -> list[PluginInfo]:
         return [msgspec.convert(p, PluginInfo) for p in services.pm.describe()]

@@ -64,7 +64,9 @@ class Controller:
     ops: SlotOps = field(init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _operations: dict[str, Operation] = field(default_factory=dict)
-    _timers: dict[tuple[str, Color], asyncio.Task[None]] = field(default_factory=dict)
+    _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(
+        default_factory=dict
+    )
     _monitor: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class Controller:
 
     async def stop(self) -> None:
         """Cancel the monitor, drain timers and running operations (which clean up)."""
-        tasks: list[asyncio.Task[Any]] = [t for t in self._timers.values() if not t.done()]
+        tasks: list[asyncio.Task[Any]] = [t for t, _ in self._timers.values() if not t.done()]
         if self._monitor:
             tasks.append(self._monitor)
         tasks += [op.task for op in self._operations.values() if op.running]
@@ -153,7 +155,7 @@ class Controller:
         for color in Color:
             timer = self._timers.pop((deployment_id, color), None)
             if timer:
-                timer.cancel()
+                timer[0].cancel()
         async with self._lock(deployment_id):
             await self._remove_everything(deployment_id)
         self._operations.pop(deployment_id, None)
@@ -232,6 +234,11 @@ class Controller:
 
     # -- drains --------------------------------------------------------------------------
     async def _schedule_drains(self, deployment_id: str) -> None:
+        """Give every DRAINING slot a timer that retires it when its grace period ends.
+
+        A timer belongs to one DRAINING move (identified by the slot's ``updated_at``): a
+        slot promoted again and drained anew gets a new timer, and the stale one is dropped.
+        """
         deployment = await self.services.store.get_deployment(deployment_id)
         if deployment is None:
             return
@@ -239,16 +246,20 @@ class Controller:
             key = (deployment_id, slot.color)
             if slot.state is not S.DRAINING:
                 continue
-            if key in self._timers and not self._timers[key].done():
-                continue
+            current = self._timers.get(key)
+            if current is not None and not current[0].done():
+                if current[1] == slot.updated_at:
+                    continue
+                current[0].cancel()
             delay = max(0.0, slot.updated_at + deployment.spec.grace_period_s - time.time())
-            self._timers[key] = asyncio.create_task(
-                self._retire_after(deployment_id, slot.color, slot.container_name, delay),
+            task = asyncio.create_task(
+                self._retire_after(deployment_id, slot.color, slot.updated_at, delay),
                 name=f"drain:{deployment_id}:{slot.color}",
             )
+            self._timers[key] = (task, slot.updated_at)
 
     async def _retire_after(
-        self, deployment_id: str, color: Color, name: str | None, delay: float
+        self, deployment_id: str, color: Color, drained_at: float, delay: float
     ) -> None:
         await asyncio.sleep(delay)
         async with self._lock(deployment_id):
@@ -256,7 +267,7 @@ class Controller:
                 slot = await self.services.store.get_slot(deployment_id, color)
             except NotFound:
                 return
-            if slot.state is S.DRAINING and slot.container_name == name:
+            if slot.state is S.DRAINING and slot.updated_at == drained_at:
                 await self.ops.retire(slot, message="grace period over")
 
     # -- monitor -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ DISABLE_ENV = "DOCKYARD_DISABLE_PLUGINS"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("podman", "dockyard.backends.podman"),
     ("sqlite", "dockyard.plugins.sqlite_store"),
+    ("git", "dockyard.plugins.git_source"),
     ("bluegreen", "dockyard.plugins.bluegreen"),
     ("none-router", "dockyard.routers.none"),
 )

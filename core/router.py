@@ -17,8 +17,8 @@ from dockyard.core.models import Model
 class Upstream(Model):
     """Where a slot's container answers on the host."""
 
-    host: str = "127.0.0.1"
     port: int
+    host: str = "127.0.0.1"
 
 
 class Route(Model):

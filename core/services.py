@@ -8,7 +8,6 @@ two at once. The API and the CLI both go through it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any

@@ -157,7 +157,9 @@ class FakeSource(Source):
         self.fetches += 1
         if request.ref == "missing":
             raise SourceError(f"ref {request.ref!r} not found", reason="ref_not_found")
-        commit = hashlib.sha1(f"{request.repo}@{request.ref}".encode()).hexdigest()
+        ref = request.ref or ""
+        is_sha = len(ref) == 40 and all(c in "0123456789abcdef" for c in ref)
+        commit = ref if is_sha else hashlib.sha1(f"{request.repo}@{ref}".encode()).hexdigest()
         checkout = self.root / commit
         context = checkout / request.subdir
         context.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,11 @@ def _get(port: int, path: str = "/") -> str:
         return r.read().decode()
 
 
+def _call(client: Any, fn: Any, *args: Any) -> Any:
+    with client.portal() as portal:
+        return portal.call(fn, *args)
+
+
 def _slots(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["color"]: s for s in body["slots"]}
 
@@ -82,7 +87,7 @@ def test_deploy_redeploy_fail_switch_delete(fake_client_factory: Any) -> None:
         with pytest.raises(OSError):
             _get(v1_port)
         v2_port = _slots(body)["green"]["host_port"]
-        leases = client.portal.call(services.store.list_leases)
+        leases = _call(client, services.store.list_leases)
         assert leases == {v2_port: "app:green"}
 
         # v3 never gets healthy: FAILED, v2 keeps serving, nothing of v3 is left.
@@ -100,7 +105,7 @@ def test_deploy_redeploy_fail_switch_delete(fake_client_factory: Any) -> None:
         assert "not healthy within 0.5 s" in slots["blue"]["message"]
         assert slots["green"]["state"] == "PROMOTED"
         assert _get(v2_port)
-        assert client.portal.call(services.store.list_leases) == {v2_port: "app:green"}
+        assert _call(client, services.store.list_leases) == {v2_port: "app:green"}
         names = [c.name for c in services.runtime.containers.values()]
         assert names == ["dockyard-app-green"]
 
@@ -125,7 +130,7 @@ def test_deploy_redeploy_fail_switch_delete(fake_client_factory: Any) -> None:
         r = client.delete("/v1/repos/app")
         assert r.status_code == 200 and r.json() == {"deleted": "app"}
         assert services.runtime.containers == {}
-        assert client.portal.call(services.store.list_leases) == {}
+        assert _call(client, services.store.list_leases) == {}
         assert client.get("/v1/repos/app").status_code == 404
         assert client.get("/v1/repos/app/events").status_code == 404
 
@@ -203,7 +208,7 @@ def test_a_build_failure_and_a_missing_ref_end_failed_with_their_reason(
         )
         states = {s["reason"] for s in r.json()["slots"]}
         assert "ref_not_found" in states
-        assert client.portal.call(client.app.state.services.store.list_leases) == {}
+        assert _call(client, client.app.state.services.store.list_leases) == {}
 
 
 @pytest.mark.parametrize(
@@ -333,7 +338,7 @@ class BlueGreenMachine(RuleBasedStateMachine):
         timers = self.controller._timers
         for s in slots:
             timer = timers.get(("sm", s.color))
-            if timer is not None and not timer.done():
+            if timer is not None and not timer[0].done():
                 continue  # a drain is being retired right now
             has = s.state in (
                 SlotState.STAGING,

@@ -51,7 +51,8 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete_deployment(self, deployment_id: str) -> None:
-        """Remove a deployment with its slots, revisions, events and port leases."""
+        """Remove a deployment with its slots, revisions, events and every port lease whose
+        owner is ``<id>`` or starts with ``<id>:``. An unknown id is not an error."""
 
     # revisions --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -77,10 +78,10 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def save_slot(self, slot: Slot, event: Event | None = None) -> Slot:
-        """Write a slot (and its event) in one transaction. The write happens only when the
-        stored state still matches what the caller read: the caller passes the slot returned
-        by ``dockyard.core.states.transition`` and the store checks the move is legal from
-        the stored state, raising IllegalTransition otherwise."""
+        """Write a slot (and its event) in one transaction, checked against the stored slot:
+        a change of state must be legal, must come with an event, and ``event.from_state``
+        (when set) must equal the stored state; a save without an event only updates fields
+        of an unchanged state. IllegalTransition otherwise. The event gets its ``seq``."""
 
     # events -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -96,8 +97,9 @@ class StateStore(abc.ABC):
     # port leases ------------------------------------------------------------------------
     @abc.abstractmethod
     async def lease_port(self, owner: str) -> int:
-        """Lease the lowest free port of the pool to ``owner``; PortPoolExhausted when none.
-        A port is never leased twice, even across processes sharing the store."""
+        """Lease the lowest free port of the pool to ``owner`` (``<deployment id>`` or
+        ``<deployment id>:<anything>``); PortPoolExhausted when none. A port is never leased
+        twice, even across processes sharing the store."""
 
     @abc.abstractmethod
     async def release_port(self, port: int) -> None:

@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help="state store plugin (default sqlite)")
     serve.add_argument("--podman-socket", dest="podman_socket", help="Podman API socket")
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+    serve.add_argument(
+        "--allow-local-repo",
+        dest="local_repos",
+        action="append",
+        metavar="PATH",
+        help="trust this local git repository as a source",
+    )
 
     sub.add_parser("plugins", help="list the plugins that load, and what they register")
     sub.add_parser("config", help="print the effective configuration as JSON")
@@ -291,7 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (aiohttp.ClientError, OSError) as exc:
             print(f"dockyard: error: cannot reach dockyard at {args.url}: {exc}", file=sys.stderr)
             return 1
-    serve_fields = {"host", "port", "data_dir", "runtime", "store", "podman_socket", "log_level"}
+    serve_fields = {
+        "host",
+        "port",
+        "data_dir",
+        "runtime",
+        "store",
+        "podman_socket",
+        "log_level",
+        "local_repos",
+    }
     overrides = {k: v for k, v in vars(args).items() if k in serve_fields and v is not None}
     try:
         settings = load_settings(args.config, **overrides)

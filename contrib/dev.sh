@@ -40,7 +40,15 @@ case "$cmd" in
     as_root bash contrib/ci/setup-podman.sh --host-only
     ensure_python
     ensure_venv ""
-    exec "$venv/bin/dockyard" serve "$@"
+    bash contrib/base-image/build.sh
+    cat <<HINT
+== dockyard is starting. In another terminal, deploy the example agent from this checkout
+   (trusted as a local repository by this command only):
+     $venv/bin/dockyard deploy $here --subdir contrib/example-agent --id example --wait
+     curl -s http://127.0.0.1:<port from the output>/health
+     $venv/bin/dockyard status
+HINT
+    exec "$venv/bin/dockyard" serve --allow-local-repo "$here" "$@"
     ;;
   test)
     as_root bash contrib/ci/setup-podman.sh

@@ -49,6 +49,7 @@ class Settings(Model):
     allowed_base_images: list[str] = []
     allowed_git_hosts: list[str] = msgspec.field(default_factory=lambda: ["github.com"])
     insecure_sources: bool = False
+    local_repos: list[str] = []
     fetch_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
     fetch_max_bytes: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
     fetch_max_files: Annotated[int, Meta(ge=1)] = 2000
@@ -80,7 +81,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ.get(f"DOCKYARD_{name.upper()}")
         if raw is None:
             continue
-        if name in ("disable_plugins", "allowed_git_hosts"):
+        if name in ("disable_plugins", "allowed_git_hosts", "local_repos", "allowed_base_images"):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             values[name] = raw

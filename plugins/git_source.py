@@ -411,11 +411,13 @@ class GitSource(Source):
         allowed_hosts: Sequence[str] = DEFAULT_HOSTS,
         insecure: bool = False,
         limits: SourceLimits | None = None,
+        local_repos: Sequence[str] = (),
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.allowed_hosts = tuple(h.strip().lower() for h in allowed_hosts if h.strip())
         self.insecure = insecure
         self.limits = limits or SourceLimits()
+        self.local_repos = frozenset(os.path.realpath(p) for p in local_repos)
 
     @classmethod
     def from_settings(cls, settings: Any) -> GitSource:
@@ -424,6 +426,7 @@ class GitSource(Source):
             cache_dir=settings.data_path / "sources",
             allowed_hosts=settings.allowed_git_hosts,
             insecure=settings.insecure_sources,
+            local_repos=settings.local_repos,
             limits=SourceLimits(
                 timeout_s=settings.fetch_timeout_s,
                 max_bytes=settings.fetch_max_bytes,
@@ -449,8 +452,18 @@ class GitSource(Source):
         return url.startswith("/") or bool(_SCP_LIKE.match(url))
 
     def parse(self, url: str) -> RepoUrl:
-        """:func:`parse_repo_url` with this source's allowlist and insecure flag."""
+        """:func:`parse_repo_url` with this source's allowlist and insecure flag; a local
+        path is also accepted when it is exactly one of the operator's ``local_repos``."""
+        if self.local_repos and isinstance(url, str):
+            path = url.removeprefix("file://")
+            if path.startswith("/") and os.path.realpath(path) in self.local_repos:
+                return parse_repo_url(url, self.allowed_hosts, insecure=True)
         return parse_repo_url(url, self.allowed_hosts, self.insecure)
+
+    def validate(self, url: str, ref: str | None) -> None:
+        """Refuse a bad URL or ref before anything is stored (no I/O)."""
+        parsed = self.parse(url)
+        merge_refs(parsed.ref_from_url, ref)
 
     def repo_cache_dir(self, parsed: RepoUrl) -> Path:
         """``<cache_dir>/<sha256(normalized url)[:32]>``."""

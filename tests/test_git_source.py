@@ -252,6 +252,19 @@ async def test_local_paths_when_insecure(world: World, cache: Path) -> None:
     assert info.value.reason == "invalid_repo_url"
 
 
+async def test_only_the_operators_local_repos_are_trusted(world: World, cache: Path) -> None:
+    """``local_repos`` trusts exactly the listed paths, nothing else local or loopback."""
+    path = world.app.git_dir
+    source = GitSource(cache, local_repos=[str(path)])
+    got = await source.fetch(SourceRequest(repo=str(path), ref="dev"))
+    check_fetched(got, world.dev)
+    source.validate(str(path), "dev")
+    for other in (str(path.parent), f"{path}/..", "/etc", "git://127.0.0.1:1/x"):
+        with pytest.raises(SourceError) as info:
+            source.validate(other, None)
+        assert info.value.reason == "invalid_repo_url"
+
+
 # ---------------------------------------------------------------------------- paths
 async def test_subdirectory_and_dockerfile(world: World, cache: Path) -> None:
     source = make_source(cache)

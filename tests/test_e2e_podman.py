@@ -388,3 +388,73 @@ def test_builds_without_network_and_with_a_timeout_leave_nothing(
     assert "sleep" not in build_containers
     for dep in ("nonet", "forever"):
         assert client.delete(f"/v1/repos/{dep}").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def base_python_image() -> str:
+    """The offline Python base image (contrib/base-image/build.sh; ~1 min once per host)."""
+    from tests.conftest import ROOT
+
+    subprocess.run(
+        ["bash", str(ROOT / "contrib" / "base-image" / "build.sh")],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return "localhost/dockyard/base-python:bookworm"
+
+
+def test_the_example_agent_from_this_checkout(
+    tmp_path_factory: pytest.TempPathFactory, base_python_image: str
+) -> None:
+    """What the README's first command prints: deploy contrib/example-agent from this
+    checkout (trusted with --allow-local-repo) and talk Autoppia's protocol to it."""
+    from dockyard.api.app import create_app
+    from dockyard.core.config import Settings
+    from tests.conftest import ROOT
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("this checkout is not a git repository")
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    settings = Settings(
+        data_dir=str(tmp_path_factory.mktemp("example")),
+        monitor_interval_s=0,
+        local_repos=[str(ROOT)],
+        port_range_start=46100,
+        port_range_end=46110,
+    )
+    with TestClient(create_app(settings), timeout=300) as client:
+        r = client.post(
+            "/v1/repos?wait=true&timeout=280",
+            json={
+                "id": "example",
+                "repo": str(ROOT),
+                "subdir": "contrib/example-agent",
+                "health": {**HEALTH, "deadline_s": 60},
+            },
+        )
+        body = r.json()
+        blue = _slots(body)["blue"]
+        assert blue["state"] == "PROMOTED", body
+        assert blue["commit"] == head
+        port = blue["host_port"]
+        assert json.loads(_get(port, "/health"))["status"] == "ok"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/step",
+            method="POST",
+            data=json.dumps(
+                {"task_id": "t1", "prompt": "open it", "url": "http://site.test/", "step_index": 0}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            step = json.load(answer)
+        assert step["tool_calls"] == [
+            {"name": "browser.navigate", "arguments": {"url": "http://site.test/"}}
+        ]
+        # an untrusted local path is refused up front
+        r = client.post("/v1/repos", json={"id": "untrusted", "repo": "/etc"})
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_repo_url"
+        assert client.delete("/v1/repos/example").status_code == 200

@@ -325,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        # uvicorn has already shut down cleanly and re-raised the SIGINT it caught.
+        return 0
     return 0
 
 

@@ -13,6 +13,8 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +325,49 @@ def test_build_tag_is_validated() -> None:
     assert backend._split_ref("registry:5000/app") == ("registry:5000/app", "latest")
     with pytest.raises(backend.BuildFailed):
         backend._split_ref("app@sha256:abc")
+
+
+def test_healthz_tells_whether_limits_are_enforced(engine: Engine, tmp_path: Path) -> None:
+    """``/v1/healthz`` through the real API says what the engine reports: rootful on this
+    host enforces limits; rootless on cgroup v1 does not, and says why."""
+    from litestar.testing import TestClient
+
+    from dockyard.api.app import create_app
+
+    settings = Settings(data_dir=str(tmp_path), podman_socket=engine.url, monitor_interval_s=0)
+    with TestClient(create_app(settings)) as client:
+        body = client.get("/v1/healthz").json()
+    assert body["status"] == "ok"
+    runtime_info = body["runtime"]
+    assert runtime_info["rootless"] is engine.rootless
+    cgroup_v1 = runtime_info["cgroup_version"] == "v1"
+    if engine.rootless and cgroup_v1:
+        assert body["limits_enforced"] is False
+        assert "ignored" in body["limits_note"]
+    else:
+        assert body["limits_enforced"] is True
+        assert body["limits_note"] == ""
+    if body["limits_enforced"]:
+        return
+    # With require_limits, a host that cannot enforce them is refused at start, in one line.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dockyard.api.cli",
+            "serve",
+            "--podman-socket",
+            engine.url,
+            "--data-dir",
+            str(tmp_path / "strict"),
+            "--port",
+            str(free_port()),
+        ],
+        env={**os.environ, "DOCKYARD_REQUIRE_LIMITS": "true"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "dockyard: error: require_limits is set" in result.stderr

@@ -312,10 +312,10 @@ class DeploymentRoutes(Controller):
             )
         )
         if build:
-            if not chosen.revision_id:
-                raise NotFound(f"the {chosen.color} slot has no build")
-            path = controller.ops.build_log_path(chosen.revision_id)
-            lines = path.read_text().splitlines()[-tail:] if path.exists() else []
+            path = controller.ops.build_log_path(deployment_id, chosen.color)
+            if not path.exists():
+                raise NotFound(f"the {chosen.color} slot has no build log")
+            lines = path.read_text().splitlines()[-tail:]
             source: Literal["container", "build"] = "build"
         else:
             lines = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -64,9 +65,7 @@ class Controller:
     ops: SlotOps = field(init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _operations: dict[str, Operation] = field(default_factory=dict)
-    _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(
-        default_factory=dict
-    )
+    _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -231,6 +230,7 @@ class Controller:
             await self.services.runtime.remove(info.id)
         await self.services.router.remove(deployment_id)
         await self.services.store.delete_deployment(deployment_id)
+        shutil.rmtree(self.ops.build_log_path(deployment_id, Color.BLUE).parent, ignore_errors=True)
 
     # -- drains --------------------------------------------------------------------------
     async def _schedule_drains(self, deployment_id: str) -> None:

@@ -43,7 +43,7 @@ from dockyard.core.states import transition
 log = logging.getLogger(__name__)
 
 S = SlotState
-#: Build logs kept per revision, in lines.
+#: Build log lines kept per slot (its latest build).
 BUILD_LOG_LINES = 2000
 
 
@@ -119,8 +119,9 @@ class SlotOps:
         )
         return await self.source_for(spec.repo).fetch(request)
 
-    def build_log_path(self, revision_id: str) -> Path:
-        return self.services.settings.data_path / "builds" / f"{revision_id}.log"
+    def build_log_path(self, deployment_id: str, color: Color) -> Path:
+        """The log of the latest build in a slot, kept whether the build worked or not."""
+        return self.services.settings.data_path / "builds" / deployment_id / f"{color}.log"
 
     async def build(self, slot: Slot, spec: DeploymentSpec) -> tuple[Revision, BuiltRevision]:
         """Fetch and build ``spec`` for a slot in BUILDING; store the revision."""
@@ -138,8 +139,19 @@ class SlotOps:
             },
         )
         lines: deque[str] = deque(maxlen=BUILD_LOG_LINES)
-        built = await self.services.builder.build(spec, source, on_log=lines.append)
-        lines.extend(built.log[-BUILD_LOG_LINES:] if not lines else [])
+        path = self.build_log_path(spec.id, slot.color)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            built = await self.services.builder.build(spec, source, on_log=lines.append)
+            if not lines:
+                lines.extend(built.log[-BUILD_LOG_LINES:])
+        except DockyardError as exc:
+            if not lines:
+                lines.extend(str(line) for line in exc.detail.get("log_tail", []))
+            lines.append(f"dockyard: {exc.reason}: {exc.message}")
+            raise
+        finally:
+            path.write_text("\n".join(lines) + ("\n" if lines else ""))
         revision = Revision(
             id=f"{spec.id}-{source.commit[:12]}-{built.inputs_hash[:8]}",
             deployment_id=spec.id,
@@ -159,9 +171,6 @@ class SlotOps:
             },
             spec=spec,
         )
-        path = self.build_log_path(revision.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + ("\n" if lines else ""))
         existing = await self.store.get_revision(revision.id)
         if existing is None:
             with contextlib.suppress(Conflict):

@@ -68,8 +68,15 @@ class Services:
             timeout_s=settings.build_timeout_s,
             allowed_base_images=list(settings.allowed_base_images),
         )
-        return cls(settings=settings, pm=pm, runtime=runtime, store=store, router=router,
-                   sources=sources, builder=builder)
+        return cls(
+            settings=settings,
+            pm=pm,
+            runtime=runtime,
+            store=store,
+            router=router,
+            sources=sources,
+            builder=builder,
+        )
 
     @classmethod
     async def open(cls, settings: Settings, pm: DockyardPluginManager | None = None) -> Services:

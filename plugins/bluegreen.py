@@ -52,7 +52,9 @@ class BlueGreen(Strategy):
     async def _roll_out(
         self, ops: Any, deployment: Deployment, slot: Slot, spec: DeploymentSpec
     ) -> None:
-        slot = await ops.move(slot, S.BUILDING, data={"generation": deployment.generation})
+        slot = await ops.move(
+            slot, S.BUILDING, revision_id=None, data={"generation": deployment.generation}
+        )
         try:
             revision, built = await ops.build(slot, spec)
             slot = await ops.stage(slot, spec, revision, built)
@@ -92,7 +94,7 @@ class BlueGreen(Strategy):
         if other.state in (S.HEALTHY, S.DRAINING):
             await ops.promote(deployment, other)
             return
-        if other.state in (S.RETIRED, S.FAILED) and other.revision_id:
+        if other.state is S.RETIRED and other.revision_id:
             revision = await ops.store.get_revision(other.revision_id)
             if revision is None or revision.spec is None:
                 raise Conflict(f"the {other.color} slot has no revision to restart; redeploy")

@@ -40,6 +40,7 @@ class FakeRuntime(Runtime):
         self.builds = 0
         self.containers: dict[str, ContainerInfo] = {}
         self.servers: dict[str, web.AppRunner] = {}
+        self.sick: set[str] = set()  # container names whose /health answers 503
         self._ids = itertools.count(1)
 
     async def info(self) -> RuntimeInfo:
@@ -75,7 +76,8 @@ class FakeRuntime(Runtime):
         revision = spec.labels.get("io.dockyard.revision", "")
 
         async def health(_: web.Request) -> web.Response:
-            return web.Response(status=200 if healthy else 503, text="ok" if healthy else "no")
+            ok = healthy and spec.name not in self.sick
+            return web.Response(status=200 if ok else 503, text="ok" if ok else "no")
 
         async def root(_: web.Request) -> web.Response:
             return web.Response(text=revision)

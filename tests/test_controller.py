@@ -1,0 +1,185 @@
+"""The controller's own duties, on the fast fake runtime: the health monitor of promoted
+slots and its actions, resuming after a restart, and build logs kept for failed builds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest_asyncio
+
+from dockyard.core.config import Settings
+from dockyard.core.controller import Controller
+from dockyard.core.models import Color, DeploymentSpec, Event, HealthCheck, SlotState
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.runtime import ContainerSpec
+from dockyard.core.services import Services
+from tests.fakes import FakeRuntime, FakeSource
+
+S = SlotState
+
+
+@pytest_asyncio.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    cfg = Settings(
+        data_dir=str(tmp_path), monitor_interval_s=0, port_range_start=47300, port_range_end=47320
+    )
+    svc = Services.build(
+        cfg,
+        build_plugin_manager(load_entry_points=False),
+        runtime=FakeRuntime(),
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.runtime.close()
+        await svc.close()
+
+
+def spec(**fields: Any) -> DeploymentSpec:
+    health = HealthCheck(interval_s=0.02, timeout_s=0.5, deadline_s=2, **fields.pop("health", {}))
+    return DeploymentSpec(
+        id="app",
+        repo="https://github.com/acme/agent",
+        ref="v1",
+        grace_period_s=30,
+        health=health,
+        **fields,
+    )
+
+
+async def deploy(controller: Controller, **fields: Any) -> None:
+    await controller.create(spec(**fields))
+    assert await controller.wait("app", 10)
+
+
+async def states(services: Services) -> dict[Color, SlotState]:
+    return {s.color: s.state for s in await services.store.list_slots("app")}
+
+
+async def test_monitor_records_health_and_rolls_back(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller, health={"failure_threshold": 2, "on_failure": "rollback"})
+    await controller.redeploy("app", {"ref": "v2"})
+    assert await controller.wait("app", 10)
+    assert await states(services) == {Color.BLUE: S.DRAINING, Color.GREEN: S.PROMOTED}
+    runtime: FakeRuntime = services.runtime  # type: ignore[assignment]
+    async with aiohttp.ClientSession() as session:
+        await controller.check_promoted(session)
+        green = await services.store.get_slot("app", Color.GREEN)
+        assert green.health.status == "healthy" and green.health.last_latency_ms is not None
+        runtime.sick.add("dockyard-app-green")
+        await controller.check_promoted(session)
+        green = await services.store.get_slot("app", Color.GREEN)
+        assert (green.health.status, green.health.consecutive_failures) == ("unhealthy", 1)
+        await controller.check_promoted(session)  # threshold reached: roll back
+    assert await states(services) == {Color.BLUE: S.PROMOTED, Color.GREEN: S.DRAINING}
+    kinds = [e.kind for e in await services.store.list_events("app")]
+    assert "promoted_unhealthy" in kinds
+    await controller.stop()
+
+
+async def test_monitor_restart_action_replaces_the_container(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller, health={"failure_threshold": 1, "on_failure": "restart"})
+    runtime: FakeRuntime = services.runtime  # type: ignore[assignment]
+    before = (await runtime.inspect("dockyard-app-blue")).id  # type: ignore[union-attr]
+    runtime.sick.add("dockyard-app-blue")
+    async with aiohttp.ClientSession() as session:
+        await controller.check_promoted(session)
+    after = await runtime.inspect("dockyard-app-blue")
+    assert after is not None and after.id != before and after.running
+    blue = await services.store.get_slot("app", Color.BLUE)
+    assert blue.state is S.PROMOTED and blue.container_id == after.id
+    assert "restarted" in [e.kind for e in await services.store.list_events("app")]
+    await controller.stop()
+
+
+async def test_resume_fails_interrupted_slots_and_reaps_orphans(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller)
+    await controller.stop()
+    store, runtime = services.store, services.runtime
+    # A crash mid-deploy into green: its intent (STAGING, port, name) is stored, its
+    # container runs; plus a container nobody accounts for.
+    green = await store.get_slot("app", Color.GREEN)
+    port = await store.lease_port("app:green")
+    for to in (S.BUILDING, S.STAGING):
+        moved = msgspec.structs.replace(
+            green, state=to, host_port=port, container_name="dockyard-app-green"
+        )
+        await store.save_slot(
+            moved,
+            Event(
+                deployment_id="app",
+                kind="slot_transition",
+                color=Color.GREEN,
+                from_state=green.state,
+                to_state=to,
+            ),
+        )
+        green = moved
+    blue = await store.get_slot("app", Color.BLUE)
+    image = next(iter(runtime.images))  # type: ignore[attr-defined]
+    for name, p in (("dockyard-app-green", port), ("dockyard-ghost-blue", 47319)):
+        await runtime.run(
+            ContainerSpec(
+                name=name,
+                image=image,
+                container_port=8000,
+                host_port=p,
+                labels={"io.dockyard.managed": "true"},
+            )
+        )
+    stale = await store.lease_port("ghost:blue")
+
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    green = await store.get_slot("app", Color.GREEN)
+    assert (green.state, green.reason) == (S.FAILED, "controller_restarted")
+    assert (await store.get_slot("app", Color.BLUE)).state is S.PROMOTED
+    names = {c.name for c in await runtime.list()}
+    assert names == {blue.container_name}
+    leases = await store.list_leases()
+    assert stale not in leases and port not in leases and blue.host_port in leases
+    await restarted.stop()
+
+
+async def test_resume_restores_drain_timers(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller)
+    await controller.redeploy("app", {"ref": "v2", "grace_period_s": 0.2})
+    assert await controller.wait("app", 10)
+    await controller.stop()  # the drain timer dies with it
+    assert (await states(services))[Color.BLUE] is S.DRAINING
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    for _ in range(100):
+        if (await states(services))[Color.BLUE] is S.RETIRED:
+            break
+        await asyncio.sleep(0.05)
+    assert (await states(services))[Color.BLUE] is S.RETIRED
+    await restarted.stop()
+
+
+async def test_a_failed_build_keeps_its_log(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller, build_args={"BUILD": "fail"})
+    blue = await services.store.get_slot("app", Color.BLUE)
+    assert (blue.state, blue.reason) == (S.FAILED, "build_failed")
+    log = controller.ops.build_log_path("app", Color.BLUE).read_text()
+    assert "boom" in log and "dockyard: build_failed" in log
+    await controller.delete("app")
+    assert not controller.ops.build_log_path("app", Color.BLUE).exists()
+    await controller.stop()

@@ -18,9 +18,19 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from dockyard.api.auth import (
+    AuditLog,
+    BearerAuth,
+    ClientGate,
+    TokenBook,
+    rate_limits,
+    scope_guard,
+    token_rate_limits,
+)
 from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS
 from dockyard.api.system import SystemController
+from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
@@ -70,13 +80,23 @@ def create_app(
             if owned:
                 await ours.close()
 
-    handlers: list[Any] = [SystemController, DeploymentRoutes]
+    handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
+    tokens = TokenBook.from_settings(settings)
     return Litestar(
         route_handlers=handlers,
+        guards=[scope_guard],
+        middleware=[
+            AuditLog(settings.data_path / "audit.log"),
+            ClientGate(settings),
+            *rate_limits(settings),
+            BearerAuth(tokens),
+            *token_rate_limits(settings),
+        ],
         dependencies={
             "services": Provide(_services, sync_to_thread=False),
             "controller": Provide(_controller, sync_to_thread=False),
+            "tokens": Provide(lambda: tokens, sync_to_thread=False),
         },
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

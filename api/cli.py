@@ -21,13 +21,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from dockyard.api.auth import TokenBook
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.plugins import build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
-API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs"}
+API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +101,32 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, default=200)
     logs.add_argument("--build", action="store_true", help="the build log instead")
     logs.add_argument("--raw", action="store_true", help="keep ANSI colour codes")
+    token = sub.add_parser("token", help="create, list and revoke API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    for name, text in [
+        ("create", "create a scoped token (printed once)"),
+        ("list", "list tokens (never their secrets)"),
+        ("revoke", "revoke a token"),
+    ]:
+        cmd = token_sub.add_parser(name, parents=[api], help=text)
+        cmd.add_argument(
+            "--local",
+            action="store_true",
+            help="edit the token file in --data-dir directly (no server needed)",
+        )
+        cmd.add_argument("--data-dir", dest="data_dir", help="with --local: the data directory")
+        if name == "create":
+            cmd.add_argument("name")
+            cmd.add_argument(
+                "--scope",
+                dest="scopes",
+                action="append",
+                required=True,
+                choices=["read", "deploy", "evaluate", "admin"],
+            )
+        if name == "revoke":
+            cmd.add_argument("id")
+
     return parser
 
 
@@ -234,7 +261,39 @@ async def _api(args: argparse.Namespace) -> int:
             await client.delete(args.id)
             print(f"{args.id}: deleted")
             return 0
+        if args.command == "token":
+            return await _tokens(args, client)
     raise AssertionError(args.command)
+
+
+async def _tokens(args: argparse.Namespace, client: DockyardClient) -> int:
+    """``dockyard token ...`` through the API, or on the local token file with --local."""
+    if args.local:
+        overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+        book = TokenBook.from_settings(load_settings(args.config, **overrides))
+        if args.token_command == "create":
+            record, secret = book.create(args.name, args.scopes)
+            rows = [{**msgspec.to_builtins(record), "token": secret}]
+        elif args.token_command == "list":
+            rows = [msgspec.to_builtins(r) for r in book.records()]
+        else:
+            rows = [msgspec.to_builtins(book.revoke(args.id))]
+    elif args.token_command == "create":
+        rows = [
+            await client.request(
+                "POST", "/v1/tokens", json={"name": args.name, "scopes": args.scopes}
+            )
+        ]
+    elif args.token_command == "list":
+        rows = await client.request("GET", "/v1/tokens")
+    else:
+        rows = [await client.request("DELETE", f"/v1/tokens/{args.id}")]
+    for row in rows:
+        state = "revoked" if row.get("revoked_at") else "active"
+        print(f"{row['id']}  {row['name']:<20} {','.join(row['scopes']):<24} {state}")
+        if row.get("token"):
+            print(f"  token (shown once): {row['token']}")
+    return 0
 
 
 async def _serve(settings: Settings) -> None:
@@ -245,6 +304,13 @@ async def _serve(settings: Settings) -> None:
 
     services = await Services.open(settings)
     try:
+        first = TokenBook.from_settings(settings).ensure_admin()
+        if first:
+            print(
+                "No API token existed, so an admin token was created. It is shown ONCE and "
+                f"stored only hashed:\n\n    export DOCKYARD_TOKEN={first}\n",
+                flush=True,
+            )
         info = services.runtime_info
         if info is not None:
             print(
@@ -265,6 +331,10 @@ async def _serve(settings: Settings) -> None:
             port=settings.port,
             log_level=settings.log_level.lower(),
             lifespan="on",
+            # dockyard works out the client address itself (trusted_proxies): uvicorn must
+            # not rewrite it from X-Forwarded-For (by default it trusts 127.0.0.1).
+            proxy_headers=False,
+            server_header=False,
         )
         await uvicorn.Server(config).serve()
     finally:

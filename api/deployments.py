@@ -186,6 +186,7 @@ class DeploymentRoutes(Controller):
 
     path = "/v1"
     tags = ["deployments"]
+    opt = {"scope": "read"}
 
     async def _respond(
         self, controller: DeploymentController, deployment_id: str, wait: bool, timeout: float
@@ -203,6 +204,7 @@ class DeploymentRoutes(Controller):
 
     @post(
         "/repos",
+        opt={"scope": "deploy"},
         operation_id="createDeployment",
         summary="Create and deploy a repository",
         status_code=HTTP_202_ACCEPTED,
@@ -240,6 +242,7 @@ class DeploymentRoutes(Controller):
 
     @post(
         "/repos/{deployment_id:str}/redeploy",
+        opt={"scope": "deploy"},
         operation_id="redeploy",
         summary="Deploy a new ref and/or arguments into the idle slot",
         status_code=HTTP_202_ACCEPTED,
@@ -261,6 +264,7 @@ class DeploymentRoutes(Controller):
 
     @post(
         "/repos/{deployment_id:str}/switch",
+        opt={"scope": "deploy"},
         operation_id="switch",
         summary="Promote the other slot (rollback included)",
         status_code=HTTP_202_ACCEPTED,
@@ -277,6 +281,7 @@ class DeploymentRoutes(Controller):
 
     @delete(
         "/repos/{deployment_id:str}",
+        opt={"scope": "deploy"},
         operation_id="deleteDeployment",
         summary="Stop and remove everything a deployment owns",
         status_code=HTTP_200_OK,

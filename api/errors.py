@@ -55,7 +55,12 @@ def validation_error_handler(_: Request[Any, Any, Any], exc: ValidationException
 def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response:
     status = exc.status_code
     body = {"reason": _REASONS.get(status, "http_error"), "message": str(exc.detail)}
-    return _json(status, body, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if status == 429:
+        reset = headers.get("RateLimit-Reset", "1")
+        headers["Retry-After"] = str(max(1, int(reset) if reset.lstrip("-").isdigit() else 1))
+        body["message"] = f"rate limit exceeded; retry after {headers['Retry-After']} s"
+    return _json(status, body, headers=headers or None)
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response:

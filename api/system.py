@@ -43,7 +43,12 @@ class SystemController(Controller):
     path = "/v1"
     tags = ["system"]
 
-    @get("/healthz", operation_id="healthz", summary="The controller's own health")
+    @get(
+        "/healthz",
+        operation_id="healthz",
+        summary="The controller's own health",
+        opt={"public": True},
+    )
     async def healthz(self, services: NamedDependency[Services]) -> Health:
         runtime_info: RuntimeInfo | None = None
         runtime_error: str | None = None
@@ -68,6 +73,11 @@ class SystemController(Controller):
             limits_note=(runtime_info.limits_note if runtime_info else "runtime unavailable"),
         )
 
-    @get("/plugins", operation_id="listPlugins", summary="Every loaded plugin and its hooks")
+    @get(
+        "/plugins",
+        operation_id="listPlugins",
+        summary="Every loaded plugin and its hooks",
+        opt={"scope": "read"},
+    )
     async def plugins(self, services: NamedDependency[Services]) -> list[PluginInfo]:
         return [msgspec.convert(p, PluginInfo) for p in services.pm.describe()]

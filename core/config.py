@@ -10,7 +10,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -41,6 +41,12 @@ class Settings(Model):
     port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 41000
     podman_socket: str | None = None
     require_limits: bool = False
+    api_tokens: list[dict[str, Any]] = []
+    allowed_clients: list[str] = []
+    trusted_proxies: list[str] = []
+    rate_limit_per_ip: Annotated[int, Meta(ge=0)] = 600
+    rate_limit_per_token: Annotated[int, Meta(ge=0)] = 300
+    rate_limit_window: Literal["second", "minute", "hour"] = "minute"
     monitor_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
     allow_build_network: bool = False
     build_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 900.0
@@ -53,6 +59,23 @@ class Settings(Model):
     fetch_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
     fetch_max_bytes: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
     fetch_max_files: Annotated[int, Meta(ge=1)] = 2000
+    # The LLM gateway agents may reach (the only address besides their own), passed to
+    # evaluated agents as env ``eval_gateway_env``; provider keys are never passed.
+    agent_gateway: str | None = None
+    # Evaluations (plugins/evaluation): admission limits, default timeouts, image policy.
+    eval_max_builds: Annotated[int, Meta(ge=1, le=64)] = 2
+    eval_max_agents: Annotated[int, Meta(ge=1, le=256)] = 4
+    eval_request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 25.0
+    eval_task_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 180.0
+    eval_tasks_per_agent: Annotated[int, Meta(ge=1, le=64)] = 5
+    eval_max_steps: Annotated[int, Meta(ge=1, le=100)] = 12
+    eval_health_deadline_s: Annotated[float, Meta(gt=0, le=1800)] = 20.0
+    eval_session_ttl_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+    eval_max_lifetime_s: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
+    eval_keep_images: bool = True
+    eval_gateway_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] = (
+        "OPENAI_BASE_URL"
+    )
     disable_plugins: list[str] = []
     log_level: str = "INFO"
     plugins: dict[str, dict[str, Any]] = {}
@@ -81,7 +104,10 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ.get(f"DOCKYARD_{name.upper()}")
         if raw is None:
             continue
-        if name in ("disable_plugins", "allowed_git_hosts", "local_repos", "allowed_base_images"):
+        if name == "api_tokens":
+            continue  # tables: only in the TOML file
+        if name in ("disable_plugins", "allowed_git_hosts", "local_repos", "allowed_base_images",
+                    "allowed_clients", "trusted_proxies"):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             values[name] = raw

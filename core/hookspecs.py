@@ -135,7 +135,9 @@ def dockyard_api_handlers(register: Registrar) -> None:
     """Add HTTP routes to dockyard's API.
 
     :param register: call ``register(name, handler)`` with a Litestar route handler,
-        controller or router; it is mounted as-is on the app.
+        controller or router; it is mounted as-is on the app. Every handler must declare
+        the token scope it needs, ``opt={"scope": "read"|"deploy"|"evaluate"|"admin"}``;
+        one that declares none is refused to everybody (403).
 
     A third-party plugin implements this hook to expose its own endpoints.
     """

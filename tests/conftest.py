@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import sys
@@ -15,6 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = ROOT / "contrib" / "example-plugin"
 ON_CI = os.environ.get("CI", "").lower() == "true"
+
+#: An admin token the test apps are configured with (as a hash, like an operator would).
+TEST_TOKEN = "dy_7e570000_" + "t" * 43
+TEST_TOKENS = [{"id": "7e570000", "name": "tests", "scopes": ["admin"],
+                "sha256": hashlib.sha256(TEST_TOKEN.encode()).hexdigest()}]
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+#: Settings every test app shares: the test token, no rate limits (tests poll a lot).
+TEST_SETTINGS: dict[str, Any] = {"api_tokens": TEST_TOKENS, "rate_limit_per_ip": 0,
+                                 "rate_limit_per_token": 0, "monitor_interval_s": 0}
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +65,12 @@ def api_client_factory(tmp_path: Path, example_plugin_module: Any) -> Any:
         extra_plugins: Sequence[tuple[str, object]] = (), **settings: Any
     ) -> Iterator[TestClient[Any]]:
         cfg = Settings(
-            data_dir=str(tmp_path / "data"), runtime="example", monitor_interval_s=0, **settings
+            data_dir=str(tmp_path / "data"), runtime="example", **{**TEST_SETTINGS, **settings}
         )
         pm = build_plugin_manager(load_entry_points=False, extra_plugins=list(extra_plugins))
         services = Services.build(cfg, pm, runtime=example_plugin_module.ExampleRuntime(cfg))
         with TestClient(create_app(cfg, services=services)) as client:
+            client.headers.update(AUTH)
             yield client
 
     return make
@@ -78,12 +89,13 @@ def fake_client_factory(tmp_path: Path) -> Any:
 
     @contextlib.contextmanager
     def make(**settings: Any) -> Iterator[TestClient[Any]]:
-        cfg = Settings(data_dir=str(tmp_path / "data"), monitor_interval_s=0, **settings)
+        cfg = Settings(data_dir=str(tmp_path / "data"), **{**TEST_SETTINGS, **settings})
         pm = build_plugin_manager(load_entry_points=False)
         services = Services.build(
             cfg, pm, runtime=FakeRuntime(), sources={"fake": FakeSource(tmp_path / "src")}
         )
         with TestClient(create_app(cfg, services=services)) as client:
+            client.headers.update(AUTH)
             yield client
 
     return make

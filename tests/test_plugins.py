@@ -244,14 +244,19 @@ def test_example_plugin_policy_uses_its_options(example_plugin_module: Any) -> N
 
 
 def test_dockyard_api_handlers_mounts_plugin_routes(api_client_factory: Any) -> None:
-    @get("/v1/hello", operation_id="hello")
+    @get("/v1/hello", operation_id="hello", opt={"scope": "read"})
     async def hello() -> dict[str, str]:
         return {"hello": "world"}
+
+    @get("/v1/undeclared", operation_id="undeclared")
+    async def undeclared() -> dict[str, str]:
+        return {"secret": "data"}
 
     class Routes:
         @hookimpl
         def dockyard_api_handlers(self, register: Any) -> None:
             register("hello", hello)
+            register("undeclared", undeclared)
 
     with api_client_factory(extra_plugins=[("routes", Routes())]) as client:
         response = client.get("/v1/hello")
@@ -259,3 +264,7 @@ def test_dockyard_api_handlers_mounts_plugin_routes(api_client_factory: Any) -> 
         assert response.json() == {"hello": "world"}
         names = {p["name"] for p in client.get("/v1/plugins").json()}
         assert "routes" in names
+        # A plugin route that declares no scope is refused, even to an admin: fail closed.
+        response = client.get("/v1/undeclared")
+        assert response.status_code == 403
+        assert "declares no scope" in response.json()["message"]

@@ -1,0 +1,90 @@
+"""Token administration (scope ``admin``): create, list and revoke scoped tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from litestar import Controller, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from msgspec import Meta
+
+from dockyard.api.auth import TokenBook, TokenRecord
+from dockyard.core.models import Model
+
+ScopeName = Literal["read", "deploy", "evaluate", "admin"]
+
+
+class TokenRequest(Model):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._ -]{1,64}$")]
+    scopes: Annotated[list[ScopeName], Meta(min_length=1, max_length=4)]
+
+
+class TokenView(Model):
+    """A token's record; never its secret (nor its hash)."""
+
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: float
+    revoked_at: float | None
+    source: str
+
+
+class CreatedToken(TokenView):
+    token: str  # shown once, here
+
+
+def _view(record: TokenRecord) -> TokenView:
+    return TokenView(
+        id=record.id,
+        name=record.name,
+        scopes=list(record.scopes),
+        created_at=record.created_at,
+        revoked_at=record.revoked_at,
+        source=record.source,
+    )
+
+
+class TokenRoutes(Controller):
+    """Bearer tokens."""
+
+    path = "/v1/tokens"
+    tags = ["tokens"]
+    opt = {"scope": "admin"}
+
+    @post(
+        "/",
+        operation_id="createToken",
+        summary="Create a scoped token (shown once)",
+        status_code=HTTP_201_CREATED,
+    )
+    async def create(
+        self, data: JSONBody[TokenRequest], tokens: NamedDependency[TokenBook]
+    ) -> CreatedToken:
+        record, secret = tokens.create(data.name, data.scopes)
+        return CreatedToken(
+            id=record.id,
+            name=record.name,
+            scopes=list(record.scopes),
+            created_at=record.created_at,
+            revoked_at=None,
+            source=record.source,
+            token=secret,
+        )
+
+    @get("/", operation_id="listTokens", summary="Every token (no secrets)")
+    async def list_tokens(self, tokens: NamedDependency[TokenBook]) -> list[TokenView]:
+        return [_view(r) for r in tokens.records()]
+
+    @delete(
+        "/{token_id:str}",
+        operation_id="revokeToken",
+        summary="Revoke a token",
+        status_code=HTTP_200_OK,
+    )
+    async def revoke(
+        self, token_id: FromPath[str], tokens: NamedDependency[TokenBook]
+    ) -> TokenView:
+        return _view(tokens.revoke(token_id))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
+from tests.conftest import AUTH, TEST_SETTINGS
 from tests.gitserver import GitDaemon, Repo, RepoBuilder
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
@@ -76,14 +77,15 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]
 
     data = tmp_path_factory.mktemp("data")
     settings = Settings(
+        **TEST_SETTINGS,
         data_dir=str(data),
         insecure_sources=True,
-        monitor_interval_s=0,
         port_range_start=46000,
         port_range_end=46050,
         build_timeout_s=20,
     )
     with TestClient(create_app(settings), timeout=120) as c:
+        c.headers.update(AUTH)
         yield c
     # Nothing dockyard made may survive its own deletes.
     left = _podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}")
@@ -419,13 +421,14 @@ def test_the_example_agent_from_this_checkout(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
     settings = Settings(
+        **TEST_SETTINGS,
         data_dir=str(tmp_path_factory.mktemp("example")),
-        monitor_interval_s=0,
         local_repos=[str(ROOT)],
         port_range_start=46100,
         port_range_end=46110,
     )
     with TestClient(create_app(settings), timeout=300) as client:
+        client.headers.update(AUTH)
         r = client.post(
             "/v1/repos?wait=true&timeout=280",
             json={

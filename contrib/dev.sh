@@ -42,8 +42,9 @@ case "$cmd" in
     ensure_venv ""
     bash contrib/base-image/build.sh
     cat <<HINT
-== dockyard is starting. In another terminal, deploy the example agent from this checkout
-   (trusted as a local repository by this command only):
+== dockyard is starting. On its first start it prints an admin token once: export it
+   (export DOCKYARD_TOKEN=dy_...), then in another terminal deploy the example agent from
+   this checkout (trusted as a local repository by this command only):
      $venv/bin/dockyard deploy $here --subdir contrib/example-agent --id example --wait
      curl -s http://127.0.0.1:<port from the output>/health
      $venv/bin/dockyard status

@@ -9,9 +9,33 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from dockyard.core.models import Color, Deployment, DeploymentSpec, Event, Revision, Slot
+import msgspec
+
+from dockyard.core.models import (
+    Color,
+    Deployment,
+    DeploymentSpec,
+    Event,
+    Model,
+    Revision,
+    Slot,
+    now,
+)
+
+
+class StoredEvaluation(Model):
+    """An evaluation as the store keeps it: the queried fields, and the evaluation plugin's
+    own record as an opaque JSON object (``body``)."""
+
+    id: str
+    state: str
+    finished: bool = False
+    batch_id: str | None = None
+    created_at: float = msgspec.field(default_factory=now)
+    updated_at: float = msgspec.field(default_factory=now)
+    body: dict[str, Any] = {}
 
 
 class StateStore(abc.ABC):
@@ -108,6 +132,27 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def list_leases(self) -> dict[int, str]:
         """Every leased port and its owner."""
+
+    # evaluations ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def save_evaluation(self, evaluation: StoredEvaluation) -> StoredEvaluation:
+        """Create or replace an evaluation record (by id); independent of deployments, so a
+        record outlives the ephemeral deployment it ran in."""
+
+    @abc.abstractmethod
+    async def get_evaluation(self, evaluation_id: str) -> StoredEvaluation | None:
+        """One evaluation, or None."""
+
+    @abc.abstractmethod
+    async def list_evaluations(
+        self, *, finished: bool | None = None, batch_id: str | None = None
+    ) -> list[StoredEvaluation]:
+        """Evaluations, oldest first (by ``created_at``, then insertion), filtered by
+        ``finished`` and ``batch_id`` when given."""
+
+    @abc.abstractmethod
+    async def delete_evaluation(self, evaluation_id: str) -> None:
+        """Remove an evaluation record; an unknown id is not an error."""
 
 
 StoreFactory = Callable[..., StateStore]

@@ -46,7 +46,7 @@ from dockyard.core.models import (
     now,
 )
 from dockyard.core.states import is_legal
-from dockyard.core.store import StateStore
+from dockyard.core.store import StateStore, StoredEvaluation
 
 if TYPE_CHECKING:
     from dockyard.core.config import Settings
@@ -110,6 +110,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX port_leases_by_owner ON port_leases(owner)",
     ),
+    (
+        # 2: evaluations (plugins/evaluation), kept apart from their ephemeral deployments.
+        """CREATE TABLE evaluations (
+            id TEXT PRIMARY KEY,
+            batch_id TEXT,
+            state TEXT NOT NULL,
+            finished INTEGER NOT NULL CHECK (finished IN (0, 1)),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE INDEX evaluations_by_finished ON evaluations(finished, created_at)",
+        "CREATE INDEX evaluations_by_batch ON evaluations(batch_id, created_at)",
+    ),
 ]
 
 _ENCODER = msgspec.json.Encoder()
@@ -117,6 +131,7 @@ _SPEC = msgspec.json.Decoder(DeploymentSpec)
 _REVISION = msgspec.json.Decoder(Revision)
 _SLOT = msgspec.json.Decoder(Slot)
 _EVENT = msgspec.json.Decoder(Event)
+_BODY = msgspec.json.Decoder(dict[str, Any])
 
 
 def schema_version() -> int:
@@ -701,6 +716,95 @@ class SqliteStore(StateStore):
             return {int(port): str(owner) for port, owner in rows}
 
         return await self._run("list port leases", read)
+
+    # -- evaluations ----------------------------------------------------------------------
+    @staticmethod
+    def _evaluation(row: Sequence[Any]) -> StoredEvaluation:
+        id_, batch_id, state, finished, created_at, updated_at, body = row
+        return StoredEvaluation(
+            id=id_,
+            batch_id=batch_id,
+            state=state,
+            finished=bool(finished),
+            created_at=created_at,
+            updated_at=updated_at,
+            body=_decode(_BODY, body, "evaluation"),
+        )
+
+    async def save_evaluation(self, evaluation: StoredEvaluation) -> StoredEvaluation:
+        """Insert or replace the record (``created_at`` of an existing one is kept)."""
+        if not evaluation.id:
+            raise ValidationError("an evaluation needs an id")
+        body = _encode(evaluation.body, "evaluation")
+
+        def write(conn: sqlite3.Connection) -> StoredEvaluation:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT created_at FROM evaluations WHERE id = ?", (evaluation.id,)
+                ).fetchone()
+                created_at = row[0] if row else evaluation.created_at
+                conn.execute(
+                    "INSERT OR REPLACE INTO evaluations"
+                    " (id, batch_id, state, finished, created_at, updated_at, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        evaluation.id,
+                        evaluation.batch_id,
+                        evaluation.state,
+                        int(evaluation.finished),
+                        created_at,
+                        evaluation.updated_at,
+                        body,
+                    ),
+                )
+            return msgspec.structs.replace(evaluation, created_at=created_at)
+
+        return await self._run("save an evaluation", write)
+
+    async def get_evaluation(self, evaluation_id: str) -> StoredEvaluation | None:
+        """One evaluation, or None."""
+
+        def read(conn: sqlite3.Connection) -> StoredEvaluation | None:
+            row = conn.execute(
+                "SELECT id, batch_id, state, finished, created_at, updated_at, body"
+                " FROM evaluations WHERE id = ?",
+                (evaluation_id,),
+            ).fetchone()
+            return None if row is None else self._evaluation(row)
+
+        return await self._run("read an evaluation", read)
+
+    async def list_evaluations(
+        self, *, finished: bool | None = None, batch_id: str | None = None
+    ) -> list[StoredEvaluation]:
+        """Evaluations, oldest first, filtered by ``finished`` and ``batch_id``."""
+        where, args = [], []
+        if finished is not None:
+            where.append("finished = ?")
+            args.append(int(finished))
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            args.append(batch_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+
+        def read(conn: sqlite3.Connection) -> list[StoredEvaluation]:
+            rows = conn.execute(
+                "SELECT id, batch_id, state, finished, created_at, updated_at, body"
+                f" FROM evaluations{clause} ORDER BY created_at, rowid",
+                args,
+            ).fetchall()
+            return [self._evaluation(row) for row in rows]
+
+        return await self._run("list evaluations", read)
+
+    async def delete_evaluation(self, evaluation_id: str) -> None:
+        """Remove the record; an unknown id is not an error."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM evaluations WHERE id = ?", (evaluation_id,))
+
+        await self._run("delete an evaluation", write)
 
 
 @hookimpl

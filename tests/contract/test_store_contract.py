@@ -48,7 +48,7 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.states import TRANSITIONS, transition
-from dockyard.core.store import StateStore
+from dockyard.core.store import StateStore, StoredEvaluation
 from dockyard.plugins.sqlite_store import SqliteStore
 
 S = SlotState
@@ -546,3 +546,62 @@ async def test_two_handles_on_one_store_never_double_lease(make_store: MakeStore
     assert await one.list_leases() == await two.list_leases()
     with pytest.raises(PortPoolExhausted):
         await two.lease_port("late")
+
+
+# ---------------------------------------------------------------- evaluations
+def evaluation(evaluation_id: str, **fields: Any) -> StoredEvaluation:
+    values: dict[str, Any] = {"state": "queued", "body": {"id": evaluation_id, "tasks": [1, 2]}}
+    values.update(fields)
+    return StoredEvaluation(id=evaluation_id, **values)
+
+
+async def test_evaluations_are_saved_replaced_and_read_back(store: StateStore) -> None:
+    assert await store.get_evaluation("ev-1") is None
+    first = await store.save_evaluation(evaluation("ev-1", created_at=100.0, updated_at=100.0))
+    assert await store.get_evaluation("ev-1") == first
+    later = evaluation(
+        "ev-1",
+        state="finished",
+        finished=True,
+        created_at=999.0,
+        updated_at=200.0,
+        body={"id": "ev-1", "nested": {"results": [{"task_id": "t", "ok": True}]}},
+    )
+    saved = await store.save_evaluation(later)
+    assert saved.created_at == 100.0  # a replacement keeps when it was created
+    got = await store.get_evaluation("ev-1")
+    assert got == saved
+    assert got is not None and got.body["nested"]["results"][0]["ok"] is True
+
+
+async def test_evaluations_are_listed_oldest_first_and_filtered(store: StateStore) -> None:
+    await store.save_evaluation(evaluation("c", created_at=3.0))
+    await store.save_evaluation(evaluation("a", created_at=1.0, batch_id="b1"))
+    await store.save_evaluation(
+        evaluation("b", created_at=2.0, batch_id="b1", state="failed", finished=True)
+    )
+    assert [e.id for e in await store.list_evaluations()] == ["a", "b", "c"]
+    assert [e.id for e in await store.list_evaluations(finished=False)] == ["a", "c"]
+    assert [e.id for e in await store.list_evaluations(finished=True)] == ["b"]
+    assert [e.id for e in await store.list_evaluations(batch_id="b1")] == ["a", "b"]
+    assert [e.id for e in await store.list_evaluations(batch_id="b1", finished=False)] == ["a"]
+
+
+async def test_evaluations_outlive_deployments_and_are_deleted_alone(store: StateStore) -> None:
+    await store.create_deployment(spec("ev-1"))
+    await store.save_evaluation(evaluation("ev-1"))
+    await store.delete_deployment("ev-1")
+    assert await store.get_evaluation("ev-1") is not None
+    await store.delete_evaluation("ev-1")
+    await store.delete_evaluation("ev-1")  # unknown: not an error
+    assert await store.get_evaluation("ev-1") is None
+    assert await store.list_evaluations() == []
+
+
+async def test_evaluations_are_shared_between_stores_on_one_directory(
+    make_store: MakeStore,
+) -> None:
+    first, second = await make_store(), await make_store()
+    await first.save_evaluation(evaluation("ev-9", state="running"))
+    got = await second.get_evaluation("ev-9")
+    assert got is not None and got.state == "running" and got.finished is False

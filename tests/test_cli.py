@@ -114,3 +114,7 @@ def test_serve_answers_healthz_and_stops_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     assert f"http://127.0.0.1:{port}/v1/healthz" in out
+    # The first start made an admin token, shown once; a second start shows none.
+    assert out.count("export DOCKYARD_TOKEN=dy_") == 1
+    token = out.split("export DOCKYARD_TOKEN=", 1)[1].split()[0]
+    assert token not in (tmp_path / "data" / "tokens.json").read_text()

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 from litestar.connection import ASGIConnection
@@ -227,7 +227,7 @@ class ClientGate(ASGIMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         address = client_address(scope, self.trusted)
-        scope[SCOPE_KEY_CLIENT] = address  # type: ignore[typeddict-unknown-key]
+        cast(dict[str, Any], scope)[SCOPE_KEY_CLIENT] = address
         if self.allowed:
             ip = _ip(address)
             if ip is None or not any(ip in net for net in self.allowed):
@@ -271,7 +271,7 @@ class BearerAuth(ASGIMiddleware):
                     "the bearer token is not valid or was revoked",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-            scope[SCOPE_KEY_TOKEN] = record  # type: ignore[typeddict-unknown-key]
+            cast(dict[str, Any], scope)[SCOPE_KEY_TOKEN] = record
         await next_app(scope, receive, send)
 
 
@@ -337,7 +337,7 @@ class AuditLog(ASGIMiddleware):
             (v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), ""
         )
         request_id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-        scope[SCOPE_KEY_REQUEST_ID] = request_id  # type: ignore[typeddict-unknown-key]
+        cast(dict[str, Any], scope)[SCOPE_KEY_REQUEST_ID] = request_id
         status = 500
 
         async def send_wrapper(message: Message) -> None:

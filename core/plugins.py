@@ -35,6 +35,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("git", "dockyard.plugins.git_source"),
     ("bluegreen", "dockyard.plugins.bluegreen"),
     ("none-router", "dockyard.routers.none"),
+    ("traefik-router", "dockyard.routers.traefik"),
+    ("caddy-router", "dockyard.routers.caddy"),
 )
 
 T = TypeVar("T")

@@ -1,1 +1,2 @@
-"""Reverse-proxy routers (Traefik, Caddy, none) as plugins. Arriving with the routers issue."""
+"""Reverse-proxy routers as plugins: ``traefik`` and ``caddy`` (run by dockyard or an
+operator's), and ``none`` (each deployment on its host port)."""

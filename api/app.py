@@ -35,6 +35,8 @@ from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 from dockyard.core.services import Services
+from dockyard.plugins.evaluation import PLUGIN_NAME as EVALUATION_PLUGIN
+from dockyard.plugins.evaluation import EvaluationService
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ def _services(state: State) -> Services:
 
 def _controller(state: State) -> Controller:
     return state.controller  # type: ignore[no-any-return]
+
+
+def _evaluations(state: State) -> EvaluationService:
+    return state.evaluations  # type: ignore[no-any-return]
 
 
 def create_app(
@@ -72,10 +78,17 @@ def create_app(
         controller = Controller.from_services(ours)
         app.state.services = ours
         app.state.controller = controller
+        evaluations = None
+        if pm.has_plugin(EVALUATION_PLUGIN):
+            evaluations = app.state.evaluations = EvaluationService(controller)
         try:
             await controller.start()
+            if evaluations is not None:
+                await evaluations.start()  # after resume: ends what a restart cut short
             yield
         finally:
+            if evaluations is not None:
+                await evaluations.stop()  # cancels and cleans up running evaluations
             await controller.stop()
             if owned:
                 await ours.close()
@@ -96,6 +109,7 @@ def create_app(
         dependencies={
             "services": Provide(_services, sync_to_thread=False),
             "controller": Provide(_controller, sync_to_thread=False),
+            "evaluations": Provide(_evaluations, sync_to_thread=False),
             "tokens": Provide(lambda: tokens, sync_to_thread=False),
         },
         lifespan=[lifespan],

@@ -34,6 +34,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("sqlite", "dockyard.plugins.sqlite_store"),
     ("git", "dockyard.plugins.git_source"),
     ("bluegreen", "dockyard.plugins.bluegreen"),
+    ("protocols", "dockyard.plugins.protocols"),
+    ("evaluation", "dockyard.plugins.evaluation"),
     ("none-router", "dockyard.routers.none"),
     ("traefik-router", "dockyard.routers.traefik"),
     ("caddy-router", "dockyard.routers.caddy"),

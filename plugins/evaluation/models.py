@@ -1,0 +1,222 @@
+"""What a validator sends to evaluate miners, and what it gets back.
+
+Requests are validated at decode time (field errors name the field, 400). Results follow
+the validator's ``TaskSolution`` (``task_id``, ``actions``, ``web_agent_id``,
+``recording``) plus what dockyard measured: the raw answers, timings, the outcome and a
+stable zero-score ``reason``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from dockyard.core.models import (
+    BuildMode,
+    EnvMap,
+    GitRef,
+    HttpPath,
+    Model,
+    Port,
+    RelPath,
+    RepoUrl,
+    Resources,
+    now,
+)
+
+#: States an evaluation ends in; it never leaves them.
+FINAL_STATES = frozenset({"finished", "failed", "cancelled", "expired"})
+EvaluationState = Literal[
+    "queued", "deploying", "running", "session", "cleaning", "finished", "failed",
+    "cancelled", "expired",
+]  # fmt: skip
+TaskOutcome = Literal["pending", "running", "ok", "failed", "timeout", "cancelled"]
+
+#: An IWA task object: ``id``, ``prompt``, ``url``; other fields are passed on untouched.
+Task = Annotated[dict[str, Any], Meta(max_length=64)]
+Tasks = Annotated[list[Task], Meta(max_length=500)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=86400)]
+
+
+class Timeouts(Model):
+    """Per-evaluation bounds; an absent one takes the operator's default (``eval_*``)."""
+
+    request_s: Annotated[float, Meta(gt=0, le=600)] | None = None
+    task_s: Annotated[float, Meta(gt=0, le=3600)] | None = None
+    health_s: Annotated[float, Meta(gt=0, le=1800)] | None = None
+    health_interval_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    session_ttl_s: PositiveSeconds | None = None
+
+
+class Miner(Model):
+    """Where a miner's agent comes from, and who the miner is."""
+
+    github_url: RepoUrl
+    ref: GitRef | None = None
+    subdir: RelPath = ""
+    build_mode: BuildMode = "dockerfile"
+    dockerfile: RelPath = "Dockerfile"
+    image: Annotated[str, Meta(max_length=255)] | None = None
+    command: Annotated[list[Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)] = []
+    container_port: Port = 8000
+    health_path: HttpPath = "/health"
+    uid: Annotated[int, Meta(ge=0)] | None = None
+    hotkey: Annotated[str, Meta(max_length=128)] | None = None
+    web_agent_id: Annotated[str, Meta(max_length=128)] | None = None
+    #: A batch may give each miner its own tasks.
+    tasks: Tasks | None = None
+
+
+class EvaluationOptions(Model):
+    """What every evaluation of a request shares."""
+
+    tasks: Tasks = []
+    protocol: Annotated[str, Meta(min_length=1, max_length=64)] = "solve_task"
+    mode: Literal["relay", "session"] = "relay"
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    max_parallel_tasks: Annotated[int, Meta(ge=1, le=64)] | None = None
+    max_steps: Annotated[int, Meta(ge=1, le=100)] | None = None
+    resources: Resources = msgspec.field(default_factory=Resources)
+    env: EnvMap = {}
+    require_ref: bool = False
+    keep_image: bool | None = None
+
+
+class EvaluateMinerRequest(EvaluationOptions, kw_only=True):
+    """``POST /v1/integration/evaluate-miner``."""
+
+    miner: Miner
+
+
+class EvaluateBatchRequest(EvaluationOptions, kw_only=True):
+    """``POST /v1/integration/evaluate-miners-batch``: many miners, shared or own tasks."""
+
+    miners: Annotated[list[Miner], Meta(min_length=1, max_length=256)]
+    concurrency: Annotated[int, Meta(ge=1, le=256)] | None = None
+
+
+class FinishSessionRequest(Model):
+    """``POST /v1/integration/evaluation/{id}/finish``: what the validator saw, kept as is."""
+
+    results: list[Any] = []
+
+
+# ---------------------------------------------------------------- results
+class Limits(Model):
+    """The bounds an evaluation ran with, defaults resolved."""
+
+    request_s: float
+    task_s: float
+    health_s: float
+    health_interval_s: float
+    session_ttl_s: float
+    lifetime_s: float
+    max_parallel_tasks: int
+    max_steps: int
+    keep_image: bool
+
+
+class TaskResult(Model):
+    """One task's answer in the validator's format, with dockyard's measurements."""
+
+    task_id: str
+    outcome: TaskOutcome = "pending"
+    reason: str | None = None
+    message: str | None = None
+    actions: list[dict[str, Any]] = []
+    web_agent_id: str | None = None
+    recording: Any = None
+    raw: list[Any] = []
+    steps: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration_s: float | None = None
+
+
+class Session(Model):
+    """A stateful agent handed to the validator: it posts steps to ``step_url`` (the agent
+    through the router) until it finishes the evaluation or ``expires_at`` passes."""
+
+    url: str
+    step_url: str
+    protocol: str
+    ttl_s: float
+    opened_at: float
+    expires_at: float
+    closed_at: float | None = None
+    closed_by: Literal["validator", "ttl", "cancel"] | None = None
+    report: list[Any] = []
+
+
+class Progress(Model):
+    tasks_total: int = 0
+    tasks_done: int = 0
+    tasks_ok: int = 0
+
+
+class Evaluation(Model, kw_only=True):
+    """One miner's evaluation: what was asked, where it stands, what came back."""
+
+    id: str
+    deployment_id: str
+    state: EvaluationState = "queued"
+    ok: bool = False
+    reason: str | None = None
+    message: str | None = None
+    detail_reason: str | None = None
+    batch_id: str | None = None
+    batch_concurrency: int | None = None
+    queue_position: int | None = None
+    miner: Miner
+    protocol: str = "solve_task"
+    mode: Literal["relay", "session"] = "relay"
+    limits: Limits
+    resources: Resources = msgspec.field(default_factory=Resources)
+    env_names: list[str] = []
+    require_ref: bool = False
+    tasks: list[dict[str, Any]] = []
+    results: list[TaskResult] = []
+    progress: Progress = msgspec.field(default_factory=Progress)
+    commit: str | None = None
+    resolved_ref: str | None = None
+    image: str | None = None
+    image_reused: bool | None = None
+    image_kept: bool | None = None
+    agent_url: str | None = None
+    session: Session | None = None
+    cleaned_up: bool = False
+    created_at: float = msgspec.field(default_factory=now)
+    updated_at: float = msgspec.field(default_factory=now)
+    started_at: float | None = None
+    deployed_at: float | None = None
+    finished_at: float | None = None
+    deploy_s: float | None = None
+    total_s: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class BatchProgress(Model):
+    total: int = 0
+    finished: int = 0
+    ok: int = 0
+    queued: int = 0
+    running: int = 0
+
+
+class Batch(Model):
+    """A batch of evaluations; each member's result shows as soon as it finishes."""
+
+    id: str
+    state: Literal["running", "finished"]
+    concurrency: int | None
+    progress: BatchProgress
+    evaluations: list[Evaluation]
+
+
+class EvaluationList(Model):
+    evaluations: list[Evaluation]

@@ -1,0 +1,756 @@
+"""The evaluation flow: deploy a miner's agent as an ephemeral deployment, relay its tasks
+(or hand the validator a session), record every answer, and always clean up.
+
+One :class:`EvaluationService` per dockyard process, started and stopped by the app's
+lifespan after the deployment controller. Admission control: at most ``eval_max_agents``
+evaluations hold a running agent, at most ``eval_max_builds`` deploy (fetch, build, start,
+probe) at once, a batch at most its ``concurrency``; the rest wait in one FIFO queue whose
+positions are visible. Every evaluation is stored at each change; on start, unfinished ones
+end ``failed`` with ``controller_restarted`` and what they left (deployment, containers,
+port leases, route) is found by its labels and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from dockyard.core.controller import Controller
+from dockyard.core.errors import Conflict, DockyardError, NotFound, SourceError, ValidationError
+from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState, now
+from dockyard.core.plugins import check_spec
+from dockyard.core.runtime import LABEL_DEPLOYMENT, LABEL_MANAGED
+from dockyard.core.store import StoredEvaluation
+from dockyard.plugins.evaluation.models import (
+    FINAL_STATES,
+    Batch,
+    BatchProgress,
+    EvaluateBatchRequest,
+    EvaluateMinerRequest,
+    Evaluation,
+    EvaluationOptions,
+    Limits,
+    Miner,
+    Progress,
+    Session,
+    TaskResult,
+)
+from dockyard.plugins.protocols import AgentEndpoint, AgentError, AgentProtocol, task_id_of
+
+log = logging.getLogger(__name__)
+
+#: Spec label (and so container label) naming the evaluation a deployment belongs to.
+EVALUATION_LABEL = "dockyard_evaluation"
+EVALUATION_PREFIX = "ev-"
+BATCH_PREFIX = "batch-"
+#: Env names an evaluation request may never set: provider keys stay with the gateway.
+SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
+#: Source failures that are zero-score reasons of their own; any other deploy failure is
+#: ``deploy_failed`` (the dockyard reason is kept in ``detail_reason``).
+SOURCE_REASONS = {
+    "invalid_repo_url": "invalid_github_url",
+    "repo_unreachable": "repo_unreachable",
+    "ref_not_found": "ref_not_found",
+    "policy_refused": "policy_refused",
+}
+#: How long a cancel waits for the evaluation's cleanup before answering.
+CANCEL_WAIT_S = 60.0
+
+
+class Refused(Exception):
+    """The evaluation cannot go on: a stable zero-score reason and a message."""
+
+    def __init__(self, reason: str, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.detail = detail
+
+
+@dataclass
+class Run:
+    """An active evaluation and what drives it."""
+
+    evaluation: Evaluation
+    task: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session_done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: (state, reason, message, detail) applied once cleanup is over.
+    outcome: tuple[str, str | None, str | None, str | None] | None = None
+    cancel_reason: str | None = None
+    #: Env for the agent; kept here only, never stored or shown.
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(6)}"
+
+
+def map_reason(reason: str | None) -> str:
+    return SOURCE_REASONS.get(reason or "", "deploy_failed")
+
+
+class EvaluationService:
+    """Runs evaluations on top of one deployment controller."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.services = controller.services
+        self.settings = controller.services.settings
+        self.protocols: dict[str, AgentProtocol] = {
+            name: factory(self.settings)
+            for name, factory in self.services.pm.registries.protocols.items()
+        }
+        self._runs: dict[str, Run] = {}
+        self._queue: list[str] = []
+        self._admitted: set[str] = set()
+        self._builds = asyncio.Semaphore(self.settings.eval_max_builds)
+        self._http: aiohttp.ClientSession | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """End what a previous process left unfinished, reap its leftovers."""
+        self._http = aiohttp.ClientSession()
+        await self.recover()
+
+    async def stop(self) -> None:
+        """Cancel queued and running evaluations (each cleans up), then close."""
+        self._stopping = True
+        for evaluation_id in list(self._queue):
+            await self._cancel_queued(self._runs[evaluation_id], "controller_stopped")
+        tasks = []
+        for run in list(self._runs.values()):
+            if run.task is not None and not run.task.done():
+                run.cancel_reason = "controller_stopped"
+                run.task.cancel()
+                tasks.append(run.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=120)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def recover(self) -> None:
+        """Unfinished stored evaluations end ``failed`` with ``controller_restarted``; every
+        deployment, container and lease labelled as an evaluation's is removed."""
+        store = self.services.store
+        for record in await store.list_evaluations(finished=False):
+            if record.id in self._runs:
+                continue
+            try:
+                evaluation = msgspec.convert(record.body, Evaluation)
+            except msgspec.ValidationError:
+                log.warning("stored evaluation %s cannot be read; dropping it", record.id)
+                await store.delete_evaluation(record.id)
+                continue
+            await self._remove_deployment(evaluation.deployment_id)
+            evaluation.state = "failed"
+            evaluation.reason = "controller_restarted"
+            evaluation.message = "the controller restarted during this evaluation"
+            evaluation.queue_position = None
+            evaluation.cleaned_up = True
+            self._finish_results(evaluation, "cancelled", "controller_restarted")
+            self._stamp_end(evaluation)
+            await self._store(evaluation)
+            log.info("evaluation %s ended: controller_restarted", evaluation.id)
+        active = {run.evaluation.deployment_id for run in self._runs.values()}
+        for deployment in await store.list_deployments():
+            if EVALUATION_LABEL in deployment.spec.labels and deployment.id not in active:
+                await self._remove_deployment(deployment.id)
+        for info in await self.services.runtime.list({LABEL_MANAGED: "true"}):
+            owner = info.labels.get(LABEL_DEPLOYMENT, "")
+            if EVALUATION_LABEL in info.labels and owner not in active:
+                log.info("reaping evaluation container %s", info.name)
+                await self.services.runtime.remove(info.id)
+
+    # -- submitting ----------------------------------------------------------------------
+    async def submit(self, request: EvaluateMinerRequest) -> Evaluation:
+        """Check and queue one miner's evaluation; refused sources end at once with their
+        zero-score reason (nothing is deployed)."""
+        run = self._new(request.miner, request, None, None)
+        return await self._enqueue(run)
+
+    async def submit_batch(self, request: EvaluateBatchRequest) -> Batch:
+        """Queue one evaluation per miner, run at most ``concurrency`` at once."""
+        concurrency = min(
+            request.concurrency or self.settings.eval_max_agents, self.settings.eval_max_agents
+        )
+        batch_id = new_id(BATCH_PREFIX)
+        runs = [self._new(m, request, batch_id, concurrency) for m in request.miners]
+        for run in runs:
+            await self._enqueue(run)
+        return await self.batch(batch_id)
+
+    def _new(
+        self,
+        miner: Miner,
+        options: EvaluationOptions,
+        batch_id: str | None,
+        concurrency: int | None,
+    ) -> Run:
+        protocol = self.protocols.get(options.protocol)
+        if protocol is None:
+            known = ", ".join(sorted(self.protocols)) or "none"
+            raise ValidationError(f"protocol: unknown {options.protocol!r} (known: {known})")
+        if options.mode == "session" and not protocol.stateful:
+            raise ValidationError(
+                f"mode: a session needs a stateful protocol; {options.protocol!r} is one-shot"
+            )
+        tasks = miner.tasks if miner.tasks is not None else options.tasks
+        if options.mode == "relay" and not tasks:
+            raise ValidationError("tasks: an evaluation in relay mode needs at least one task")
+        for index, task in enumerate(tasks):
+            if not task_id_of(task):
+                raise ValidationError(f"tasks[{index}].id: every task needs an id")
+            for name in ("prompt", "url"):
+                if name in task and not isinstance(task[name], str):
+                    raise ValidationError(f"tasks[{index}].{name}: must be a string")
+        bad = sorted(name for name in options.env if SECRET_ENV.search(name))
+        if bad:
+            raise ValidationError(
+                f"env: {', '.join(bad)}: keys and secrets are never passed to agents "
+                "(agents reach LLMs through the operator's gateway)"
+            )
+        if miner.build_mode == "image" and not miner.image:
+            raise ValidationError("miner.image: required when build_mode is 'image'")
+        s, t = self.settings, options.timeouts
+        limits = Limits(
+            request_s=t.request_s or s.eval_request_timeout_s,
+            task_s=t.task_s or s.eval_task_timeout_s,
+            health_s=t.health_s or s.eval_health_deadline_s,
+            health_interval_s=t.health_interval_s,
+            session_ttl_s=t.session_ttl_s or s.eval_session_ttl_s,
+            lifetime_s=s.eval_max_lifetime_s,
+            max_parallel_tasks=options.max_parallel_tasks or s.eval_tasks_per_agent,
+            max_steps=options.max_steps or s.eval_max_steps,
+            keep_image=s.eval_keep_images if options.keep_image is None else options.keep_image,
+        )
+        evaluation_id = new_id(EVALUATION_PREFIX)
+        evaluation = Evaluation(
+            id=evaluation_id,
+            deployment_id=evaluation_id,
+            batch_id=batch_id,
+            batch_concurrency=concurrency,
+            miner=msgspec.structs.replace(miner, tasks=None),
+            protocol=options.protocol,
+            mode=options.mode,
+            limits=limits,
+            tasks=[dict(task) for task in tasks],
+            results=[TaskResult(task_id=task_id_of(task)) for task in tasks],
+            progress=Progress(tasks_total=len(tasks)),
+            env_names=sorted(options.env),
+            resources=options.resources,
+            require_ref=options.require_ref,
+        )
+        return Run(evaluation, env=dict(options.env))
+
+    async def _enqueue(self, run: Run) -> Evaluation:
+        evaluation = run.evaluation
+        try:
+            await self._precheck(run)
+        except Refused as refused:
+            evaluation.state = "failed"
+            evaluation.reason, evaluation.message = refused.reason, refused.message
+            evaluation.detail_reason = refused.detail
+            evaluation.cleaned_up = True
+            self._finish_results(evaluation, "cancelled", refused.reason)
+            self._stamp_end(evaluation)
+            await self._store(evaluation)
+            return evaluation
+        if self._stopping:
+            raise Conflict("dockyard is shutting down; evaluations are not accepted")
+        self._runs[evaluation.id] = run
+        self._queue.append(evaluation.id)
+        self._dispatch()
+        await self._save(run)
+        return evaluation
+
+    async def _precheck(self, run: Run) -> None:
+        """Refuse what would fail anyway before it waits in the queue (no I/O)."""
+        miner = run.evaluation.miner
+        try:
+            source = self.controller.ops.source_for(miner.github_url)
+            parse = getattr(source, "parse", None)
+            url_ref = getattr(parse(miner.github_url), "ref_from_url", None) if parse else None
+            validate = getattr(source, "validate", None)
+            if validate is not None:
+                validate(miner.github_url, miner.ref)
+            if run.evaluation.require_ref and not (miner.ref or url_ref):
+                raise Refused("missing_ref", "miner: a branch, tag or commit is required")
+            await check_spec(self.services.pm, self._spec(run))
+        except SourceError as exc:
+            raise Refused(map_reason(exc.reason), exc.message, exc.reason) from None
+        except DockyardError as exc:
+            raise Refused(map_reason(exc.reason), exc.message, exc.reason) from None
+
+    # -- admission -----------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Start every queued evaluation the limits let through, oldest first; a batch at
+        its concurrency lets later ones pass; then renumber the queue."""
+        if not self._stopping:
+            for evaluation_id in list(self._queue):
+                if len(self._admitted) >= self.settings.eval_max_agents:
+                    break
+                run = self._runs[evaluation_id]
+                evaluation = run.evaluation
+                if evaluation.batch_id and evaluation.batch_concurrency:
+                    running = sum(
+                        1
+                        for other in self._admitted
+                        if self._runs[other].evaluation.batch_id == evaluation.batch_id
+                    )
+                    if running >= evaluation.batch_concurrency:
+                        continue
+                self._queue.remove(evaluation_id)
+                self._admitted.add(evaluation_id)
+                evaluation.queue_position = None
+                run.task = asyncio.create_task(self._run(run), name=f"evaluation:{evaluation_id}")
+        for position, evaluation_id in enumerate(self._queue, 1):
+            self._runs[evaluation_id].evaluation.queue_position = position
+
+    # -- one evaluation ------------------------------------------------------------------
+    async def _run(self, run: Run) -> None:
+        evaluation = run.evaluation
+        try:
+            async with asyncio.timeout(evaluation.limits.lifetime_s):
+                agent_url = await self._deploy(run)
+                if evaluation.mode == "session":
+                    await self._hold_session(run, agent_url)
+                else:
+                    await self._relay(run, agent_url)
+        except Refused as refused:
+            run.outcome = ("failed", refused.reason, refused.message, refused.detail)
+        except TimeoutError:
+            lifetime = evaluation.limits.lifetime_s
+            run.outcome = (
+                "failed",
+                "evaluation_timeout",
+                f"the evaluation ran past its lifetime of {lifetime:g} s",
+                None,
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            reason = run.cancel_reason or "cancelled"
+            run.outcome = ("cancelled", reason, f"the evaluation was cancelled ({reason})", None)
+        except Exception as exc:
+            log.exception("evaluation %s crashed", evaluation.id)
+            run.outcome = ("failed", "internal_error", str(exc) or type(exc).__name__, None)
+        finally:
+            await self._clean_up_protected(run)
+            self._admitted.discard(evaluation.id)
+            self._runs.pop(evaluation.id, None)
+            self._dispatch()
+
+    async def _deploy(self, run: Run) -> str:
+        """Deploy through the controller (build slots bounded); the agent's base URL."""
+        evaluation = run.evaluation
+        evaluation.state = "deploying"
+        evaluation.started_at = now()
+        await self._save(run)
+        spec = self._spec(run)
+        async with self._builds:
+            try:
+                await self.controller.create(spec)
+            except DockyardError as exc:
+                raise Refused(map_reason(exc.reason), exc.message, exc.reason) from None
+            operation = self.controller.operation(spec.id)
+            if operation is not None:
+                bound = (
+                    self.settings.fetch_timeout_s
+                    + self.settings.build_timeout_s
+                    + evaluation.limits.health_s
+                    + 60
+                )
+                try:
+                    await asyncio.wait_for(asyncio.shield(operation.task), timeout=bound)
+                except TimeoutError:
+                    raise Refused(
+                        "deploy_failed", f"the deploy took over {bound:g} s", "deploy_timeout"
+                    ) from None
+        await self._capture_provenance(evaluation)
+        slots = await self.services.store.list_slots(spec.id)
+        promoted = next((s for s in slots if s.state is SlotState.PROMOTED), None)
+        if promoted is None or promoted.host_port is None:
+            failed = next((s for s in slots if s.state is SlotState.FAILED), None)
+            error = (operation.error if operation else None) or {}
+            detail = (failed.reason if failed else None) or error.get("reason") or "not_promoted"
+            message = (failed.message if failed else None) or error.get("message") or detail
+            raise Refused(map_reason(detail), message, detail)
+        evaluation.deployed_at = now()
+        if evaluation.started_at is not None:
+            evaluation.deploy_s = round(evaluation.deployed_at - evaluation.started_at, 3)
+        url = self.services.router.url_for(spec.id) or f"http://127.0.0.1:{promoted.host_port}"
+        evaluation.agent_url = url
+        evaluation.state = "running"
+        await self._save(run)
+        return url
+
+    def _spec(self, run: Run) -> DeploymentSpec:
+        evaluation = run.evaluation
+        miner = evaluation.miner
+        env = dict(run.env)
+        gateway = (self.settings.agent_gateway or "").strip()
+        if gateway:
+            # The gateway as the host sees it; a runtime that enforces the network policy
+            # replaces it with the address the container reaches it at.
+            url = gateway if "://" in gateway else f"http://{gateway}"
+            env[self.settings.eval_gateway_env] = url
+        limits = evaluation.limits
+        return DeploymentSpec(
+            id=evaluation.deployment_id,
+            repo=miner.github_url,
+            ref=miner.ref,
+            subdir=miner.subdir,
+            build_mode=miner.build_mode,
+            dockerfile=miner.dockerfile,
+            image=miner.image,
+            command=list(miner.command),
+            env=env,
+            container_port=miner.container_port,
+            health=HealthCheck(
+                path=miner.health_path,
+                interval_s=min(limits.health_interval_s, limits.health_s),
+                timeout_s=min(5.0, limits.health_s),
+                deadline_s=limits.health_s,
+            ),
+            resources=evaluation.resources,
+            grace_period_s=0,
+            auto_promote=True,
+            labels={EVALUATION_LABEL: evaluation.id},
+        )
+
+    async def _relay(self, run: Run, agent_url: str) -> None:
+        """Every task to the agent, at most ``max_parallel_tasks`` at once."""
+        evaluation = run.evaluation
+        limits = evaluation.limits
+        protocol = self.protocols[evaluation.protocol]
+        assert self._http is not None
+        agent = AgentEndpoint(self._http, agent_url, limits.request_s, limits.max_steps)
+        gate = asyncio.Semaphore(limits.max_parallel_tasks)
+
+        async def one(index: int) -> None:
+            async with gate:
+                await self._solve(run, protocol, agent, index)
+
+        await asyncio.gather(*(one(i) for i in range(len(evaluation.tasks))))
+        results = evaluation.results
+        if not any(r.outcome == "ok" for r in results):
+            if all(r.outcome == "timeout" for r in results):
+                run.outcome = (
+                    "finished",
+                    "task_timeout",
+                    "no task was answered in time",
+                    None,
+                )
+            else:
+                run.outcome = ("finished", "all_tasks_failed", "every task failed", None)
+        else:
+            run.outcome = ("finished", None, None, None)
+
+    async def _solve(
+        self, run: Run, protocol: AgentProtocol, agent: AgentEndpoint, index: int
+    ) -> None:
+        evaluation = run.evaluation
+        task = evaluation.tasks[index]
+        result = evaluation.results[index]
+        result.outcome = "running"
+        result.started_at = now()
+        started = time.monotonic()
+        task_s = evaluation.limits.task_s
+        try:
+            answer = await asyncio.wait_for(protocol.solve(agent, task), timeout=task_s)
+        except TimeoutError:
+            result.outcome, result.reason = "timeout", "task_timeout"
+            result.message = f"no complete answer within {task_s:g} s"
+        except AgentError as exc:
+            result.outcome = "timeout" if exc.reason == "task_timeout" else "failed"
+            result.reason, result.message = exc.reason, exc.message
+            if exc.raw is not None:
+                result.raw = [exc.raw]
+        else:
+            result.actions = answer.actions
+            result.recording = answer.recording
+            result.raw = answer.raw
+            result.steps = answer.steps
+            result.web_agent_id = self._agent_id(evaluation.miner, answer.web_agent_id)
+            if answer.error:
+                result.outcome, result.reason = "failed", "agent_error"
+                result.message = answer.error
+            else:
+                result.outcome = "ok"
+        finally:
+            result.finished_at = now()
+            result.duration_s = round(time.monotonic() - started, 3)
+            if result.outcome == "running":
+                result.outcome, result.reason = "cancelled", "cancelled"
+            self._count(evaluation)
+        await self._save(run)
+
+    @staticmethod
+    def _agent_id(miner: Miner, answered: str | None) -> str | None:
+        """The miner's identity when the validator gave one, else what the agent said."""
+        if miner.web_agent_id:
+            return miner.web_agent_id
+        if miner.uid is not None:
+            return str(miner.uid)
+        return answered
+
+    async def _hold_session(self, run: Run, agent_url: str) -> None:
+        """Hand the agent to the validator until it finishes the session or the TTL ends."""
+        evaluation = run.evaluation
+        protocol = self.protocols[evaluation.protocol]
+        ttl = evaluation.limits.session_ttl_s
+        opened = now()
+        evaluation.session = Session(
+            url=agent_url,
+            step_url=agent_url.rstrip("/") + (protocol.step_path or "/step"),
+            protocol=evaluation.protocol,
+            ttl_s=ttl,
+            opened_at=opened,
+            expires_at=opened + ttl,
+        )
+        evaluation.state = "session"
+        await self._save(run)
+        try:
+            await asyncio.wait_for(run.session_done.wait(), timeout=ttl)
+        except TimeoutError:
+            evaluation.session.closed_by = "ttl"
+            evaluation.session.closed_at = now()
+            run.outcome = ("expired", "session_expired", f"the session's {ttl:g} s TTL ended", None)
+            return
+        evaluation.session.closed_by = "validator"
+        evaluation.session.closed_at = now()
+        run.outcome = ("finished", None, None, None)
+
+    # -- cleanup -------------------------------------------------------------------------
+    async def _clean_up_protected(self, run: Run) -> None:
+        """Clean up even when cancelled again meanwhile, then apply the outcome."""
+        evaluation = run.evaluation
+        evaluation.state = "cleaning"
+        cleanup = asyncio.ensure_future(self._clean_up(run))
+        while not cleanup.done():
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+            except Exception:
+                break
+        if cleanup.done() and not cleanup.cancelled() and cleanup.exception() is not None:
+            error = cleanup.exception()
+            log.error("cleaning up evaluation %s failed", evaluation.id, exc_info=error)
+        state, reason, message, detail = run.outcome or ("failed", "internal_error", None, None)
+        evaluation.state = state  # type: ignore[assignment]
+        evaluation.reason, evaluation.message, evaluation.detail_reason = reason, message, detail
+        if evaluation.session is not None and evaluation.session.closed_by is None:
+            evaluation.session.closed_by = "cancel"
+            evaluation.session.closed_at = now()
+        self._finish_results(evaluation, "cancelled", reason or "cancelled")
+        self._stamp_end(evaluation)
+        with contextlib.suppress(Exception):
+            await self._save(run)
+
+    async def _clean_up(self, run: Run) -> None:
+        evaluation = run.evaluation
+        with contextlib.suppress(DockyardError):
+            await self._capture_provenance(evaluation)
+        await self._remove_deployment(evaluation.deployment_id)
+        evaluation.image_kept = await self._apply_image_policy(evaluation)
+        evaluation.cleaned_up = True
+
+    async def _remove_deployment(self, deployment_id: str) -> None:
+        """Everything a deployment left: record, containers, port leases, route."""
+        with contextlib.suppress(NotFound):
+            await self.controller.delete(deployment_id)
+        runtime = self.services.runtime
+        for info in await runtime.list({LABEL_DEPLOYMENT: deployment_id}):
+            await runtime.remove(info.id)
+        store = self.services.store
+        for port, owner in (await store.list_leases()).items():
+            if owner == deployment_id or owner.startswith(f"{deployment_id}:"):
+                await store.release_port(port)
+        await self.services.router.remove(deployment_id)
+
+    async def _apply_image_policy(self, evaluation: Evaluation) -> bool | None:
+        """Keep the image (the next evaluation of this commit reuses it) or remove it."""
+        if evaluation.image is None or evaluation.miner.build_mode != "dockerfile":
+            return None
+        if evaluation.limits.keep_image:
+            return True
+        in_use = any(
+            run.evaluation.image == evaluation.image
+            or (
+                run.evaluation.miner.github_url == evaluation.miner.github_url
+                and run.evaluation.state in ("deploying", "running", "session")
+            )
+            for run in self._runs.values()
+            if run.evaluation.id != evaluation.id
+        )
+        if in_use:
+            return True
+        try:
+            await self.services.runtime.remove_image(evaluation.image)
+        except DockyardError as exc:
+            log.warning("removing image %s failed: %s", evaluation.image, exc.message)
+            return True
+        return False
+
+    async def _capture_provenance(self, evaluation: Evaluation) -> None:
+        """The exact commit and image from the deployment's events, while they exist."""
+        events = await self.services.store.list_events(evaluation.deployment_id)
+        for event in events:
+            if event.kind == "source_fetched":
+                evaluation.commit = event.data.get("commit") or evaluation.commit
+                evaluation.resolved_ref = event.data.get("ref") or evaluation.resolved_ref
+            elif event.kind == "image_ready":
+                evaluation.image = event.data.get("image") or evaluation.image
+                evaluation.image_reused = bool(event.data.get("reused"))
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    @staticmethod
+    def _count(evaluation: Evaluation) -> None:
+        results = evaluation.results
+        evaluation.progress = Progress(
+            tasks_total=len(results),
+            tasks_done=sum(r.outcome not in ("pending", "running") for r in results),
+            tasks_ok=sum(r.outcome == "ok" for r in results),
+        )
+
+    def _finish_results(self, evaluation: Evaluation, outcome: str, reason: str) -> None:
+        for result in evaluation.results:
+            if result.outcome in ("pending", "running"):
+                result.outcome = outcome  # type: ignore[assignment]
+                result.reason = reason
+        self._count(evaluation)
+
+    @staticmethod
+    def _stamp_end(evaluation: Evaluation) -> None:
+        evaluation.finished_at = now()
+        evaluation.queue_position = None
+        evaluation.ok = evaluation.state == "finished" and evaluation.reason is None
+        evaluation.total_s = round(evaluation.finished_at - evaluation.created_at, 3)
+
+    async def _save(self, run: Run) -> None:
+        async with run.lock:
+            await self._store(run.evaluation)
+
+    async def _store(self, evaluation: Evaluation) -> None:
+        evaluation.updated_at = now()
+        await self.services.store.save_evaluation(
+            StoredEvaluation(
+                id=evaluation.id,
+                state=evaluation.state,
+                finished=evaluation.state in FINAL_STATES,
+                batch_id=evaluation.batch_id,
+                created_at=evaluation.created_at,
+                updated_at=evaluation.updated_at,
+                body=msgspec.to_builtins(evaluation),
+            )
+        )
+
+    # -- queries and commands ------------------------------------------------------------
+    async def get(self, evaluation_id: str) -> Evaluation:
+        run = self._runs.get(evaluation_id)
+        if run is not None:
+            return run.evaluation
+        record = await self.services.store.get_evaluation(evaluation_id)
+        if record is None:
+            raise NotFound(f"evaluation {evaluation_id!r} does not exist")
+        return msgspec.convert(record.body, Evaluation)
+
+    async def batch(self, batch_id: str) -> Batch:
+        records = await self.services.store.list_evaluations(batch_id=batch_id)
+        if not records:
+            raise NotFound(f"batch {batch_id!r} does not exist")
+        evaluations = [await self.get(record.id) for record in records]
+        progress = BatchProgress(
+            total=len(evaluations),
+            finished=sum(e.final for e in evaluations),
+            ok=sum(e.ok for e in evaluations),
+            queued=sum(e.state == "queued" for e in evaluations),
+            running=sum(not e.final and e.state != "queued" for e in evaluations),
+        )
+        return Batch(
+            id=batch_id,
+            state="finished" if progress.finished == progress.total else "running",
+            concurrency=evaluations[0].batch_concurrency,
+            progress=progress,
+            evaluations=evaluations,
+        )
+
+    async def list(self, *, state: str | None = None, limit: int = 100) -> list[Evaluation]:
+        """Active ones first (in queue order), then the stored ones, newest first."""
+        out = [run.evaluation for run in self._runs.values()]
+        seen = {e.id for e in out}
+        for record in reversed(await self.services.store.list_evaluations()):
+            if record.id not in seen:
+                out.append(msgspec.convert(record.body, Evaluation))
+        if state is not None:
+            out = [e for e in out if e.state == state]
+        return out[:limit]
+
+    async def cancel(self, evaluation_id: str) -> Evaluation | Batch:
+        """Cancel an evaluation, or every unfinished one of a batch; answers once cleanup
+        is over (bounded); cancelling a finished evaluation changes nothing."""
+        if evaluation_id.startswith(BATCH_PREFIX):
+            batch = await self.batch(evaluation_id)
+            for member in batch.evaluations:
+                if not member.final:
+                    await self._cancel_one(member.id)
+            return await self.batch(evaluation_id)
+        await self._cancel_one(evaluation_id)
+        return await self.get(evaluation_id)
+
+    async def _cancel_one(self, evaluation_id: str) -> None:
+        run = self._runs.get(evaluation_id)
+        if run is None:
+            await self.get(evaluation_id)  # NotFound for a stranger
+            return
+        if evaluation_id in self._queue:
+            await self._cancel_queued(run, "cancelled")
+            return
+        if run.task is not None and not run.task.done():
+            run.cancel_reason = run.cancel_reason or "cancelled"
+            run.task.cancel()
+            await asyncio.wait({run.task}, timeout=CANCEL_WAIT_S)
+
+    async def _cancel_queued(self, run: Run, reason: str) -> None:
+        evaluation = run.evaluation
+        with contextlib.suppress(ValueError):
+            self._queue.remove(evaluation.id)
+        self._runs.pop(evaluation.id, None)
+        evaluation.state = "cancelled"
+        evaluation.reason = reason
+        evaluation.message = f"cancelled while queued ({reason})"
+        evaluation.cleaned_up = True
+        self._finish_results(evaluation, "cancelled", reason)
+        self._stamp_end(evaluation)
+        await self._save(run)
+        self._dispatch()
+
+    async def finish_session(self, evaluation_id: str, report: list[Any]) -> Evaluation:
+        """The validator is done with the session: record its report, clean up."""
+        run = self._runs.get(evaluation_id)
+        evaluation = run.evaluation if run else await self.get(evaluation_id)
+        if run is None or evaluation.state != "session" or evaluation.session is None:
+            raise Conflict(
+                f"evaluation {evaluation_id!r} holds no open session (it is {evaluation.state})"
+            )
+        evaluation.session.report = list(report)
+        run.session_done.set()
+        if run.task is not None:
+            await asyncio.wait({run.task}, timeout=CANCEL_WAIT_S)
+        return await self.get(evaluation_id)

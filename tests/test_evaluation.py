@@ -1,0 +1,640 @@
+"""The evaluation flow through the HTTP API on fast fakes: agents are small aiohttp servers
+(one per "container", on its leased port) whose behaviour comes from the build arg
+``AGENT``; sources are FakeSource. The real-Podman proof is ``test_evaluation_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from litestar.testing import TestClient
+
+import tests.conftest as conftest
+from dockyard.api.app import create_app
+from dockyard.core.config import Settings
+from dockyard.core.errors import Conflict
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.runtime import LABEL_DEPLOYMENT, LABEL_MANAGED, ContainerInfo, ContainerSpec
+from dockyard.core.services import Services
+from dockyard.core.store import StoredEvaluation
+from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService
+from tests.fakes import FakeRuntime, FakeSource
+
+#: The auth engineer's test token and settings, when the suite has them.
+AUTH: dict[str, str] = getattr(conftest, "AUTH", {})
+TEST_SETTINGS: dict[str, Any] = getattr(conftest, "TEST_SETTINGS", {"monitor_interval_s": 0})
+REPO = "https://github.com/acme/agent"
+FAST = {"health_s": 2, "health_interval_s": 0.05, "task_s": 5, "request_s": 5}
+
+
+class AgentRuntime(FakeRuntime):
+    """FakeRuntime whose containers speak Autoppia's protocols, by build arg ``AGENT``:
+    ``good`` (solve_task and step), ``legacy`` (only ``/act``, legacy shapes), ``slow``
+    (answers after ``DELAY`` seconds), ``broken`` (HTTP 500). It records every container
+    spec, the requests in flight per container and the most containers alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.specs: list[ContainerSpec] = []
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.max_alive = 0
+        self.requests: list[tuple[str, str, dict[str, Any], str | None]] = []
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        if any(c.name == spec.name for c in self.containers.values()):
+            raise Conflict(f"container {spec.name} exists")
+        self.specs.append(spec)
+        args = self.images.get(spec.image, {})
+        kind = args.get("AGENT", "good")
+        delay = float(args.get("DELAY", "0"))
+        healthy = args.get("HEALTH") != "fail"
+        name = spec.name
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(status=200 if healthy else 503)
+
+        async def answer(request: web.Request) -> web.Response:
+            body = await request.json()
+            route = request.path
+            self.requests.append((name, route, body, request.headers.get("IWA-Task-ID")))
+            self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            self.max_in_flight[name] = max(self.max_in_flight.get(name, 0), self.in_flight[name])
+            try:
+                if kind == "slow" or "slow" in str(body.get("id", "")):
+                    await asyncio.sleep(delay or 30)
+                elif delay:
+                    await asyncio.sleep(delay)
+                if kind == "broken" or "broken" in str(body.get("id", "")):
+                    return web.json_response({"error": "boom"}, status=500)
+                if kind == "legacy":
+                    if route != "/act":
+                        return web.json_response({"error": "not found"}, status=404)
+                    if body["step_index"] == 0:
+                        return web.json_response({"actions": [{"type": "ClickAction", "x": 1}]})
+                    if body["step_index"] == 1:
+                        return web.json_response({"navigate_url": "http://site.test/next"})
+                    return web.json_response({"action": None, "done": True})
+                if route == "/solve_task":
+                    return web.json_response(
+                        {
+                            "actions": [{"type": "NavigateAction", "url": body.get("url")}],
+                            "web_agent_id": "agent-says",
+                            "recording": f"rec-{body.get('id')}",
+                            "echo": body,
+                        }
+                    )
+                index = body["step_index"]
+                if index == 0:
+                    calls = [{"name": "browser.navigate", "arguments": {"url": body["url"]}}]
+                    return web.json_response({"tool_calls": calls, "done": False})
+                return web.json_response({"tool_calls": [], "content": "done", "done": True})
+            finally:
+                self.in_flight[name] -= 1
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        for route in ("/solve_task", "/step", "/act"):
+            app.router.add_post(route, answer)
+        # A stopped container drops its requests at once, like a killed process.
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
+        )
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        info = ContainerInfo(
+            id=f"{next(self._ids):012x}",
+            name=spec.name,
+            image=spec.image,
+            status="running",
+            running=True,
+            labels=dict(spec.labels),
+            host_port=spec.host_port,
+        )
+        self.containers[info.id] = info
+        self.servers[info.id] = runner
+        self.max_alive = max(self.max_alive, sum(c.running for c in self.containers.values()))
+        return info
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Any:
+    @contextlib.contextmanager
+    def make(**settings: Any) -> Iterator[TestClient[Any]]:
+        values = {**TEST_SETTINGS, "port_range_start": 48400, "port_range_end": 48440}
+        values.update(settings)
+        cfg = Settings(data_dir=str(tmp_path / "data"), **values)
+        services = Services.build(
+            cfg,
+            build_plugin_manager(load_entry_points=False),
+            runtime=AgentRuntime(),
+            sources={"fake": FakeSource(tmp_path / "src")},
+        )
+        with TestClient(create_app(cfg, services=services)) as client:
+            client.headers.update(AUTH)
+            yield client
+
+    return make
+
+
+def commit_of(repo: str, ref: str) -> str:
+    """The commit FakeSource resolves ``ref`` to."""
+    return hashlib.sha1(f"{repo}@{ref}".encode()).hexdigest()
+
+
+def tasks(*ids: str) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "prompt": f"do {i}", "url": f"http://site.test/{i}", "extra": [i]} for i in ids
+    ]
+
+
+def evaluate(client: TestClient[Any], miner: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    body = {"miner": {"github_url": REPO, "ref": "v1", **miner}, "timeouts": FAST, **fields}
+    body.setdefault("tasks", tasks("t1"))
+    r = client.post("/v1/integration/evaluate-miner", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def wait_final(client: TestClient[Any], evaluation_id: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/v1/integration/evaluation/{evaluation_id}").json()
+        done = body.get("state") in ("finished", "failed", "cancelled", "expired")
+        if body.get("evaluations") is not None:
+            done = body["state"] == "finished"
+        if done or time.monotonic() > deadline:
+            return body  # type: ignore[no-any-return]
+        time.sleep(0.03)
+
+
+def with_build_args(client: TestClient[Any], build_args: dict[str, str]) -> None:
+    """Deploy every following evaluation with ``build_args`` (the fake agent's behaviour)."""
+    service: EvaluationService = client.app.state.evaluations
+    original = service._spec
+    service._spec = lambda run: msgspec.structs.replace(  # type: ignore[method-assign]
+        original(run), build_args=build_args
+    )
+
+
+def call(client: TestClient[Any], fn: Any, *args: Any) -> Any:
+    with client.portal() as portal:
+        return portal.call(fn, *args)
+
+
+def assert_nothing_left(client: TestClient[Any], *evaluation_ids: str) -> None:
+    services: Services = client.app.state.services
+    runtime: AgentRuntime = services.runtime  # type: ignore[assignment]
+    assert [c.name for c in runtime.containers.values()] == []
+    assert call(client, services.store.list_leases) == {}
+    for evaluation_id in evaluation_ids:
+        assert services.router.url_for(evaluation_id) is None
+        assert call(client, services.store.get_deployment, evaluation_id) is None
+
+
+# ---------------------------------------------------------------- one miner
+def test_a_good_agent_answers_in_the_validator_format(make_client: Any) -> None:
+    with make_client() as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        created = evaluate(client, {"uid": 7, "hotkey": "5Fabc"}, tasks=tasks("t1", "t2", "t3"))
+        assert created["id"].startswith("ev-") and created["state"] in ("queued", "deploying")
+        body = wait_final(client, created["id"])
+        assert (body["state"], body["ok"], body["reason"]) == ("finished", True, None), body
+        assert body["commit"] == commit_of(REPO, "v1")
+        assert body["cleaned_up"] is True and body["image_kept"] is True
+        assert body["progress"] == {"tasks_total": 3, "tasks_done": 3, "tasks_ok": 3}
+        assert body["deploy_s"] >= 0 and body["total_s"] >= body["deploy_s"]
+        for result, task_id in zip(body["results"], ["t1", "t2", "t3"], strict=True):
+            assert result["task_id"] == task_id
+            assert result["outcome"] == "ok"
+            assert result["actions"] == [
+                {"type": "NavigateAction", "url": f"http://site.test/{task_id}"}
+            ]
+            assert result["web_agent_id"] == "7"  # the miner the validator named
+            assert result["recording"] == f"rec-{task_id}"
+            # the raw answer, and the task went to the agent untouched
+            assert result["raw"][0]["web_agent_id"] == "agent-says"
+            assert result["raw"][0]["echo"]["extra"] == [task_id]
+            assert result["duration_s"] >= 0 and result["finished_at"] >= result["started_at"]
+        assert {h for _, _, _, h in runtime.requests} == {"t1", "t2", "t3"}  # IWA-Task-ID
+        assert_nothing_left(client, created["id"])
+
+        # The same repo and commit again: the kept image is reused, nothing is rebuilt.
+        builds = runtime.builds
+        again = wait_final(client, evaluate(client, {})["id"])
+        assert again["ok"] and again["image_reused"] is True and runtime.builds == builds
+        assert again["results"][0]["web_agent_id"] == "agent-says"  # no identity given
+
+        listed = client.get("/v1/integration/evaluations").json()["evaluations"]
+        assert {e["id"] for e in listed} == {created["id"], again["id"]}
+
+
+def test_tasks_in_parallel_per_agent_are_bounded(make_client: Any) -> None:
+    with make_client() as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        with_build_args(client, {"DELAY": "0.15"})
+        body = evaluate(client, {}, tasks=tasks(*(f"t{i}" for i in range(8))), max_parallel_tasks=3)
+        body = wait_final(client, body["id"])
+        assert body["ok"], body
+        assert runtime.max_in_flight[f"dockyard-{body['id']}-blue"] == 3
+
+
+def test_a_slow_agent_gets_task_timeout(make_client: Any) -> None:
+    with make_client() as client:
+        body = evaluate(
+            client,
+            {},
+            tasks=tasks("slow-1", "slow-2"),
+            timeouts={**FAST, "task_s": 0.3},
+        )
+        body = wait_final(client, body["id"])
+        assert (body["state"], body["ok"], body["reason"]) == ("finished", False, "task_timeout")
+        for result in body["results"]:
+            assert (result["outcome"], result["reason"]) == ("timeout", "task_timeout")
+            assert 0.25 <= result["duration_s"] < 3
+        assert_nothing_left(client, body["id"])
+
+
+def test_a_request_timeout_is_a_task_timeout_too(make_client: Any) -> None:
+    with make_client() as client:
+        body = evaluate(client, {}, tasks=tasks("slow-1"), timeouts={**FAST, "request_s": 0.2})
+        body = wait_final(client, body["id"])
+        assert body["reason"] == "task_timeout"
+        assert "within 0.2 s" in body["results"][0]["message"]
+
+
+def test_some_tasks_failing_is_not_a_zero_score_but_all_failing_is(make_client: Any) -> None:
+    with make_client() as client:
+        body = wait_final(client, evaluate(client, {}, tasks=tasks("ok-1", "broken-1"))["id"])
+        assert (body["state"], body["ok"], body["reason"]) == ("finished", True, None)
+        outcomes = {r["task_id"]: (r["outcome"], r["reason"]) for r in body["results"]}
+        assert outcomes == {"ok-1": ("ok", None), "broken-1": ("failed", "agent_http_error")}
+        body = wait_final(client, evaluate(client, {}, tasks=tasks("broken-1", "broken-2"))["id"])
+        assert (body["ok"], body["reason"]) == (False, "all_tasks_failed")
+
+
+@pytest.mark.parametrize(
+    ("miner", "reason", "detail"),
+    [
+        ({"github_url": "https://gitlab.com/acme/agent"}, "invalid_github_url", None),
+        ({"github_url": "https://github.com/acme"}, "invalid_github_url", None),
+        ({"ref": "missing"}, "ref_not_found", "ref_not_found"),
+    ],
+)
+def test_refused_sources_get_their_zero_score_reason(
+    make_client: Any, miner: dict[str, Any], reason: str, detail: str | None
+) -> None:
+    with make_client() as client:
+        body = wait_final(client, evaluate(client, miner)["id"])
+        assert (body["state"], body["reason"]) == ("failed", reason), body
+        assert body["ok"] is False and body["cleaned_up"] is True
+        assert body["results"][0]["outcome"] == "cancelled"
+        if detail:
+            assert body["detail_reason"] == detail
+        assert_nothing_left(client, body["id"])
+
+
+def test_a_missing_ref_is_refused_when_required(make_client: Any) -> None:
+    with make_client() as client:
+        body = evaluate(client, {"ref": None}, require_ref=True)
+        assert (body["state"], body["reason"]) == ("failed", "missing_ref")
+
+
+@pytest.mark.parametrize(
+    ("build_args", "detail"),
+    [({"BUILD": "fail"}, "build_failed"), ({"HEALTH": "fail"}, "health_check_failed")],
+)
+def test_deploy_failures_are_deploy_failed_with_the_dockyard_reason(
+    make_client: Any, build_args: dict[str, str], detail: str
+) -> None:
+    with make_client() as client:
+        with_build_args(client, build_args)
+        body = wait_final(client, evaluate(client, {}, timeouts={**FAST, "health_s": 0.5})["id"])
+        assert (body["state"], body["reason"], body["detail_reason"]) == (
+            "failed",
+            "deploy_failed",
+            detail,
+        ), body
+        assert body["commit"] == commit_of(REPO, "v1")  # what was tried is still recorded
+        assert_nothing_left(client, body["id"])
+
+
+def test_bad_requests_are_400(make_client: Any) -> None:
+    with make_client() as client:
+        miner = {"github_url": REPO}
+        cases = [
+            {"miner": miner, "tasks": tasks("t"), "protocol": "nope"},
+            {"miner": miner, "tasks": tasks("t"), "mode": "session"},  # solve_task is one-shot
+            {"miner": miner, "tasks": []},
+            {"miner": miner, "tasks": [{"prompt": "no id"}]},
+            {"miner": miner, "tasks": tasks("t"), "env": {"OPENAI_API_KEY": "sk-x"}},
+            {"miner": miner, "tasks": tasks("t"), "timeouts": {"task_s": -1}},
+        ]
+        for body in cases:
+            r = client.post("/v1/integration/evaluate-miner", json=body)
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["reason"] == "invalid_input"
+        assert client.get("/v1/integration/evaluation/ev-000000000000").status_code == 404
+        r = client.post("/v1/integration/evaluation/ev-000000000000/cancel")
+        assert r.status_code == 404
+        assert client.get("/v1/integration/evaluation/bad!id").status_code == 400
+
+
+def test_the_gateway_is_passed_as_env_and_never_a_key(make_client: Any) -> None:
+    with make_client(agent_gateway="10.0.0.1:4000") as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        body = wait_final(client, evaluate(client, {}, env={"AGENT_MODE": "fast"})["id"])
+        assert body["ok"] and body["env_names"] == ["AGENT_MODE"]
+        env = runtime.specs[-1].env
+        assert env["OPENAI_BASE_URL"] == "http://10.0.0.1:4000"
+        assert env["AGENT_MODE"] == "fast"
+        assert not [k for k in env if "KEY" in k]
+        assert runtime.specs[-1].labels[EVALUATION_LABEL] == body["id"]
+
+
+def test_images_are_removed_when_the_policy_says_so(make_client: Any) -> None:
+    with make_client(eval_keep_images=False) as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        body = wait_final(client, evaluate(client, {})["id"])
+        assert body["ok"] and body["image"] and body["image_kept"] is False
+        assert body["image"] not in runtime.images
+        kept = wait_final(client, evaluate(client, {}, keep_image=True)["id"])
+        assert kept["image_kept"] is True and kept["image"] in runtime.images
+
+
+# ---------------------------------------------------------------- protocols
+def test_step_protocol_relays_steps_until_done(make_client: Any) -> None:
+    with make_client() as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        body = wait_final(client, evaluate(client, {}, protocol="step")["id"])
+        assert body["ok"], body
+        result = body["results"][0]
+        assert result["steps"] == 2
+        assert result["actions"] == [
+            {"name": "browser.navigate", "arguments": {"url": "http://site.test/t1"}}
+        ]
+        first, second = [b for _, route, b, _ in runtime.requests if route == "/step"]
+        assert (first["step_index"], second["step_index"]) == (0, 1)
+        assert first["protocol_version"] == "1.0" and first["task_id"] == "t1"
+        assert second["history"][0]["tool_calls"] == result["actions"]
+
+
+def test_step_falls_back_to_act_and_normalizes_legacy_shapes(make_client: Any) -> None:
+    with make_client() as client:
+        with_build_args(client, {"AGENT": "legacy"})
+        for protocol in ("step", "act"):
+            body = wait_final(client, evaluate(client, {}, protocol=protocol)["id"])
+            assert body["ok"], body
+            assert body["results"][0]["actions"] == [
+                {"name": "browser.click", "arguments": {"x": 1}},
+                {"name": "browser.navigate", "arguments": {"url": "http://site.test/next"}},
+            ]
+            assert body["results"][0]["steps"] == 3
+
+
+# ---------------------------------------------------------------- admission and batches
+def test_a_batch_respects_its_concurrency_shows_positions_and_finishes(
+    make_client: Any,
+) -> None:
+    with make_client(eval_max_agents=3) as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        miners = [{"github_url": f"https://github.com/acme/m{i}", "ref": "main"} for i in range(5)]
+        miners[3]["ref"] = "missing"
+        r = client.post(
+            "/v1/integration/evaluate-miners-batch",
+            json={
+                "miners": miners,
+                "tasks": tasks("t1", "t2"),
+                "concurrency": 2,
+                "timeouts": FAST,
+                "max_parallel_tasks": 1,
+            },
+        )
+        assert r.status_code == 202, r.text
+        batch = r.json()
+        assert batch["id"].startswith("batch-") and batch["concurrency"] == 2
+        positions = sorted(
+            e["queue_position"] for e in batch["evaluations"] if e["state"] == "queued"
+        )
+        assert positions == list(range(1, len(positions) + 1)) and len(positions) >= 3
+        body = wait_final(client, batch["id"], timeout=30)
+        assert body["state"] == "finished", body
+        assert body["progress"]["total"] == 5 and body["progress"]["finished"] == 5
+        by_repo = {e["miner"]["github_url"]: e for e in body["evaluations"]}
+        for i, miner in enumerate(miners):
+            evaluation = by_repo[miner["github_url"]]
+            if i == 3:
+                assert evaluation["reason"] == "ref_not_found"
+                continue
+            assert evaluation["ok"], evaluation
+            assert evaluation["commit"] == commit_of(miner["github_url"], "main")
+        assert runtime.max_alive <= 2
+        assert_nothing_left(client, *by_repo)
+
+
+def test_the_queue_holds_past_the_agent_limit_and_cancel_cleans_up(make_client: Any) -> None:
+    with make_client(eval_max_agents=1) as client:
+        slow = evaluate(client, {}, tasks=tasks("slow-1"), timeouts={**FAST, "task_s": 30})
+        queued = evaluate(client, {"ref": "v2"})
+        assert queued["state"] == "queued" and queued["queue_position"] == 1
+        deadline = time.monotonic() + 10
+        while client.get(f"/v1/integration/evaluation/{slow['id']}").json()["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.03)
+        r = client.post(f"/v1/integration/evaluation/{slow['id']}/cancel")
+        assert r.status_code == 200
+        body = r.json()
+        assert (body["state"], body["reason"], body["cleaned_up"]) == (
+            "cancelled",
+            "cancelled",
+            True,
+        )
+        assert body["results"][0]["outcome"] == "cancelled"
+        after = wait_final(client, queued["id"])
+        assert after["ok"], after  # the queue moved on
+        assert_nothing_left(client, slow["id"], queued["id"])
+        # cancelling again changes nothing
+        again = client.post(f"/v1/integration/evaluation/{slow['id']}/cancel").json()
+        assert again["state"] == "cancelled"
+
+
+def test_cancelling_a_batch_cancels_queued_and_running_members(make_client: Any) -> None:
+    with make_client(eval_max_agents=2) as client:
+        miners = [{"github_url": f"https://github.com/acme/c{i}", "ref": "main"} for i in range(4)]
+        batch = client.post(
+            "/v1/integration/evaluate-miners-batch",
+            json={"miners": miners, "tasks": tasks("slow-1"), "timeouts": {**FAST, "task_s": 30}},
+        ).json()
+        time.sleep(0.3)
+        body = client.post(f"/v1/integration/evaluation/{batch['id']}/cancel").json()
+        assert body["state"] == "finished"
+        assert {e["state"] for e in body["evaluations"]} == {"cancelled"}
+        assert all(e["cleaned_up"] for e in body["evaluations"])
+        assert_nothing_left(client, *(e["id"] for e in body["evaluations"]))
+
+
+# ---------------------------------------------------------------- sessions
+def test_a_step_session_is_driven_by_the_validator_then_finished(make_client: Any) -> None:
+    import json
+    import urllib.request
+
+    with make_client() as client:
+        body = evaluate(client, {}, protocol="step", mode="session", tasks=[])
+        deadline = time.monotonic() + 10
+        while body["state"] != "session":
+            assert time.monotonic() < deadline, body
+            time.sleep(0.03)
+            body = client.get(f"/v1/integration/evaluation/{body['id']}").json()
+        session = body["session"]
+        assert session["step_url"] == session["url"] + "/step"
+        assert session["expires_at"] > time.time()
+        answers = []
+        for index in range(3):
+            request = urllib.request.Request(
+                session["step_url"],
+                data=json.dumps(
+                    {"task_id": "v1", "url": "http://s.test/", "step_index": index}
+                ).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                answers.append(json.load(answer))
+        assert answers[0]["tool_calls"][0]["name"] == "browser.navigate"
+        assert answers[2]["done"] is True
+        r = client.post(
+            f"/v1/integration/evaluation/{body['id']}/finish", json={"results": [{"score": 1}]}
+        )
+        assert r.status_code == 200, r.text
+        done = r.json()
+        assert (done["state"], done["ok"]) == ("finished", True)
+        assert done["session"]["closed_by"] == "validator"
+        assert done["session"]["report"] == [{"score": 1}]
+        assert_nothing_left(client, body["id"])
+        r = client.post(f"/v1/integration/evaluation/{body['id']}/finish")
+        assert r.status_code == 409
+
+
+def test_a_session_ends_when_its_ttl_does(make_client: Any) -> None:
+    with make_client() as client:
+        body = evaluate(
+            client,
+            {},
+            protocol="step",
+            mode="session",
+            tasks=[],
+            timeouts={**FAST, "session_ttl_s": 0.5},
+        )
+        body = wait_final(client, body["id"])
+        assert (body["state"], body["reason"]) == ("expired", "session_expired")
+        assert body["session"]["closed_by"] == "ttl"
+        assert_nothing_left(client, body["id"])
+
+
+# ---------------------------------------------------------------- restarts
+async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
+    tmp_path: Path,
+) -> None:
+    cfg = Settings(
+        data_dir=str(tmp_path / "data"),
+        monitor_interval_s=0,
+        port_range_start=48450,
+        port_range_end=48460,
+    )
+    runtime = AgentRuntime()
+    services = Services.build(
+        cfg,
+        build_plugin_manager(load_entry_points=False),
+        runtime=runtime,
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    await services.start()
+    try:
+        from dockyard.core.controller import Controller
+
+        # What a killed dockyard left: a running evaluation's record, deployment, a
+        # container, a port lease; and a container of an evaluation nobody remembers.
+        controller = Controller.from_services(services)
+        first = EvaluationService(controller)
+        await first.start()
+        from dockyard.plugins.evaluation import EvaluateMinerRequest
+
+        request = msgspec.convert(
+            {
+                "miner": {"github_url": REPO, "ref": "v1"},
+                "tasks": tasks("slow-1"),
+                "timeouts": {**FAST, "task_s": 60},
+            },
+            EvaluateMinerRequest,
+        )
+        evaluation = await first.submit(request)
+        for _ in range(200):
+            if evaluation.state == "running":
+                break
+            await asyncio.sleep(0.02)
+        assert evaluation.state == "running"
+        run = first._runs[evaluation.id]
+        assert run.task is not None
+        first._stopping = True
+        run.task.cancel()  # the process dies: no cleanup happens
+        first._clean_up_protected = _no_cleanup  # type: ignore[method-assign]
+        with contextlib.suppress(BaseException):
+            await run.task
+        await first.services.store.save_evaluation(
+            StoredEvaluation(
+                id=evaluation.id,
+                state="running",
+                created_at=evaluation.created_at,
+                body=msgspec.to_builtins(msgspec.structs.replace(evaluation, state="running")),
+            )
+        )
+        await runtime.run(
+            ContainerSpec(
+                name="dockyard-ev-stranger-blue",
+                image="x",
+                container_port=8000,
+                host_port=48459,
+                labels={
+                    LABEL_MANAGED: "true",
+                    LABEL_DEPLOYMENT: "ev-stranger",
+                    EVALUATION_LABEL: "ev-stranger",
+                },
+            )
+        )
+        assert len(runtime.containers) == 2
+        assert await services.store.list_leases()
+
+        restarted = Controller.from_services(services)
+        await restarted.start()
+        second = EvaluationService(restarted)
+        await second.start()
+        try:
+            got = await second.get(evaluation.id)
+            assert (got.state, got.reason, got.cleaned_up) == (
+                "failed",
+                "controller_restarted",
+                True,
+            )
+            assert got.results[0].outcome == "cancelled"
+            assert runtime.containers == {}
+            assert await services.store.list_leases() == {}
+            assert await services.store.get_deployment(evaluation.id) is None
+            assert services.router.url_for(evaluation.id) is None
+        finally:
+            await second.stop()
+            await restarted.stop()
+    finally:
+        await runtime.close()
+        await services.close()
+
+
+async def _no_cleanup(run: Any) -> None:
+    return None

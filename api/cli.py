@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", dest="data_dir", help="where state is kept")
     serve.add_argument("--runtime", help="container runtime plugin (default podman)")
     serve.add_argument("--store", help="state store plugin (default sqlite)")
+    serve.add_argument(
+        "--router", help="reverse proxy: traefik or caddy (run by dockyard), none (default)"
+    )
     serve.add_argument("--podman-socket", dest="podman_socket", help="Podman API socket")
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
     serve.add_argument(
@@ -374,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_dir",
         "runtime",
         "store",
+        "router",
         "podman_socket",
         "log_level",
         "local_repos",

@@ -48,6 +48,7 @@ class Settings(Model):
     rate_limit_per_token: Annotated[int, Meta(ge=0)] = 300
     rate_limit_window: Literal["second", "minute", "hour"] = "minute"
     monitor_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
+    router_watch_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 2.0
     allow_build_network: bool = False
     build_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 900.0
     build_memory_mb: Annotated[int, Meta(ge=64)] = 2048

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from dockyard.core.deployer import SlotOps, container_name, lease_owner
+from dockyard.core.deployer import SWITCH_TIMEOUT_S, SlotOps, container_name, lease_owner
 from dockyard.core.errors import Conflict, DockyardError, NotFound
 from dockyard.core.health import probe_once
 from dockyard.core.models import (
@@ -32,6 +32,7 @@ from dockyard.core.models import (
     now,
 )
 from dockyard.core.plugins import check_spec
+from dockyard.core.router import Route, Upstream
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT, LABEL_MANAGED
 from dockyard.core.services import Services
 from dockyard.core.strategy import Strategy
@@ -62,11 +63,14 @@ class Controller:
     services: Services
     strategy: Strategy
     monitor_interval_s: float = 5.0
+    router_watch_interval_s: float = 2.0
     ops: SlotOps = field(init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _operations: dict[str, Operation] = field(default_factory=dict)
     _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
+    _router_watch: asyncio.Task[None] | None = None
+    _router_ok: bool = True
 
     def __post_init__(self) -> None:
         self.ops = SlotOps(self.services)
@@ -78,6 +82,7 @@ class Controller:
             services=services,
             strategy=factory(services.settings),
             monitor_interval_s=services.settings.monitor_interval_s,
+            router_watch_interval_s=services.settings.router_watch_interval_s,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -86,12 +91,16 @@ class Controller:
         await self.resume()
         if self.monitor_interval_s > 0:
             self._monitor = asyncio.create_task(self._monitor_loop(), name="health-monitor")
+        if self.router_watch_interval_s > 0:
+            self._router_watch = asyncio.create_task(self._router_loop(), name="router-watch")
 
     async def stop(self) -> None:
         """Cancel the monitor, drain timers and running operations (which clean up)."""
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._timers.values() if not t.done()]
         if self._monitor:
             tasks.append(self._monitor)
+        if self._router_watch:
+            tasks.append(self._router_watch)
         tasks += [op.task for op in self._operations.values() if op.running]
         for task in tasks:
             task.cancel()
@@ -268,6 +277,14 @@ class Controller:
             except NotFound:
                 return
             if slot.state is S.DRAINING and slot.updated_at == drained_at:
+                if slot.host_port:
+                    inflight = await self.services.router.inflight(Upstream(port=slot.host_port))
+                    await self.ops.event(
+                        deployment_id,
+                        "drain_ended",
+                        color=color,
+                        data={"inflight": inflight, "router": self.services.router.name},
+                    )
                 await self.ops.retire(slot, message="grace period over")
 
     # -- monitor -------------------------------------------------------------------------
@@ -331,6 +348,71 @@ class Controller:
         _, built = await self.ops.build(slot, spec)
         await self.ops.start_container(slot, spec, revision, built)
         await self.ops.event(deployment.id, "restarted", color=slot.color)
+
+    # -- router watch --------------------------------------------------------------------
+    async def _router_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.router_watch_interval_s)
+            try:
+                await self.check_routes()
+            except Exception:
+                log.exception("router watch round failed")
+
+    def _expected_route(self, deployment: Deployment, slots: list[Any]) -> Route | None:
+        promoted = next((s for s in slots if s.state is S.PROMOTED and s.host_port), None)
+        return self.ops.route(deployment, promoted) if promoted else None
+
+    async def check_routes(self) -> list[str]:
+        """Make the proxy serve what the state says: start a proxy we run that died,
+        re-apply (and verify) the route of every promoted slot the proxy lost or holds
+        differently, remove routes of deployments that no longer exist. Each deployment
+        is fixed under its lock; one with an operation running is left to it. Returns the
+        deployment ids whose route was restored.
+        """
+        router, store = self.services.router, self.services.store
+        if await router.revive():
+            log.warning("router %s: the proxy had stopped; started it again", router.name)
+        served = await router.served()
+        if served is None:
+            if self._router_ok:
+                log.warning("router %s does not answer; routes cannot be checked", router.name)
+            self._router_ok = False
+            return []
+        self._router_ok = True
+        restored = []
+        deployments = {d.id: d for d in await store.list_deployments()}
+        for deployment in deployments.values():
+            expected = self._expected_route(deployment, await store.list_slots(deployment.id))
+            if expected is None or served.get(deployment.id) == expected.token:
+                continue
+            lock = self._lock(deployment.id)
+            if lock.locked():
+                continue  # an operation is changing it
+            async with lock:
+                fresh = await store.get_deployment(deployment.id)
+                if fresh is None:
+                    continue
+                route = self._expected_route(fresh, await store.list_slots(fresh.id))
+                if route is None:
+                    continue
+                await router.apply(route)
+                verified = await router.verify(route, timeout_s=SWITCH_TIMEOUT_S)
+                await self.ops.event(
+                    deployment.id,
+                    "route_restored",
+                    data={"router": router.name, "port": route.upstream.port, "verified": verified},
+                )
+                restored.append(deployment.id)
+        for deployment_id in set(served) - set(deployments):
+            lock = self._lock(deployment_id)
+            if lock.locked():
+                continue
+            async with lock:
+                if await store.get_deployment(deployment_id) is None:
+                    log.info("removing the route of unknown deployment %s", deployment_id)
+                    await router.remove(deployment_id)
+            self._locks.pop(deployment_id, None)
+        return restored
 
     # -- resume --------------------------------------------------------------------------
     async def resume(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 S = SlotState
 #: Build log lines kept per slot (its latest build).
 BUILD_LOG_LINES = 2000
+#: How long a switch may take to show through the proxy before it is rolled back.
+SWITCH_TIMEOUT_S = 10.0
 
 
 def container_name(deployment_id: str, color: Color) -> str:
@@ -294,23 +297,39 @@ class SlotOps:
 
     # -- routing -------------------------------------------------------------------------
     def route(self, deployment: Deployment, slot: Slot) -> Route:
+        """The route that serves ``slot``: verified through the proxy on the health path,
+        tagged with the slot's colour and revision."""
         assert slot.host_port is not None
         return Route(
             deployment_id=deployment.id,
             prefix=route_prefix(deployment.id),
             upstream=Upstream(port=slot.host_port),
+            probe_path=deployment.spec.health.path,
+            tag=f"{slot.color}:{slot.revision_id or ''}",
         )
 
     async def promote(self, deployment: Deployment, target: Slot) -> Slot:
         """Point the route at ``target`` (one write, verified), then record the switch:
-        the old promoted slot goes DRAINING first, so at most one slot is ever PROMOTED."""
+        the old promoted slot goes DRAINING first, so at most one slot is ever PROMOTED.
+
+        When the proxy does not serve the new upstream in time, the route goes back to the
+        promoted slot and the switch fails (``switch_failed``)."""
         router = self.services.router
         route = self.route(deployment, target)
+        slots = await self.slots(deployment.id)
+        started = time.monotonic()
         await router.apply(route)
-        if not await router.verify(route, timeout_s=10):
+        if not await router.verify(route, timeout_s=SWITCH_TIMEOUT_S):
+            old = slots[target.color.other]
+            if old.state is S.PROMOTED and old.host_port:
+                with contextlib.suppress(DockyardError):
+                    await router.apply(self.route(deployment, old))
             raise DockyardError(
-                f"router {router.name} did not serve the new upstream", reason="switch_failed"
+                f"router {router.name} did not serve the new upstream within "
+                f"{SWITCH_TIMEOUT_S:g} s",
+                reason="switch_failed",
             )
+        switch_ms = round((time.monotonic() - started) * 1000, 1)
         slots = await self.slots(deployment.id)
         old = slots[target.color.other]
         if old.state is S.PROMOTED:
@@ -320,7 +339,7 @@ class SlotOps:
         target = await self.move(
             await self.store.get_slot(deployment.id, target.color),
             S.PROMOTED,
-            data={"url": router.url_for(deployment.id)},
+            data={"url": router.url_for(deployment.id), "switch_ms": switch_ms},
         )
         return target
 

@@ -1,0 +1,319 @@
+"""Routers inside dockyard: blue/green switches through real Traefik and Caddy under load
+with zero failed requests, the controller restoring routes a proxy lost, switches rolled
+back when the proxy does not show them, drain tracking, and choosing a router.
+
+Upstreams are the fake runtime's "containers" (real HTTP servers on loopback ports); the
+proxies are real, run by their router plugins and stopped at the end of each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dockyard.core.config import Settings, load_settings
+from dockyard.core.controller import Controller
+from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.router import Route, Router
+from dockyard.core.services import Services
+from dockyard.routers.none import NoRouter
+from tests.fakes import FakeRuntime, FakeSource
+from tests.proxies import PROXIES, proxy_settings, require
+
+S = SlotState
+PORTS = {"port_range_start": 47600, "port_range_end": 47640}
+
+
+def spec(**fields: Any) -> DeploymentSpec:
+    return DeploymentSpec(
+        id="app",
+        repo="https://github.com/acme/agent",
+        ref="v1",
+        grace_period_s=fields.pop("grace_period_s", 0.2),
+        health=HealthCheck(interval_s=0.02, timeout_s=0.5, deadline_s=3),
+        **fields,
+    )
+
+
+async def start(settings: Settings, tmp_path: Path) -> tuple[Services, Controller]:
+    services = Services.build(
+        settings,
+        build_plugin_manager(load_entry_points=False),
+        runtime=FakeRuntime(),
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    await services.start()
+    controller = Controller.from_services(services)
+    await controller.start()
+    return services, controller
+
+
+async def stop(services: Services, controller: Controller) -> None:
+    await controller.stop()
+    await services.runtime.close()
+    await services.close()
+
+
+@pytest.fixture
+async def dockyard(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await dockyard(router_name, **settings)`` -> (services, controller); stopped after."""
+    started: list[tuple[Services, Controller]] = []
+
+    async def make(name: str, **settings: Any) -> tuple[Services, Controller]:
+        require(name)
+        fields = {"monitor_interval_s": 0, "router_watch_interval_s": 0, **PORTS, **settings}
+        pair = await start(proxy_settings(name, tmp_path / "data", **fields), tmp_path)
+        started.append(pair)
+        return pair
+
+    yield make
+    for services, controller in started:
+        await stop(services, controller)
+
+
+async def promoted_revision(services: Services) -> str:
+    slot = next(s for s in await services.store.list_slots("app") if s.state is S.PROMOTED)
+    return slot.revision_id or ""
+
+
+# -- zero downtime -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", PROXIES)
+async def test_zero_failed_requests_while_ten_redeploys_switch_colours(
+    name: str, dockyard: Any
+) -> None:
+    """20 clients request through the proxy without pause while 10 redeploys switch
+    blue/green: no request fails, and once a switch is verified no response comes from
+    an older revision."""
+    services, controller = await dockyard(name)
+    router = services.router
+    switches: list[tuple[float, str]] = []  # (verified at, revision)
+    verify = router.verify
+
+    async def recording_verify(route: Route, *, timeout_s: float = 5.0) -> bool:
+        ok = await verify(route, timeout_s=timeout_s)
+        if ok:
+            switches.append((time.monotonic(), route.tag.split(":", 1)[1]))
+        return ok
+
+    router.verify = recording_verify  # type: ignore[method-assign]
+    await controller.create(spec())
+    assert await controller.wait("app", 20)
+    url = router.url_for("app")
+    assert url and url.endswith("/apps/app/")
+
+    answers: list[tuple[float, str]] = []  # (sent at, revision that answered)
+    failures: collections.Counter[str] = collections.Counter()
+    done = asyncio.Event()
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not done.is_set():
+                sent = time.monotonic()
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        body = await r.text()
+                        if r.status == 200:
+                            answers.append((sent, body))
+                        else:
+                            failures[f"HTTP {r.status}"] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failures[type(exc).__name__] += 1
+
+    clients = [asyncio.create_task(client()) for _ in range(20)]
+    try:
+        await asyncio.sleep(0.3)
+        for i in range(10):
+            await controller.redeploy("app", {"ref": f"v{i + 2}"})
+            assert await controller.wait("app", 20)
+            op = controller.operation("app")
+            assert op is not None and op.error is None, op.error
+            await asyncio.sleep(0.3)
+    finally:
+        done.set()
+        await asyncio.gather(*clients)
+
+    assert not failures, f"{sum(failures.values())} failed requests: {dict(failures)}"
+    assert len(switches) == 11 and len(answers) > 500
+    assert switches[-1][1] == await promoted_revision(services)
+    order = {revision: i for i, (_, revision) in enumerate(switches)}
+    for sent, revision in answers:
+        current = max(i for i, (verified, _) in enumerate(switches) if verified <= sent)
+        assert order[revision] >= current, f"{revision} answered after switch {current}"
+    events = await services.store.list_events("app")
+    promoted = [e for e in events if e.to_state is S.PROMOTED]
+    assert all("switch_ms" in e.data for e in promoted)
+
+
+# -- restore -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PROXIES)
+async def test_the_controller_restores_routes_after_the_proxy_is_killed(
+    name: str, dockyard: Any
+) -> None:
+    services, controller = await dockyard(name, router_watch_interval_s=0.2)
+    await controller.create(spec(grace_period_s=30))
+    assert await controller.wait("app", 20)
+    router = services.router
+    url = router.url_for("app")
+    revision = await promoted_revision(services)
+    os.kill(router.process.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + 15
+    body = ""
+    async with aiohttp.ClientSession() as session:
+        while body != revision:
+            assert time.monotonic() < deadline, "the route was not restored"
+            await asyncio.sleep(0.1)
+            try:
+                async with session.get(url) as response:
+                    body = await response.text()
+            except aiohttp.ClientError:
+                continue
+    assert router.process.starts == 2  # type: ignore[attr-defined]
+    if name == "caddy":  # Caddy restarts empty: dockyard wrote the route again
+        kinds = [e.kind for e in await services.store.list_events("app")]
+        assert "route_restored" in kinds
+
+
+async def test_resume_restores_routes_into_a_new_proxy(tmp_path: Path) -> None:
+    """A dockyard restart with its managed Caddy: the new proxy starts empty, resume puts
+    the promoted slot's route back."""
+    require("caddy")
+    settings = proxy_settings("caddy", tmp_path / "data", monitor_interval_s=0, **PORTS)
+    services, controller = await start(settings, tmp_path)
+    runtime = services.runtime
+    try:
+        await controller.create(spec(grace_period_s=30))
+        assert await controller.wait("app", 20)
+        revision = await promoted_revision(services)
+        await controller.stop()
+        await services.router.close()  # the proxy goes, the "containers" stay
+        services2 = Services.build(
+            settings,
+            build_plugin_manager(load_entry_points=False),
+            runtime=runtime,
+            sources=services.sources,
+        )
+        await services2.start()
+        controller2 = Controller.from_services(services2)
+        await controller2.start()
+        try:
+            url = services2.router.url_for("app")
+            assert url is not None
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert (response.status, await response.text()) == (200, revision)
+        finally:
+            await controller2.stop()
+            await services2.close()
+    finally:
+        await runtime.close()
+        await services.store.close()
+
+
+async def test_check_routes_removes_routes_of_unknown_deployments(tmp_path: Path) -> None:
+    services, controller = await start(
+        Settings(data_dir=str(tmp_path), monitor_interval_s=0, router_watch_interval_s=0, **PORTS),
+        tmp_path,
+    )
+    try:
+        await controller.create(spec(grace_period_s=30))
+        assert await controller.wait("app", 10)
+        router: NoRouter = services.router  # type: ignore[assignment]
+        stale = router.routes["app"]
+        await router.apply(
+            Route(deployment_id="gone", prefix="/apps/gone", upstream=stale.upstream)
+        )
+        router.routes["app"] = Route(
+            deployment_id="app", prefix="/apps/app", upstream=stale.upstream, tag="old"
+        )
+        assert await controller.check_routes() == ["app"]
+        assert router.routes == {"app": stale}
+        assert await controller.check_routes() == []
+    finally:
+        await stop(services, controller)
+
+
+# -- switches that do not show -----------------------------------------------------------
+class StuckRouter(NoRouter):
+    """Takes writes, but the proxy never shows the second upstream."""
+
+    async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
+        return route.tag.startswith("blue")
+
+
+async def test_a_switch_the_proxy_does_not_show_is_rolled_back(tmp_path: Path) -> None:
+    services = Services.build(
+        Settings(data_dir=str(tmp_path), monitor_interval_s=0, router_watch_interval_s=0, **PORTS),
+        build_plugin_manager(load_entry_points=False),
+        runtime=FakeRuntime(),
+        router=StuckRouter(),
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    await services.start()
+    controller = Controller.from_services(services)
+    await controller.start()
+    try:
+        await controller.create(spec(grace_period_s=30))
+        assert await controller.wait("app", 10)
+        blue = services.router.routes["app"]  # type: ignore[attr-defined]
+        await controller.redeploy("app", {"ref": "v2"})
+        assert await controller.wait("app", 30)
+        op = controller.operation("app")
+        assert op is not None and op.error and op.error["reason"] == "switch_failed"
+        slots = {s.color: s for s in await services.store.list_slots("app")}
+        assert slots[Color.BLUE].state is S.PROMOTED and slots[Color.GREEN].state is S.FAILED
+        assert services.router.routes["app"] == blue  # type: ignore[attr-defined]
+    finally:
+        await stop(services, controller)
+
+
+# -- drain tracking ----------------------------------------------------------------------
+async def test_a_drain_records_requests_still_in_flight(dockyard: Any) -> None:
+    services, controller = await dockyard("caddy")
+    await controller.create(spec(grace_period_s=0.2))
+    assert await controller.wait("app", 20)
+    await controller.redeploy("app", {"ref": "v2"})
+    assert await controller.wait("app", 20)
+    deadline = time.monotonic() + 10
+    while True:
+        events = await services.store.list_events("app")
+        ended = [e for e in events if e.kind == "drain_ended"]
+        if ended:
+            break
+        assert time.monotonic() < deadline, "no drain_ended event"
+        await asyncio.sleep(0.05)
+    assert ended[0].color is Color.BLUE
+    assert ended[0].data == {"inflight": 0, "router": "caddy"}
+
+
+# -- choosing a router -------------------------------------------------------------------
+def test_router_is_chosen_by_configuration(tmp_path: Path) -> None:
+    pm = build_plugin_manager(load_entry_points=False)
+    assert {"none", "traefik", "caddy"} <= set(pm.registries.routers.names())
+    config = tmp_path / "dockyard.toml"
+    config.write_text('router = "caddy"\n[plugins.caddy]\nlisten = "127.0.0.1:9999"\n')
+    settings = load_settings(config, environ={})
+    router: Router = pm.registries.routers.get(settings.router)(settings)
+    assert router.name == "caddy" and router.managed
+    assert load_settings(config, environ={"DOCKYARD_ROUTER": "traefik"}).router == "traefik"
+    bad = Settings(plugins={"traefik": {"lisen": ":80"}})
+    with pytest.raises(Exception, match="lisen"):
+        pm.registries.routers.get("traefik")(bad)
+
+
+def test_serve_takes_a_router_flag() -> None:
+    from dockyard.api.cli import _parser
+
+    args = _parser().parse_args(["serve", "--router", "traefik"])
+    assert args.router == "traefik"

@@ -1,9 +1,11 @@
-"""A typed asyncio client for dockyard's REST API (aiohttp), used by the CLI and by
-validators' code.
+"""The HTTP client for dockyard's whole REST API (aiohttp, asyncio): deployments as JSON
+objects, evaluations as typed structs (``dockyard.client.models``).
 
     async with DockyardClient("http://127.0.0.1:8800", token=...) as dy:
         view = await dy.deploy({"id": "agent", "repo": "https://github.com/acme/agent"})
         view = await dy.wait_for(view["id"])
+        evaluation = await dy.evaluate_miner({"miner": {...}, "tasks": [...]})
+        evaluation = await dy.wait_for_evaluation(evaluation.id)
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import msgspec
+
+from dockyard.client.models import Batch, Evaluation, EvaluationList
 
 DEFAULT_URL = "http://127.0.0.1:8800"
 
@@ -197,3 +202,76 @@ class DockyardClient:
                         on_event(event)
                 return view
             await asyncio.sleep(poll_s)
+
+    # -- evaluations (the validator integration) -----------------------------------------
+    async def evaluate_miner(self, request: dict[str, Any]) -> Evaluation:
+        """``POST /v1/integration/evaluate-miner``: queue one miner's evaluation."""
+        body = await self.request("POST", "/v1/integration/evaluate-miner", json=request)
+        return msgspec.convert(body, Evaluation)
+
+    async def evaluate_miners_batch(self, request: dict[str, Any]) -> Batch:
+        """``POST /v1/integration/evaluate-miners-batch``: queue one evaluation per miner."""
+        body = await self.request("POST", "/v1/integration/evaluate-miners-batch", json=request)
+        return msgspec.convert(body, Batch)
+
+    async def evaluation(self, evaluation_id: str) -> Evaluation:
+        """``GET /v1/integration/evaluation/{id}`` of an evaluation."""
+        body = await self.request("GET", f"/v1/integration/evaluation/{evaluation_id}")
+        return msgspec.convert(body, Evaluation)
+
+    async def batch(self, batch_id: str) -> Batch:
+        """``GET /v1/integration/evaluation/{id}`` of a batch: every member as it stands."""
+        body = await self.request("GET", f"/v1/integration/evaluation/{batch_id}")
+        return msgspec.convert(body, Batch)
+
+    async def evaluations(self, *, state: str | None = None, limit: int = 100) -> list[Evaluation]:
+        """``GET /v1/integration/evaluations``: active ones first, then the newest stored."""
+        body = await self.request(
+            "GET", "/v1/integration/evaluations", params={"state": state, "limit": limit}
+        )
+        return msgspec.convert(body, EvaluationList).evaluations
+
+    async def cancel_evaluation(self, evaluation_id: str) -> Evaluation | Batch:
+        """Cancel an evaluation (or every unfinished member of a batch); returns once its
+        cleanup is over."""
+        body = await self.request(
+            "POST", f"/v1/integration/evaluation/{evaluation_id}/cancel", timeout_s=120
+        )
+        return _evaluation_or_batch(body)
+
+    async def finish_session(
+        self, evaluation_id: str, results: list[Any] | None = None
+    ) -> Evaluation:
+        """End a step session, optionally recording what the validator saw."""
+        body = await self.request(
+            "POST",
+            f"/v1/integration/evaluation/{evaluation_id}/finish",
+            json={"results": results or []},
+            timeout_s=120,
+        )
+        return msgspec.convert(body, Evaluation)
+
+    async def wait_for_evaluation(
+        self,
+        evaluation_id: str,
+        *,
+        timeout_s: float = 3600,
+        poll_s: float = 1.0,
+        until: Callable[[Evaluation | Batch], bool] | None = None,
+    ) -> Evaluation | Batch:
+        """Poll an evaluation or batch until it ends (or ``until`` says so, e.g. a session
+        opened); the last view when ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = await self.request("GET", f"/v1/integration/evaluation/{evaluation_id}")
+            view = _evaluation_or_batch(body)
+            done = until(view) if until is not None else view.finished
+            if done or time.monotonic() > deadline:
+                return view
+            await asyncio.sleep(poll_s)
+
+
+def _evaluation_or_batch(body: Any) -> Evaluation | Batch:
+    if isinstance(body, dict) and "evaluations" in body:
+        return msgspec.convert(body, Batch)
+    return msgspec.convert(body, Evaluation)

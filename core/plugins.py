@@ -31,6 +31,7 @@ DISABLE_ENV = "DOCKYARD_DISABLE_PLUGINS"
 #: under a kind is not special: ``Settings`` names the one in use.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("podman", "dockyard.backends.podman"),
+    ("docker", "dockyard.backends.docker"),  # aiodocker loads when the runtime is built
     ("sqlite", "dockyard.plugins.sqlite_store"),
     ("git", "dockyard.plugins.git_source"),
     ("bluegreen", "dockyard.plugins.bluegreen"),

@@ -101,7 +101,7 @@ def test_cli_lists_the_third_party_plugin(installed_example: Path) -> None:
         timeout=60,
         check=True,
     ).stdout
-    assert "example" in out and "runtimes: example, podman" in out
+    assert "example" in out and "runtimes: docker, example, podman" in out
 
 
 def test_disable_plugins_blocks_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,9 +37,9 @@ from tests.contract.conftest import Engine
 
 MIB = 1024 * 1024
 
-# The contract suite's engines (rootful and rootless), runtime and test image, used here by
-# name: every test below that takes ``engine`` or ``runtime`` runs once per engine.
-engine = contract.engine
+# The contract suite's Podman engines (rootful and rootless), runtime and test image, used
+# here by name: every test below that takes ``engine`` or ``runtime`` runs once per engine.
+engine = contract.engine_fixture(contract.PODMAN_RUNTIMES)
 token = contract.token
 runtime = contract.runtime
 test_image = contract.test_image

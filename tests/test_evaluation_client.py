@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from litestar import Litestar
 
 from dockyard.api.app import create_app
 from dockyard.core.config import Settings
@@ -24,11 +25,14 @@ from tests.test_evaluation import AUTH, FAST, REPO, TEST_SETTINGS, AgentRuntime,
 
 
 @contextlib.contextmanager
-def live_dockyard(settings: Settings, services: Services | None = None) -> Iterator[str]:
-    """Serve dockyard with uvicorn in a thread; its base URL."""
+def live_dockyard(
+    settings: Settings, services: Services | None = None
+) -> Iterator[tuple[str, Litestar]]:
+    """Serve dockyard with uvicorn in a thread; its base URL and app."""
     port = free_port()
+    app = create_app(settings, services=services)
     config = uvicorn.Config(
-        create_app(settings, services=services),
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -42,7 +46,7 @@ def live_dockyard(settings: Settings, services: Services | None = None) -> Itera
         assert thread.is_alive() and time.monotonic() < deadline, "dockyard did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -58,7 +62,7 @@ def dockyard_url(tmp_path: Path) -> Iterator[str]:
         runtime=AgentRuntime(),
         sources={"fake": FakeSource(tmp_path / "src")},
     )
-    with live_dockyard(cfg, services) as url:
+    with live_dockyard(cfg, services) as (url, _):
         yield url
 
 

@@ -207,6 +207,7 @@ class EvaluationService:
                 f"mode: a session needs a stateful protocol; {options.protocol!r} is one-shot"
             )
         tasks = miner.tasks if miner.tasks is not None else options.tasks
+        relayed = options.mode == "relay"
         if options.mode == "relay" and not tasks:
             raise ValidationError("tasks: an evaluation in relay mode needs at least one task")
         for index, task in enumerate(tasks):
@@ -246,8 +247,9 @@ class EvaluationService:
             mode=options.mode,
             limits=limits,
             tasks=[dict(task) for task in tasks],
-            results=[TaskResult(task_id=task_id_of(task)) for task in tasks],
-            progress=Progress(tasks_total=len(tasks)),
+            # A session's tasks are the validator's to drive: no results of dockyard's.
+            results=[] if not relayed else [TaskResult(task_id=task_id_of(t)) for t in tasks],
+            progress=Progress(tasks_total=len(tasks) if relayed else 0),
             env_names=sorted(options.env),
             resources=options.resources,
             require_ref=options.require_ref,
@@ -707,9 +709,11 @@ class EvaluationService:
         is over (bounded); cancelling a finished evaluation changes nothing."""
         if evaluation_id.startswith(BATCH_PREFIX):
             batch = await self.batch(evaluation_id)
-            for member in batch.evaluations:
-                if not member.final:
-                    await self._cancel_one(member.id)
+            # Queued members leave the queue before any running one ends (and would let
+            # the next one start); the running ones are cancelled and cleaned in parallel.
+            await asyncio.gather(
+                *(self._cancel_one(member.id) for member in batch.evaluations if not member.final)
+            )
             return await self.batch(evaluation_id)
         await self._cancel_one(evaluation_id)
         return await self.get(evaluation_id)

@@ -1,14 +1,23 @@
-"""End to end through the HTTP API with real Podman and a real git server on loopback:
+"""End to end through the HTTP API with a real engine and a real git server on loopback:
 fetch exactly the commit asked for, build it safely, deploy blue/green, roll back, delete.
 
-The runtime is dockyard's own Podman plugin, starting its private ``podman system service``
-as the app starts (the production path). Test agents are busybox httpd images built from
-the repositories, so every build runs offline in about a second.
+Every test runs once per runtime (:data:`E2E_RUNTIMES`):
+
+- ``podman``: dockyard's own Podman plugin, starting its private ``podman system service``
+  as the app starts (the production path);
+- ``docker``: the Docker plugin on the session's private dockerd
+  (``tests/contract/conftest.py``), selected in the settings like an operator would.
+
+The tests look at the engine through the engine-neutral probes of
+:class:`tests.contract.conftest.Engine` (the Podman CLI, the Docker API), never through the
+runtime under test. Test agents are busybox httpd images built from the repositories, so
+every build runs offline in about a second.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -21,11 +30,21 @@ import pytest
 from litestar.testing import TestClient
 
 from tests.conftest import AUTH, TEST_SETTINGS
+from tests.contract.conftest import ENGINES, Engine, PodmanEngine
 from tests.gitserver import GitDaemon, Repo, RepoBuilder
 
-pytestmark = [pytest.mark.podman, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
-LABEL = "io.dockyard.managed=true"
+E2E_RUNTIMES = [
+    pytest.param("podman", marks=[pytest.mark.podman]),
+    pytest.param("docker", marks=[pytest.mark.docker]),
+]
+#: Host ports each runtime's dockyards lease: (API tests, the example agent).
+PORT_RANGES = {
+    "podman": ((46000, 46050), (46100, 46110)),
+    "docker": ((46200, 46250), (46300, 46310)),
+}
+LABELS = {"io.dockyard.managed": "true"}
 HEALTH = {"interval_s": 0.2, "timeout_s": 2, "deadline_s": 20}
 
 AGENT_DOCKERFILE = """\
@@ -68,34 +87,39 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDa
         yield daemon, builder
 
 
+@pytest.fixture(scope="module", params=E2E_RUNTIMES)
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The runtime under test, as probes of its engine plus the settings selecting it."""
+    if request.param == "podman":
+        _podman_required()
+        return PodmanEngine(kind="podman", url="")  # dockyard starts its own service
+    return ENGINES.get(str(request.param), request.session)
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]]:
-    """One dockyard (real Podman, SQLite, git source with loopback allowed) per module."""
-    _podman_required()
+def client(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Any]]:
+    """One dockyard (the runtime under test, SQLite, git source with loopback allowed) per
+    module and runtime."""
     from dockyard.api.app import create_app
     from dockyard.core.config import Settings
 
     data = tmp_path_factory.mktemp("data")
+    (start, end), _ = PORT_RANGES[engine.kind]
     settings = Settings(
         **TEST_SETTINGS,
+        **engine.settings(),
         data_dir=str(data),
         insecure_sources=True,
-        port_range_start=46000,
-        port_range_end=46050,
+        port_range_start=start,
+        port_range_end=end,
         build_timeout_s=20,
     )
     with TestClient(create_app(settings), timeout=120) as c:
         c.headers.update(AUTH)
         yield c
     # Nothing dockyard made may survive its own deletes.
-    left = _podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}")
-    assert left.strip() == "", f"containers left behind: {left}"
-
-
-def _podman(*args: str) -> str:
-    return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+    left = engine.container_names(LABELS)
+    assert left == [], f"containers left behind: {left}"
 
 
 def _get(port: int, path: str = "/") -> str:
@@ -132,11 +156,8 @@ def _retired(color: str) -> Any:
     return check
 
 
-def _containers(dep: str) -> list[str]:
-    out = _podman(
-        "ps", "-a", "--filter", f"label=io.dockyard.deployment={dep}", "--format", "{{.Names}}"
-    )
-    return sorted(out.split())
+def _containers(engine: Engine, dep: str) -> list[str]:
+    return engine.container_names({"io.dockyard.deployment": dep})
 
 
 def _leases(client: TestClient[Any]) -> dict[int, str]:
@@ -145,7 +166,7 @@ def _leases(client: TestClient[Any]) -> dict[int, str]:
         return portal.call(store.list_leases)  # type: ignore[no-any-return]
 
 
-def test_blue_green_lifecycle(client: TestClient[Any], git_server: Any) -> None:
+def test_blue_green_lifecycle(client: TestClient[Any], engine: Engine, git_server: Any) -> None:
     daemon, builder = git_server
     repo = builder.new("lifecycle")
     v1 = _agent(repo, "v1")
@@ -172,7 +193,7 @@ def test_blue_green_lifecycle(client: TestClient[Any], git_server: Any) -> None:
     body = _wait(client, "life", _retired("blue"))
     assert _slots(body)["blue"]["state"] == "RETIRED"
     v2_port = _slots(body)["green"]["host_port"]
-    assert _containers("life") == ["dockyard-life-green"]
+    assert _containers(engine, "life") == ["dockyard-life-green"]
     assert v1_port not in _leases(client)
     assert _get(v2_port) == "v2"
 
@@ -186,7 +207,7 @@ def test_blue_green_lifecycle(client: TestClient[Any], git_server: Any) -> None:
     assert slots["blue"]["reason"] == "health_check_failed"
     assert slots["green"]["state"] == "PROMOTED"
     assert _get(v2_port) == "v2"
-    assert _containers("life") == ["dockyard-life-green"]
+    assert _containers(engine, "life") == ["dockyard-life-green"]
     assert set(_leases(client)) == {v2_port}
 
     # A deploy of the same inputs again (v2) reuses the image without rebuilding.
@@ -210,7 +231,7 @@ def test_blue_green_lifecycle(client: TestClient[Any], git_server: Any) -> None:
 
     # delete -> no container, port lease or record left.
     assert client.delete("/v1/repos/life").status_code == 200
-    assert _containers("life") == []
+    assert _containers(engine, "life") == []
     assert not [o for o in _leases(client).values() if o.startswith("life")]
     assert client.get("/v1/repos/life").status_code == 404
 
@@ -256,7 +277,7 @@ def test_two_deployments_in_parallel_and_409_when_busy(
 
 
 def test_subdirectory_build_args_and_recorded_commit(
-    client: TestClient[Any], git_server: Any
+    client: TestClient[Any], engine: Engine, git_server: Any
 ) -> None:
     daemon, builder = git_server
     repo = builder.new("mono")
@@ -273,10 +294,7 @@ def test_subdirectory_build_args_and_recorded_commit(
     assert blue["commit"] == sha
     assert _get(blue["host_port"], "/build-arg.txt") == "42"
     revision = blue["revision_id"]
-    image = _podman(
-        "image", "inspect", "--format", "{{json .Labels}}", _revision_image(client, revision)
-    )
-    labels = json.loads(image)
+    labels = engine.image_labels(_revision_image(client, revision))
     assert labels["io.dockyard.source.commit"] == sha
     assert labels["io.dockyard.source.subdir"] == "agents/web"
     assert client.delete("/v1/repos/mono").status_code == 200
@@ -291,7 +309,7 @@ def _revision_image(client: TestClient[Any], revision_id: str) -> str:
 
 
 def test_image_mode_serves_the_mounted_source(
-    client: TestClient[Any], git_server: Any, tmp_path: Path
+    client: TestClient[Any], engine: Engine, git_server: Any, tmp_path: Path
 ) -> None:
     daemon, builder = git_server
     # An operator's base image: busybox only.
@@ -301,7 +319,7 @@ def test_image_mode_serves_the_mounted_source(
     (ctx / "Dockerfile").write_text(
         'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
     )
-    _podman("build", "--network", "none", "-t", "localhost/dockyard-test/busybox:e2e", str(ctx))
+    engine.build_image(ctx, "localhost/dockyard-test/busybox:e2e")
     repo = builder.new("plain")
     repo.write("www/health", "ok")
     repo.write("www/index.html", "mounted")
@@ -318,7 +336,7 @@ def test_image_mode_serves_the_mounted_source(
     assert blue["state"] == "PROMOTED", body
     assert blue["commit"] == sha
     assert _get(blue["host_port"]) == "mounted"
-    mounts = json.loads(_podman("inspect", "--format", "{{json .Mounts}}", blue["container_name"]))
+    mounts = engine.container_mounts(blue["container_name"])
     app = next(m for m in mounts if m["Destination"] == "/app")
     assert app["RW"] is False
     assert client.delete("/v1/repos/mounted").status_code == 200
@@ -332,7 +350,7 @@ def test_image_mode_serves_the_mounted_source(
     ],
 )
 def test_refused_sources_end_failed_with_their_reason(
-    client: TestClient[Any], git_server: Any, name: str, ref: str, reason: str
+    client: TestClient[Any], engine: Engine, git_server: Any, name: str, ref: str, reason: str
 ) -> None:
     daemon, builder = git_server
     repo = builder.new(name)
@@ -344,12 +362,12 @@ def test_refused_sources_end_failed_with_their_reason(
     body = r.json()
     blue = _slots(body)["blue"]
     assert (blue["state"], blue["reason"]) == ("FAILED", reason), body
-    assert _containers(name) == []
+    assert _containers(engine, name) == []
     assert client.delete(f"/v1/repos/{name}").status_code == 200
 
 
 def test_builds_without_network_and_with_a_timeout_leave_nothing(
-    client: TestClient[Any], git_server: Any
+    client: TestClient[Any], engine: Engine, git_server: Any
 ) -> None:
     daemon, builder = git_server
     repo = builder.new("hostile-build")
@@ -386,28 +404,29 @@ def test_builds_without_network_and_with_a_timeout_leave_nothing(
     assert (blue["state"], blue["reason"]) == ("FAILED", "build_timeout"), r.json()
     assert time.monotonic() - started < 60
     # No build container survives the timeout.
-    build_containers = _podman("ps", "-a", "--external", "--format", "{{.Names}} {{.Image}}")
+    build_containers = "\n".join(engine.build_container_lines())
     assert "sleep" not in build_containers
     for dep in ("nonet", "forever"):
         assert client.delete(f"/v1/repos/{dep}").status_code == 200
 
 
 @pytest.fixture(scope="module")
-def base_python_image() -> str:
-    """The offline Python base image (contrib/base-image/build.sh; ~1 min once per host)."""
+def base_python_image(engine: Engine) -> str:
+    """The offline Python base image (contrib/base-image/build.sh; ~1 min once per host,
+    then a few seconds to import it into an engine)."""
     from tests.conftest import ROOT
 
-    subprocess.run(
-        ["bash", str(ROOT / "contrib" / "base-image" / "build.sh")],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
+    command = ["bash", str(ROOT / "contrib" / "base-image" / "build.sh")]
+    env = dict(os.environ)
+    if engine.kind == "docker":
+        command += ["--engine", "docker"]
+        env["DOCKER_HOST"] = engine.url
+    subprocess.run(command, check=True, capture_output=True, timeout=900, env=env)
     return "localhost/dockyard/base-python:bookworm"
 
 
 def test_the_example_agent_from_this_checkout(
-    tmp_path_factory: pytest.TempPathFactory, base_python_image: str
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory, base_python_image: str
 ) -> None:
     """What the README's first command prints: deploy contrib/example-agent from this
     checkout (trusted with --allow-local-repo) and talk Autoppia's protocol to it."""
@@ -420,12 +439,14 @@ def test_the_example_agent_from_this_checkout(
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
+    _, (start, end) = PORT_RANGES[engine.kind]
     settings = Settings(
         **TEST_SETTINGS,
+        **engine.settings(),
         data_dir=str(tmp_path_factory.mktemp("example")),
         local_repos=[str(ROOT)],
-        port_range_start=46100,
-        port_range_end=46110,
+        port_range_start=start,
+        port_range_end=end,
     )
     with TestClient(create_app(settings), timeout=300) as client:
         client.headers.update(AUTH)

@@ -53,8 +53,9 @@ HINT
     ;;
   test)
     as_root bash contrib/ci/setup-podman.sh
+    as_root bash contrib/ci/setup-docker.sh
     ensure_python
-    ensure_venv test
+    ensure_venv test,docker
     exec "$venv/bin/pytest" "$@"
     ;;
   *)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepare a Debian/Ubuntu host for dockyard's Docker runtime and its tests.
+#
+# Run as root. Idempotent: apt runs only when something is missing. It installs docker.io
+# (dockerd 20.10 on Debian 12, with containerd, runc, docker-init and docker-proxy) and
+# busybox-static (the test images), and checks the binaries are there. It does NOT start or
+# enable a system Docker daemon, and it does not touch the host's firewall:
+#   - the tests start their own dockerd on a private socket (tests/dockerd.py);
+#   - to serve with `--runtime docker`, start the system daemon yourself
+#     (systemctl start docker, or dockerd in the foreground where there is no systemd).
+set -euo pipefail
+
+PACKAGES=(docker.io busybox-static)
+
+log() { printf 'setup-docker: %s\n' "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup-docker: must run as root" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # policy-rc.d may refuse to start the service in containers and CI; that is fine.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    log "packages already installed"
+fi
+
+for binary in dockerd containerd runc docker-init docker-proxy; do
+    command -v "$binary" >/dev/null || { echo "setup-docker: $binary is missing" >&2; exit 1; }
+done
+log "ok: $(dockerd --version)"

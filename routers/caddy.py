@@ -37,6 +37,7 @@ from dockyard.core.router import (
     RouterError,
     RouterHealth,
     Upstream,
+    route_prefix,
 )
 from dockyard.routers.proxy import ProxyProcess, find_binary, loopback_url, options, probe_route
 
@@ -404,8 +405,8 @@ class CaddyRouter(Router):
         )
 
     def url_for(self, deployment_id: str) -> str | None:
-        route = self.routes.get(deployment_id)
-        return f"{self.public_url}{route.prefix}/" if route else None
+        """``<public_url>/apps/<id>/``: the same for every slot and after a restart."""
+        return f"{self.public_url}{route_prefix(deployment_id)}/"
 
 
 def _caddy_version(binary: str) -> tuple[int, ...] | None:

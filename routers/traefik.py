@@ -20,7 +20,14 @@ import aiohttp
 from dockyard.core.config import Settings
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import Model
-from dockyard.core.router import ROUTE_HEADER, Route, Router, RouterError, RouterHealth
+from dockyard.core.router import (
+    ROUTE_HEADER,
+    Route,
+    Router,
+    RouterError,
+    RouterHealth,
+    route_prefix,
+)
 from dockyard.routers.proxy import (
     ProxyProcess,
     find_binary,
@@ -64,7 +71,6 @@ class TraefikRouter(Router):
         self.api_url = opts.api_url or (loopback_url(opts.api_listen) if opts.manage else None)
         self.probe_url = opts.probe_url or loopback_url(opts.listen)
         self.public_url = (opts.public_url or self.probe_url).rstrip("/")
-        self.routes: dict[str, Route] = {}
         self.process: ProxyProcess | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -160,14 +166,12 @@ class TraefikRouter(Router):
             write_atomically(self.path(route.deployment_id), data)
         except OSError as exc:
             raise RouterError(f"cannot write traefik route file: {exc}") from exc
-        self.routes[route.deployment_id] = route
 
     async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
         return await probe_route(self.probe_url, route, timeout_s=timeout_s)
 
     async def remove(self, deployment_id: str) -> None:
         self.path(deployment_id).unlink(missing_ok=True)
-        self.routes.pop(deployment_id, None)
 
     async def served(self) -> dict[str, str] | None:
         """From Traefik's API (what it loaded); without an API, from the files."""
@@ -245,8 +249,8 @@ class TraefikRouter(Router):
         )
 
     def url_for(self, deployment_id: str) -> str | None:
-        route = self.routes.get(deployment_id)
-        return f"{self.public_url}{route.prefix}/" if route else None
+        """``<public_url>/apps/<id>/``: the same for every slot and after a restart."""
+        return f"{self.public_url}{route_prefix(deployment_id)}/"
 
 
 @hookimpl

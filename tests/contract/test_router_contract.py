@@ -138,7 +138,6 @@ async def test_remove(router: Router, servers: list[Server]) -> None:
     await wait_status(router, "/apps/one/", 404)
     assert (await get(router, "/apps/two/"))[:2] == (200, "green")
     assert await router.served() == {"two": two.token}
-    assert router.url_for("one") is None
     await router.remove("one")  # a missing route is not an error
 
 

@@ -196,8 +196,9 @@ def assert_nothing_left(client: TestClient[Any], *evaluation_ids: str) -> None:
     runtime: AgentRuntime = services.runtime  # type: ignore[assignment]
     assert [c.name for c in runtime.containers.values()] == []
     assert call(client, services.store.list_leases) == {}
+    served = call(client, services.router.served) or {}
     for evaluation_id in evaluation_ids:
-        assert services.router.url_for(evaluation_id) is None
+        assert evaluation_id not in served
         assert call(client, services.store.get_deployment, evaluation_id) is None
 
 
@@ -627,7 +628,7 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
             assert runtime.containers == {}
             assert await services.store.list_leases() == {}
             assert await services.store.get_deployment(evaluation.id) is None
-            assert services.router.url_for(evaluation.id) is None
+            assert evaluation.id not in (await services.router.served() or {})
         finally:
             await second.stop()
             await restarted.stop()

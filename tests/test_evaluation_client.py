@@ -46,6 +46,7 @@ def live_dockyard(
         assert thread.is_alive() and time.monotonic() < deadline, "dockyard did not start"
         time.sleep(0.02)
     try:
+        app.state.loop = server.servers[0].get_loop()  # to reach the app's objects
         yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True

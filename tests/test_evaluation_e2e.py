@@ -148,10 +148,13 @@ class Dockyard:
         assert containers.strip() == "", f"containers left: {containers}"
         assert not [o for o in self.leases().values() if o.startswith("ev-")], self.leases()
         router = router_of(self)
+        served = asyncio.run_coroutine_threadsafe(router.served(), self.app.state.loop)
+        routes = await asyncio.wrap_future(served)
+        assert routes is not None  # the proxy answered
         async with aiohttp.ClientSession() as http:
             for evaluation in evaluations:
                 assert evaluation.cleaned_up, evaluation
-                assert router.url_for(evaluation.id) is None
+                assert evaluation.id not in routes, routes
                 # and through the proxy itself: the prefix no longer leads anywhere
                 url = f"{router.public_url}/apps/{evaluation.id}/health"
                 async with http.get(url) as response:

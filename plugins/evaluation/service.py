@@ -163,8 +163,16 @@ class EvaluationService:
             self._stamp_end(evaluation)
             await self._store(evaluation)
             log.info("evaluation %s ended: controller_restarted", evaluation.id)
+        try:
+            await self._reap()
+        except DockyardError as exc:  # a runtime hiccup must not keep dockyard from starting
+            log.warning("reaping evaluation leftovers failed (retried at the next start): %s", exc)
+
+    async def _reap(self) -> None:
+        """Remove every deployment and container labelled as an evaluation's that no active
+        evaluation owns."""
         active = {run.evaluation.deployment_id for run in self._runs.values()}
-        for deployment in await store.list_deployments():
+        for deployment in await self.services.store.list_deployments():
             if EVALUATION_LABEL in deployment.spec.labels and deployment.id not in active:
                 await self._remove_deployment(deployment.id)
         for info in await self.services.runtime.list({LABEL_MANAGED: "true"}):

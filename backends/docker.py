@@ -922,6 +922,9 @@ class DockerRuntime(Runtime):
                     self._abort_build(response, progress, temp_ref, "was cancelled")
                 )
                 raise
+            except BuildFailed:  # a broken stream: disconnecting cancels the build
+                await self._abort_build(response, progress, temp_ref, "sent a broken stream")
+                raise
             except self._engine_errors() as exc:
                 progress.flush()
                 await self._remove_build_layers(progress, temp_ref)
@@ -963,7 +966,10 @@ class DockerRuntime(Runtime):
             buffer += chunk
             *messages, buffer = buffer.split(b"\n")
             if len(buffer) > MAX_STREAM_MESSAGE:
-                raise BuildFailed("the build stream sent a message larger than 4 MiB")
+                raise BuildFailed(
+                    "the build stream sent a message larger than 4 MiB",
+                    log_tail=list(progress.lines),
+                )
             for raw in messages:
                 _feed(progress, raw)
         _feed(progress, buffer)

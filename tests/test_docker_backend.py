@@ -617,3 +617,41 @@ def test_context_tar_applies_dockerignore_and_keeps_the_dockerfile(tmp_path: Pat
     assert set(members) == {"app", "app/main.py", "Dockerfile", ".dockerignore", "link"}
     assert members["link"].issym() and members["link"].linkname == "app/main.py"
     assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+
+
+def test_build_progress_tracks_the_running_step_and_its_own_layers() -> None:
+    seen: list[str] = []
+    progress = backend._BuildProgress(on_log=seen.append, max_lines=100)
+    stream = [
+        {"stream": "Step 1/4 : FROM localhost/base:1"},
+        {"stream": "\n"},
+        {"stream": " ---> 1111111111aa\n"},  # the base image: never ours
+        {"stream": "Step 2/4 : RUN echo a\n ---> Running in 2222222222bb\n"},
+        {"stream": "a\n"},
+        {"stream": "Removing intermediate container 2222222222bb\n ---> 3333333333cc\n"},
+        {"stream": "Step 3/4 : COPY x /x\n ---> Using cache\n ---> 4444444444dd\n"},
+        {"stream": "Step 4/4 : RUN sleep 1\n ---> Running in 5555555555ee\n"},
+    ]
+    for message in stream:
+        progress.feed(message)
+    assert progress.committed == ["3333333333cc"]  # not the base, not a cached layer
+    assert progress.running == "5555555555ee"
+    progress.feed({"error": "boom", "errorDetail": {"message": "boom"}})
+    progress.flush()
+    assert progress.error == "boom"
+    assert seen[0] == "Step 1/4 : FROM localhost/base:1" and seen[-1] == "ERROR: boom"
+    assert list(progress.lines) == seen
+
+
+async def test_a_broken_build_stream_fails_the_build() -> None:
+    class Content:
+        async def iter_any(self) -> Any:
+            yield b'{"stream":"ok\\n"}\r\n{"str'
+            yield b'eam":"split\\n"}\r\nnot json\r\n'
+            yield b"x" * (backend.MAX_STREAM_MESSAGE + 1)
+
+    progress = backend._BuildProgress(on_log=None, max_lines=10)
+    response: Any = type("Response", (), {"content": Content()})()
+    with pytest.raises(BuildFailed, match="larger than 4 MiB"):
+        await DockerRuntime._read_build_stream(response, progress)
+    assert list(progress.lines) == ["ok", "split", "not json"]

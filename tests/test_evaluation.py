@@ -237,6 +237,11 @@ def test_a_good_agent_answers_in_the_validator_format(make_client: Any) -> None:
 
         listed = client.get("/v1/integration/evaluations").json()["evaluations"]
         assert {e["id"] for e in listed} == {created["id"], again["id"]}
+        finished = client.get("/v1/integration/evaluations?state=finished&limit=1").json()
+        assert [e["id"] for e in finished["evaluations"]] == [again["id"]]  # newest first
+        assert client.get("/v1/integration/evaluations?state=queued").json()["evaluations"] == []
+        schema = client.get("/docs/openapi.json").json()
+        assert "/v1/integration/evaluate-miner" in schema["paths"]
 
 
 def test_tasks_in_parallel_per_agent_are_bounded(make_client: Any) -> None:
@@ -639,3 +644,50 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
 
 async def _no_cleanup(run: Any) -> None:
     return None
+
+
+# ---------------------------------------------------------------- scope
+def test_every_integration_route_needs_the_evaluate_scope(make_client: Any) -> None:
+    import hashlib
+
+    def token(scope: str) -> tuple[str, dict[str, Any]]:
+        token_id = hashlib.sha256(scope.encode()).hexdigest()[:8]
+        value = f"dy_{token_id}_" + scope[0] * 43
+        record = {
+            "id": token_id,
+            "name": scope,
+            "scopes": [scope],
+            "sha256": hashlib.sha256(value.encode()).hexdigest(),
+        }
+        return value, record
+
+    deployer, deployer_record = token("deploy")
+    evaluator, evaluator_record = token("evaluate")
+    with make_client(api_tokens=[deployer_record, evaluator_record]) as client:
+        client.headers.pop("Authorization", None)
+        body = {"miner": {"github_url": REPO, "ref": "v1"}, "tasks": tasks("t1")}
+        routes = [
+            ("POST", "/v1/integration/evaluate-miner", body),
+            ("POST", "/v1/integration/evaluate-miners-batch", {"miners": [body["miner"]]}),
+            ("GET", "/v1/integration/evaluation/ev-000000000000", None),
+            ("GET", "/v1/integration/evaluations", None),
+            ("POST", "/v1/integration/evaluation/ev-000000000000/cancel", None),
+            ("POST", "/v1/integration/evaluation/ev-000000000000/finish", None),
+        ]
+        for method, path, payload in routes:
+            denied = client.request(
+                method, path, json=payload, headers={"Authorization": f"Bearer {deployer}"}
+            )
+            assert denied.status_code == 403, (path, denied.text)
+            assert client.request(method, path, json=payload).status_code == 401
+        allowed = client.post(
+            "/v1/integration/evaluate-miner",
+            json={**body, "timeouts": FAST},
+            headers={"Authorization": f"Bearer {evaluator}"},
+        )
+        assert allowed.status_code == 202, allowed.text
+        wait = client.get(
+            f"/v1/integration/evaluation/{allowed.json()['id']}",
+            headers={"Authorization": f"Bearer {evaluator}"},
+        )
+        assert wait.status_code == 200

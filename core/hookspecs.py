@@ -78,7 +78,10 @@ def dockyard_register_strategies(register: Registrar) -> None:
 def dockyard_register_protocols(register: Registrar) -> None:
     """Register agent protocols (Autoppia's ``step`` and ``solve_task``, ...).
 
-    :param register: call ``register(name, factory)``; an evaluation names its protocol.
+    :param register: call ``register(name, factory)``; ``factory(settings)`` returns a
+        :class:`dockyard.plugins.protocols.AgentProtocol` whose ``solve(agent, task)`` relays
+        one task and returns a normalized ``TaskAnswer``; an evaluation names its protocol
+        (built in: ``solve_task``, ``step``, ``act``).
 
     A third-party plugin implements this hook to relay tasks in another agent protocol.
     """

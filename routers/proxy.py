@@ -85,10 +85,10 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 async def probe_route(
-    base_url: str, route: Route, *, timeout_s: float, interval_s: float = 0.01
+    base_url: str, route: Route, stamp: str, *, timeout_s: float, interval_s: float = 0.01
 ) -> bool:
     """Request ``route.prefix + route.probe_path`` through the proxy until an answer below
-    500 carries the route's token in ``X-Dockyard-Route``, or ``timeout_s`` passes.
+    500 carries ``stamp`` in ``X-Dockyard-Route``, or ``timeout_s`` passes.
 
     Each probe uses a new connection, so no keep-alive connection to an old configuration
     answers for the new one.
@@ -108,7 +108,7 @@ async def probe_route(
                     timeout=aiohttp.ClientTimeout(total=max(0.05, min(2.0, remaining))),
                 ) as response:
                     await response.read()
-                    if response.status < 500 and response.headers.get(ROUTE_HEADER) == route.token:
+                    if response.status < 500 and response.headers.get(ROUTE_HEADER) == stamp:
                         return True
             except (aiohttp.ClientError, TimeoutError):
                 pass

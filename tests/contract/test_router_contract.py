@@ -3,7 +3,8 @@ plugin on free loopback ports (a new proxy per test, stopped afterwards).
 
 Create, switch, verify, remove, concurrent edits, requests in flight during a switch, drain
 tracking, health, and restore after the proxy process is killed or loses its
-configuration. A new router plugin proves itself by joining :data:`ROUTERS`.
+configuration. ``caddy`` runs twice: switching by file (its default) and through the admin
+API. A new router plugin proves itself by joining :data:`ROUTERS`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from dockyard.routers.traefik import TraefikRouter
 from tests.proxies import PROXIES, proxy_settings, require
 from tests.proxies import Upstream as Server
 
-ROUTERS = PROXIES
-FACTORIES: dict[str, Any] = {"traefik": TraefikRouter, "caddy": CaddyRouter}
+#: ``caddy`` switches by rewriting an upstream file; ``caddy-admin`` through the admin API.
+ROUTERS = [*PROXIES, "caddy-admin"]
+FACTORIES: dict[str, Any] = {
+    "traefik": TraefikRouter,
+    "caddy": CaddyRouter,
+    "caddy-admin": CaddyRouter,
+}
 
 
 @pytest.fixture(params=ROUTERS)
@@ -97,7 +103,7 @@ async def test_create_serves_the_prefix_stripped(router: Router, servers: list[S
     blue = route("app", servers[0])
     await router.apply(blue)
     assert await router.verify(blue, timeout_s=5)
-    assert await get(router, "/apps/app/") == (200, "blue", blue.token)
+    assert await get(router, "/apps/app/") == (200, "blue", router.stamp(blue))
     assert (await get(router, "/apps/app"))[:2] == (200, "blue")
     status, body, _ = await get(router, "/apps/app/echo/a/b?x=1")
     assert (status, body) == (200, "blue /echo/a/b?x=1 /apps/app")

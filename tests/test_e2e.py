@@ -42,7 +42,7 @@ E2E_RUNTIMES = [
 #: Host ports each runtime's dockyards lease: (API tests, the example agent).
 PORT_RANGES = {
     "podman": ((46000, 46050), (46100, 46110)),
-    "docker": ((46200, 46250), (46300, 46310)),
+    "docker": ((46600, 46650), (46700, 46710)),
 }
 LABELS = {"io.dockyard.managed": "true"}
 HEALTH = {"interval_s": 0.2, "timeout_s": 2, "deadline_s": 20}
@@ -80,8 +80,11 @@ def _agent(repo: Repo, version: str, *, healthy: bool = True, subdir: str = "") 
 
 
 @pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
+def git_server(
+    engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GitDaemon, Any]]:
+    """A loopback git daemon with fresh repositories for each runtime's run of the module."""
+    root = tmp_path_factory.mktemp(f"repos-{engine.kind}") / "served"
     builder = RepoBuilder(root)
     with GitDaemon(root) as daemon:
         yield daemon, builder

@@ -24,7 +24,7 @@ from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
 from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState
 from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.router import Route, Router
+from dockyard.core.router import Route, Router, Upstream
 from dockyard.core.services import Services
 from dockyard.routers.none import NoRouter
 from tests.fakes import FakeRuntime, FakeSource
@@ -315,6 +315,48 @@ async def test_a_caddy_file_switch_loads_no_configuration(dockyard: Any) -> None
     url = router.url_for("app")
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert await response.text() == await promoted_revision(services)
+
+
+async def test_two_writers_on_one_caddy_never_lose_a_route(tmp_path: Path) -> None:
+    """dockyard's Caddy plus a second writer attached to the same admin API. Every edit is
+    guarded by If-Match: when the other writer changes the routes between a read and a
+    write, the write gets 412, reads again, and both routes land."""
+    require("caddy")
+    from dockyard.routers.caddy import CaddyRouter
+    from tests.proxies import Upstream as Server
+
+    settings = proxy_settings("caddy-admin", tmp_path / "one")
+    first = CaddyRouter(settings)
+    await first.open()
+    upstream = await Server("up").start()
+
+    def route(name: str) -> Route:
+        return Route(
+            deployment_id=name, prefix=f"/apps/{name}", upstream=Upstream(port=upstream.port)
+        )
+
+    try:
+        options = {**settings.plugins["caddy"], "manage": False, "admin": first.admin}
+        second = CaddyRouter(Settings(data_dir=str(tmp_path / "two"), plugins={"caddy": options}))
+        await second.open()
+        statuses: list[int] = []
+        call = second._call
+
+        async def interleaved(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            result = await call(method, path, *args, **kwargs)
+            statuses.append(result[0])
+            if method == "GET" and path.endswith("/routes") and len(statuses) == 1:
+                await first.apply(route("theirs"))  # lands between our read and our write
+            return result
+
+        second._call = interleaved  # type: ignore[method-assign]
+        await second.apply(route("ours"))
+        assert statuses[:3] == [200, 412, 200]  # read, refused write, read again
+        assert set(await first.served() or {}) == {"theirs", "ours"}
+        await second.close()
+    finally:
+        await upstream.stop()
+        await first.close()
 
 
 # -- choosing a router -------------------------------------------------------------------

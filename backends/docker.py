@@ -66,6 +66,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -288,6 +289,22 @@ def parse_hardening(attrs: Mapping[str, Any], *, limits_enforced: bool = True) -
     )
 
 
+def started_at(value: Any) -> float | None:
+    """Epoch seconds of a Docker timestamp (RFC 3339 with nanoseconds); None when unset."""
+    text = str(value or "")
+    if not text or text.startswith("0001-"):
+        return None
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text)
+    if match is None:
+        return None
+    head, fraction, zone = match.groups()
+    zone = "+00:00" if zone == "Z" else zone
+    try:
+        return datetime.fromisoformat(f"{head}.{(fraction or '0')[:6]}{zone}").timestamp()
+    except ValueError:
+        return None
+
+
 def container_info(attrs: Mapping[str, Any], *, limits_enforced: bool = True) -> ContainerInfo:
     """A :class:`ContainerInfo` from a container's inspect JSON."""
     state = attrs.get("State") or {}
@@ -296,18 +313,21 @@ def container_info(attrs: Mapping[str, Any], *, limits_enforced: bool = True) ->
     status = str(state.get("Status") or "unknown")
     running = bool(state.get("Running"))
     exited = status in ("exited", "dead") or (not running and status not in ("created",))
-    return ContainerInfo(
-        id=str(attrs.get("Id", "")),
-        name=str(attrs.get("Name", "")).lstrip("/"),
-        image=str(config.get("Image") or attrs.get("Image") or ""),
-        status=status,
-        running=running,
-        labels=dict(config.get("Labels") or {}),
-        host_port=hardening.published[0][1] if hardening.published else None,
-        exit_code=int(state.get("ExitCode", 0)) if exited else None,
-        oom_killed=bool(state.get("OOMKilled")),
-        hardening=hardening,
-    )
+    fields: dict[str, Any] = {
+        "id": str(attrs.get("Id", "")),
+        "name": str(attrs.get("Name", "")).lstrip("/"),
+        "image": str(config.get("Image") or attrs.get("Image") or ""),
+        "status": status,
+        "running": running,
+        "labels": dict(config.get("Labels") or {}),
+        "host_port": hardening.published[0][1] if hardening.published else None,
+        "exit_code": int(state.get("ExitCode", 0)) if exited else None,
+        "oom_killed": bool(state.get("OOMKilled")),
+        "hardening": hardening,
+    }
+    if "started_at" in ContainerInfo.__struct_fields__:  # the contract's newer field
+        fields["started_at"] = started_at(state.get("StartedAt"))
+    return ContainerInfo(**fields)
 
 
 # ------------------------------------------------------------------- Dockerfile reading

@@ -132,7 +132,9 @@ async def test_daemon_view_confirms_hardening(
         memory_mb=80, cpus=0.25, pids=48, nofile=300, nproc=200, tmpfs_mb=8, log_max_files=2
     )
     spec = make_spec("daemon", limits=limits)
-    await runtime.run(spec)
+    started = await runtime.run(spec)
+    if hasattr(started, "started_at"):  # the contract's newer field: the latest start
+        assert started.started_at is not None and abs(time.time() - started.started_at) < 60
     info = await runtime.info()
     assert info.limits_enforced and not info.rootless  # a rootful daemon on this host
 
@@ -655,3 +657,10 @@ async def test_a_broken_build_stream_fails_the_build() -> None:
     with pytest.raises(BuildFailed, match="larger than 4 MiB"):
         await DockerRuntime._read_build_stream(response, progress)
     assert list(progress.lines) == ["ok", "split", "not json"]
+
+
+def test_started_at_parses_docker_timestamps() -> None:
+    assert backend.started_at("1970-01-01T00:01:40.123456789Z") == pytest.approx(100.123456)
+    assert backend.started_at("1970-01-01T02:00:00+02:00") == 0.0
+    assert backend.started_at("0001-01-01T00:00:00Z") is None  # never started
+    assert backend.started_at("") is None and backend.started_at("yesterday") is None

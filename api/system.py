@@ -8,6 +8,7 @@ from litestar.di import NamedDependency
 
 from dockyard.core.models import Model
 from dockyard.core.plugins import dockyard_version
+from dockyard.core.router import RouterHealth
 from dockyard.core.runtime import RuntimeInfo
 from dockyard.core.services import Services
 
@@ -26,6 +27,7 @@ class Health(Model):
     runtime: RuntimeInfo | None
     runtime_error: str | None
     store: StoreHealth
+    router: RouterHealth
     limits_enforced: bool
     limits_note: str
 
@@ -62,13 +64,18 @@ class SystemController(Controller):
             store = StoreHealth(name=services.store.name, ok=store_ok)
         except Exception as exc:
             store = StoreHealth(name=services.store.name, ok=False, error=str(exc))
-        ok = runtime_info is not None and store.ok
+        try:
+            router = await services.router.health()
+        except Exception as exc:
+            router = RouterHealth(name=services.router.name, ok=False, detail=str(exc))
+        ok = runtime_info is not None and store.ok and router.ok
         return Health(
             status="ok" if ok else "degraded",
             version=dockyard_version(),
             runtime=runtime_info,
             runtime_error=runtime_error,
             store=store,
+            router=router,
             limits_enforced=bool(runtime_info and runtime_info.limits_enforced),
             limits_note=(runtime_info.limits_note if runtime_info else "runtime unavailable"),
         )

@@ -46,6 +46,7 @@ _SYNTAX_DIRECTIVE = re.compile(r"^\s*#\s*syntax\s*=", re.I)
 _DIRECTIVE = re.compile(r"^\s*#\s*[a-z]+\s*=", re.I)
 _INSECURE = re.compile(r"--security(?:=|\s+)insecure", re.I)
 _RUN_NETWORK = re.compile(r"--network(?:=|\s+)(\S+)", re.I)
+_ADD_URL = re.compile(r"^\s*ADD\s+(?:--\S+\s+)*(?:https?|git|ftp)://", re.I)
 _MAX_DOCKERFILE_BYTES = 256 * 1024
 
 
@@ -65,6 +66,13 @@ def check_dockerfile(text: str, *, network_allowed: bool = False) -> None:
             )
     for number, line in enumerate(_logical_lines(lines), 1):
         stripped = line.lstrip()
+        if _ADD_URL.match(stripped):
+            # The engine fetches ADD <url> itself, outside the build's network sandbox.
+            raise BuildFailed(
+                f"Dockerfile instruction {number}: ADD <url> is not allowed (the engine would "
+                "fetch it outside the build's network sandbox); fetch it in the repository",
+                reason="dockerfile_refused",
+            )
         if not stripped.upper().startswith("RUN"):
             continue
         if _INSECURE.search(stripped):

@@ -26,7 +26,21 @@ What holds, as verified with Podman 4.3.1 (Debian 12, runc, cgroupfs, cgroup v1 
   echoing a number that does not hold. Ulimits still apply rootless.
 * Logs: the k8s-file driver with ``size`` = ``limits.log_max_bytes``. conmon truncates the
   file when it reaches that size, so the file never exceeds it; Podman 4.3 has no
-  ``max-file``: rotated copies are not kept and ``log_max_files`` has no effect.
+  ``max-file``: rotated copies are not kept and ``log_max_files`` has no effect. Podman
+  cannot read a log that was truncated mid-line ("not a valid container log line"); then
+  ``logs()`` reads the file itself (same host only) and skips the torn line.
+* ``/dev/shm`` is sized like ``/tmp`` (``limits.tmpfs_mb``), not Podman's 64 MiB.
+* Network policy (``ContainerSpec.egress``), rootful: containers join ``dockyard-agents``
+  (egress ``none``, host interface ``dya0``) or ``dockyard-agents-gw-<hash>`` (one per
+  gateway, interface ``dya0g<hash>``), bridges made once and kept (Podman 4.3 with netavark
+  loses other containers' port forwarding when networks come and go while containers
+  start and stop: seen with a network per container). ``backends/firewall.py``'s nftables
+  tables, applied before every start, hold them to their published port (which works on
+  these networks; an ``internal`` network gets none from netavark 1.4) and the gateway,
+  reached at ``http://<bridge address>:<gateway port>`` given as ``OPENAI_BASE_URL``. No
+  firewall, no container (``network_policy_failed``): dockyard must run as root on the
+  engine's host. IPv6 is off inside. Rootless: see ``ROOTLESS_EGRESS_NOTE``; a gateway on
+  the host's loopback is refused there (slirp4netns does not reach it).
 * Builds: no network unless asked. Podman 4.3's build endpoint ignores ``networkmode=none``
   and shares the *host's* network namespace unless ``nsoptions`` asks for a private one, so
   both are sent (verified: only ``lo`` inside ``RUN``). Base images are never pulled
@@ -52,10 +66,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +81,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlparse
@@ -73,6 +90,7 @@ from podman import PodmanClient
 from podman import api as podman_api
 from podman.errors import APIError, PodmanError
 
+from dockyard.backends.firewall import AgentFirewall, local_nft
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -83,7 +101,9 @@ from dockyard.core.errors import (
     RuntimeUnavailable,
 )
 from dockyard.core.hookspecs import hookimpl
+from dockyard.core.policy import parse_gateway
 from dockyard.core.runtime import (
+    GATEWAY_ENV,
     LABEL_MANAGED,
     BuildRequest,
     BuiltImage,
@@ -111,6 +131,18 @@ ROOTLESS_V1_NOTE = (
     "do not hold (ulimits such as nofile and nproc still apply). Run Podman rootful or on a "
     "cgroup v2 host with controller delegation to enforce them."
 )
+#: The note ``info()`` gives about the network policy under rootless Podman.
+ROOTLESS_EGRESS_NOTE = (
+    "The network policy is not enforced by rootless Podman: agent containers share a bridge "
+    "inside rootless Podman's own network namespace, whose traffic leaves through slirp4netns, "
+    "so they can reach the internet and the host's non-loopback addresses (not its loopback, "
+    "so not a gateway there). Run Podman rootful to hold agents to their published port and "
+    "the gateway."
+)
+#: Label of the agent networks, their name, and their interface (see backends/firewall.py).
+LABEL_NETWORK = "io.dockyard.network"
+AGENT_NETWORK = "dockyard-agents"
+AGENT_IFACE = "dya0"
 #: Capabilities Podman grants by default; ``CapDrop`` covering them all means "dropped ALL".
 DEFAULT_CAPABILITIES = frozenset(
     {
@@ -138,6 +170,8 @@ INSTALL_HINT = (
 #: Temporary repository builds are tagged with until they succeed.
 BUILD_REPO = "localhost/dockyard-build"
 MAX_LOG_LINE = 8192
+#: One line of Podman's k8s-file log driver: time, stream, (P)artial or (F)ull, text.
+_K8S_LOG_LINE = re.compile(r"^\S+ (?:stdout|stderr) ([PF]) ?(.*)$")
 
 
 @hookimpl
@@ -310,8 +344,28 @@ def container_info(attrs: Mapping[str, Any], *, limits_enforced: bool = True) ->
         host_port=hardening.published[0][1] if hardening.published else None,
         exit_code=int(state.get("ExitCode", 0)) if exited else None,
         oom_killed=bool(state.get("OOMKilled")),
+        started_at=_timestamp(state.get("StartedAt")),
         hardening=hardening,
     )
+
+
+def _timestamp(value: Any) -> float | None:
+    """Epoch seconds of an engine timestamp (RFC 3339, nanoseconds); None when unset."""
+    text = str(value or "")
+    if not text or text.startswith("0001-"):
+        return None
+    head, _, frac = text.partition(".")
+    zone = ""
+    if frac:
+        digits = len(frac) - len(frac.lstrip("0123456789"))
+        frac, zone = frac[:digits][:6], frac[digits:]
+    else:
+        head, zone = head[:19], head[19:]
+    zone = "+00:00" if zone in ("Z", "") else zone
+    try:
+        return datetime.fromisoformat(f"{head}.{frac or '0'}{zone}").timestamp()
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------ build killing
@@ -585,6 +639,7 @@ _OPTIONS: dict[str, type | tuple[type, ...]] = {
     "build_nofile": int,
     "build_nproc": int,
     "build_kill_grace_s": (int, float),
+    "nft_path": str,
 }
 
 
@@ -599,6 +654,7 @@ class PodmanRuntime(Runtime):
     :param build_nofile: nofile ulimit of ``RUN`` steps; ``build_nproc`` likewise.
     :param build_kill_grace_s: how long a timed-out build may take to die before it is
         abandoned.
+    :param nft_path: the ``nft`` binary of the agent firewall (rootful Podman).
     """
 
     name: ClassVar[str] = "podman"
@@ -617,6 +673,7 @@ class PodmanRuntime(Runtime):
         build_nofile: int = 4096,
         build_nproc: int = 4096,
         build_kill_grace_s: float = 15.0,
+        nft_path: str = "nft",
     ) -> None:
         self._socket = socket_url(socket) if socket else None
         self._podman_path = podman_path
@@ -633,6 +690,8 @@ class PodmanRuntime(Runtime):
         self._url: str | None = None
         self._service: PodmanService | None = None
         self._host: dict[str, Any] | None = None
+        self._firewall = AgentFirewall(local_nft(nft_path))
+        self._network_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PodmanRuntime:
@@ -761,13 +820,31 @@ class PodmanRuntime(Runtime):
     def _limits_enforced(self) -> bool:
         return limits_status(self._host or {})[0]
 
+    @property
+    def _rootless(self) -> bool:
+        return bool(((self._host or {}).get("host") or {}).get("security", {}).get("rootless"))
+
+    def _egress_status(self) -> tuple[bool, str]:
+        """Whether the agent firewall holds here (applying it), and why not."""
+        if self._rootless:
+            return False, ROOTLESS_EGRESS_NOTE
+        if self._url is None or _unix_path(self._url) is None:
+            return False, (
+                f"the Podman service at {self._url} is not on this host: dockyard's agent "
+                "firewall acts on this host's kernel only"
+            )
+        note = self._firewall.check()
+        return not note, note
+
     # -------------------------------------------------------------------- info
     async def info(self) -> RuntimeInfo:
-        """Version, rootless or not, cgroup version and whether limits hold."""
+        """Version, rootless or not, cgroup version, and whether limits and the network
+        policy hold (the agent firewall is applied on the way)."""
         host_info = await self._call(self.client.info)
         self._host = host_info
         host = host_info.get("host") or {}
         enforced, note = limits_status(host_info)
+        egress_enforced, egress_note = await asyncio.to_thread(self._egress_status)
         return RuntimeInfo(
             name=self.name,
             version=str((host_info.get("version") or {}).get("Version", "")),
@@ -775,6 +852,8 @@ class PodmanRuntime(Runtime):
             cgroup_version=str(host.get("cgroupVersion") or ""),
             limits_enforced=enforced,
             limits_note=note,
+            egress_enforced=egress_enforced,
+            egress_note=egress_note,
             socket=self._url,
             extra={
                 "api_version": (host_info.get("version") or {}).get("APIVersion"),
@@ -1069,6 +1148,7 @@ class PodmanRuntime(Runtime):
             "no_new_privileges": True,
             "read_only": spec.read_only,
             "read_write_tmpfs": False,  # no unsized tmpfs on /run, /var/tmp
+            "shm_size": f"{int(limits.tmpfs_mb)}m",  # /dev/shm: no bigger than /tmp
             "mounts": mounts,
             "init": True,
             "ulimits": [
@@ -1082,8 +1162,11 @@ class PodmanRuntime(Runtime):
             kwargs["command"] = list(spec.command)
         if spec.user:
             kwargs["user"] = spec.user
-        if spec.network:
-            kwargs["networks"] = {spec.network: {}}
+        # IPv6 off inside: the private network is IPv4 only (the firewall covers both anyway).
+        kwargs["sysctls"] = {
+            "net.ipv6.conf.all.disable_ipv6": "1",
+            "net.ipv6.conf.default.disable_ipv6": "1",
+        }
         if self._limits_enforced:
             memory = int(limits.memory_mb) * MIB
             kwargs.update(
@@ -1095,9 +1178,120 @@ class PodmanRuntime(Runtime):
             )
         return kwargs
 
+    # ------------------------------------------------------------- network policy
+    def _agent_network(self, spec: ContainerSpec) -> tuple[str, dict[str, str]]:
+        """The network ``spec`` joins under its egress policy, and the env it gets (the
+        gateway's URL). Networks are shared and kept: ``dockyard-agents`` for egress
+        ``none``, ``dockyard-gw-<hash>`` per gateway (see ``backends/firewall.py``).
+
+        Rootful: the agent firewall is applied first; when it cannot be, no container
+        starts (fail closed). Rootless: see ``ROOTLESS_EGRESS_NOTE``."""
+        if spec.network:
+            raise RuntimeOperationError(
+                f"container {spec.name!r}: the podman runtime puts containers on its agent "
+                "networks under their egress policy; joining a named network is not supported",
+                name=spec.name,
+            )
+        gateway = None
+        if spec.egress == "gateway":
+            if not spec.gateway:
+                raise RuntimeOperationError(
+                    f"container {spec.name!r}: egress 'gateway' needs a gateway", name=spec.name
+                )
+            gateway = parse_gateway(spec.gateway)
+        enforce = not self._rootless
+        if enforce:
+            ok, note = self._egress_status()
+            if not ok:
+                raise RuntimeOperationError(
+                    f"container {spec.name!r} not started: the network policy cannot be "
+                    f"enforced: {note}",
+                    reason="network_policy_failed",
+                    name=spec.name,
+                )
+        if gateway is None:
+            name, iface = AGENT_NETWORK, AGENT_IFACE
+        else:
+            digest = hashlib.sha256(f"{gateway[0]}:{gateway[1]}".encode()).hexdigest()[:8]
+            name, iface = f"{AGENT_NETWORK}-gw-{digest}", f"{AGENT_IFACE}g{digest}"
+        if gateway is not None and not enforce and gateway[0].startswith("127."):
+            raise RuntimeOperationError(
+                f"container {spec.name!r}: rootless Podman cannot reach a gateway on the host's "
+                f"loopback ({gateway[0]}:{gateway[1]}); give the gateway a non-loopback address",
+                reason="network_policy_failed",
+                name=spec.name,
+            )
+        with self._network_lock:
+            subnet, bridge_ip = self._ensure_network(name, iface)
+            if enforce:
+                self._firewall.add_network(iface, subnet)
+                if gateway is not None:
+                    self._firewall.grant(iface, gateway[1], gateway[0], gateway[1])
+        env: dict[str, str] = {}
+        if gateway is not None:
+            host, port, path = gateway
+            address = f"{bridge_ip}:{port}" if enforce else f"{host}:{port}"
+            env[GATEWAY_ENV] = f"http://{address}{path}"
+        return name, env
+
+    def _ensure_network(self, name: str, iface: str) -> tuple[str, str]:
+        """Create the agent network ``name`` when missing; its subnet and bridge address.
+
+        Kept once made: Podman 4.3 with netavark loses other containers' port forwarding
+        when networks are created and removed while containers start and stop (seen here
+        with a network per container), so dockyard never removes them itself."""
+        resp = self.client.api.get(f"/networks/{name}/json")
+        if resp.status_code == 404:
+            body = {
+                "name": name,
+                "driver": "bridge",
+                "network_interface": iface,
+                # Not "internal": netavark 1.4 publishes no ports on internal networks.
+                "internal": False,
+                "dns_enabled": False,
+                "ipv6_enabled": False,
+                "labels": {LABEL_MANAGED: "true", LABEL_NETWORK: "agents"},
+            }
+            resp = self.client.api.post(
+                "/networks/create",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
+            if resp.status_code == 409:  # made meanwhile by another dockyard
+                resp = self.client.api.get(f"/networks/{name}/json")
+        self._check(resp, f"preparing the agent network {name}")
+        network = resp.json()
+        if network.get("network_interface") != iface:
+            raise RuntimeOperationError(
+                f"network {name} exists but does not use the interface {iface}: remove it "
+                f"(podman network rm {name}) and dockyard makes it again",
+                reason="network_policy_failed",
+            )
+        subnet = (network.get("subnets") or [{}])[0]
+        if not subnet.get("subnet") or not subnet.get("gateway"):
+            raise RuntimeOperationError(f"network {name} has no IPv4 subnet with a gateway")
+        return str(subnet["subnet"]), str(subnet["gateway"])
+
     def _run(self, spec: ContainerSpec) -> str:
+        network, env = self._agent_network(spec)
+        kwargs = self._create_kwargs(spec)
+        kwargs["networks"] = {network: {}}
+        kwargs["network_mode"] = "bridge"  # rootless would default to slirp4netns
+        kwargs["environment"] = {**kwargs["environment"], **env}
+        container_id = self._create_and_start(spec, kwargs)
+        if env and not self._rootless:
+            self._firewall.route_localnet(self._network_iface(network))
+        return container_id
+
+    @staticmethod
+    def _network_iface(network: str) -> str:
+        if network == AGENT_NETWORK:
+            return AGENT_IFACE
+        return f"{AGENT_IFACE}g{network.rsplit('-', 1)[-1]}"
+
+    def _create_and_start(self, spec: ContainerSpec, kwargs: dict[str, Any]) -> str:
         try:
-            container = self.client.containers.create(spec.image, **self._create_kwargs(spec))
+            container = self.client.containers.create(spec.image, **kwargs)
         except APIError as exc:
             if exc.response is None:
                 raise
@@ -1170,8 +1364,40 @@ class PodmanRuntime(Runtime):
             data = b"".join(podman_api.frames(resp))
             return data.decode("utf-8", "replace").splitlines()
 
-        lines = await self._call(fetch)
+        try:
+            lines = await self._call(fetch)
+        except RuntimeOperationError as exc:
+            # Podman 4.3 cannot read a k8s-file log that conmon truncated at its size cap
+            # mid-line ("... is not a valid container log line"); read the file itself.
+            if "not a valid container log line" not in exc.message:
+                raise
+            lines = await self._call(self._read_log_file, ref, exc)
         return lines if tail is None else lines[-tail:] if tail > 0 else []
+
+    def _read_log_file(self, ref: str, error: RuntimeOperationError) -> list[str]:
+        """A container's k8s-file log read from disk, skipping a torn first line."""
+        resp = self.client.api.get(f"/containers/{ref}/json")
+        self._check(resp, f"inspecting container {ref}")
+        path = ((resp.json().get("HostConfig") or {}).get("LogConfig") or {}).get("Path")
+        try:
+            data = Path(str(path)).read_bytes() if path else None
+        except OSError:
+            data = None
+        if data is None:
+            raise error
+        lines: list[str] = []
+        partial = ""
+        for raw in data.decode("utf-8", "replace").splitlines():
+            match = _K8S_LOG_LINE.match(raw)
+            if match is None:
+                continue  # the torn line where conmon truncated the file
+            partial += match.group(2)
+            if match.group(1) == "F":
+                lines.append(partial)
+                partial = ""
+        if partial:
+            lines.append(partial)
+        return lines
 
     def _inspect(self, ref: str) -> ContainerInfo | None:
         resp = self.client.api.get(f"/containers/{ref}/json")

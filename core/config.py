@@ -53,6 +53,13 @@ class Settings(Model):
     build_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 900.0
     build_memory_mb: Annotated[int, Meta(ge=64)] = 2048
     build_cpus: Annotated[float, Meta(gt=0)] = 2.0
+    # Caps on what a container may use; a deployment's resources can only lower them.
+    max_memory_mb: Annotated[int, Meta(ge=16, le=65536)] = 2048
+    max_cpus: Annotated[float, Meta(gt=0, le=64)] = 2.0
+    max_pids: Annotated[int, Meta(ge=16, le=32768)] = 768
+    max_tmpfs_mb: Annotated[int, Meta(ge=1, le=4096)] = 256
+    # Seconds any container may run (a deployment's max_lifetime_s can only lower it).
+    max_container_lifetime_s: Annotated[float, Meta(gt=0)] | None = None
     allowed_base_images: list[str] = []
     allowed_git_hosts: list[str] = msgspec.field(default_factory=lambda: ["github.com"])
     insecure_sources: bool = False
@@ -84,6 +91,10 @@ class Settings(Model):
     def __post_init__(self) -> None:
         if self.port_range_end < self.port_range_start:
             raise ValueError("port_range_end must not be below port_range_start")
+        if self.agent_gateway:
+            from dockyard.core.policy import parse_gateway
+
+            parse_gateway(self.agent_gateway)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         """The ``[plugins.<name>]`` table, empty when absent."""

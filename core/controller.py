@@ -32,6 +32,8 @@ from dockyard.core.models import (
     now,
 )
 from dockyard.core.plugins import check_spec
+from dockyard.core.policy import check_spec as check_caps
+from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route, Upstream
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT, LABEL_MANAGED
 from dockyard.core.services import Services
@@ -180,7 +182,9 @@ class Controller:
 
     # -- internals -----------------------------------------------------------------------
     async def _admit(self, spec: DeploymentSpec) -> None:
-        """Refuse early what would fail anyway: policies, and a URL no source accepts."""
+        """Refuse early what would fail anyway: the operator's caps, policies, and a URL no
+        source accepts."""
+        check_caps(spec, self.services.settings)
         await check_spec(self.services.pm, spec)
         source = self.ops.source_for(spec.repo)
         validate = getattr(source, "validate", None)
@@ -309,7 +313,34 @@ class Controller:
             if lock.locked():
                 continue  # an operation is changing it
             async with lock:
+                await self._watch_containers(deployment)
                 await self._check_one(session, deployment)
+
+    async def _watch_containers(self, deployment: Deployment) -> None:
+        """End running slots whose container outlived its lifetime (``lifetime_exceeded``),
+        or died while no health action will replace it (``container_oom`` when the engine
+        says so, else ``container_exited``)."""
+        lifetime = effective_lifetime(deployment.spec, self.services.settings)
+        action = deployment.spec.health.on_failure
+        for slot in await self.services.store.list_slots(deployment.id):
+            if slot.state not in (S.HEALTHY, S.PROMOTED, S.DRAINING) or not slot.container_name:
+                continue
+            try:
+                info = await self.services.runtime.inspect(slot.container_name)
+            except DockyardError as exc:  # e.g. removed meanwhile; the next round sees
+                log.warning("watching %s failed: %s", slot.container_name, exc.message)
+                continue
+            if info is None or not info.running:
+                if slot.state is S.PROMOTED and action != "none":
+                    continue  # the probes fail and on_failure replaces it
+                reason, message = _death(info)
+                await self.ops.fail(slot, reason, message)
+            elif lifetime and info.started_at and time.time() - info.started_at > lifetime:
+                await self.ops.fail(
+                    slot,
+                    "lifetime_exceeded",
+                    f"the container ran longer than its maximum lifetime of {lifetime:g} s",
+                )
 
     async def _check_one(self, session: aiohttp.ClientSession, deployment: Deployment) -> None:
         spec = deployment.spec
@@ -465,3 +496,20 @@ class Controller:
             if owners.get(port) != owner:
                 await store.release_port(port)
         await self.services.router.restore(routes)
+
+
+def _death(info: Any) -> tuple[str, str]:
+    """Reason and message for a container that stopped on its own (or vanished)."""
+    if info is None:
+        return "container_gone", "the container is no longer there"
+    if info.oom_killed:
+        return "container_oom", (
+            f"the engine killed the container at its memory limit (exit code {info.exit_code})"
+        )
+    message = f"the container exited with code {info.exit_code}"
+    if info.exit_code == 137:
+        message += (
+            " (SIGKILL, not sent by dockyard: usually the kernel's OOM killer at the memory "
+            "limit; the engine did not report OOMKilled)"
+        )
+    return "container_exited", message

@@ -28,6 +28,7 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.plugins import emit_event
+from dockyard.core.policy import effective_limits, network_policy
 from dockyard.core.router import Route, Upstream, route_prefix
 from dockyard.core.runtime import (
     LABEL_COLOR,
@@ -192,8 +193,8 @@ class SlotOps:
 
     # -- containers ----------------------------------------------------------------------
     def limits(self, spec: DeploymentSpec) -> Limits:
-        r = spec.resources
-        return Limits(memory_mb=r.memory_mb, cpus=r.cpus, pids=r.pids, tmpfs_mb=r.tmpfs_mb)
+        """The spec's resources, lowered to the operator's caps (``core/policy.py``)."""
+        return effective_limits(spec, self.services.settings)
 
     async def stage(
         self, slot: Slot, spec: DeploymentSpec, revision: Revision, built: BuiltRevision | None
@@ -223,6 +224,7 @@ class SlotOps:
         await self.runtime.remove(slot.container_name)  # a leftover of a crash: ours by name
         mounts = built.mounts if built else []
         command = built.command if built else list(spec.command)
+        egress, gateway = network_policy(self.services.settings)
         info = await self.runtime.run(
             ContainerSpec(
                 name=slot.container_name,
@@ -240,9 +242,30 @@ class SlotOps:
                     **spec.labels,
                 },
                 limits=self.limits(spec),
+                egress=egress,
+                gateway=gateway,
             )
         )
+        await self._note_unenforced(slot)
         return await self.store.save_slot(_replace(slot, container_id=info.id), None)
+
+    async def _note_unenforced(self, slot: Slot) -> None:
+        """Say in the deployment's events when this host cannot hold the container's
+        resource limits or network policy (``limits_not_enforced``)."""
+        runtime_info = self.services.runtime_info or await self.runtime.info()
+        notes = [n for n in (runtime_info.limits_note, runtime_info.egress_note) if n]
+        if runtime_info.limits_enforced and runtime_info.egress_enforced:
+            return
+        await self.event(
+            slot.deployment_id,
+            "limits_not_enforced",
+            color=slot.color,
+            message=" ".join(notes) or "this runtime cannot enforce every limit",
+            data={
+                "resources": runtime_info.limits_enforced,
+                "network": runtime_info.egress_enforced,
+            },
+        )
 
     async def wait_healthy(self, slot: Slot, spec: DeploymentSpec) -> HealthOutcome:
         """Probe a STAGING slot until healthy or its deadline."""

@@ -97,6 +97,9 @@ class DeploymentSpec(Model):
     grace_period_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     auto_promote: bool = True
     labels: Annotated[dict[EnvName, EnvValue], Meta(max_length=32)] = {}
+    #: Seconds a container may run before it is stopped (slot FAILED, ``lifetime_exceeded``);
+    #: can only lower the operator's ``max_container_lifetime_s``.
+    max_lifetime_s: Annotated[float, Meta(gt=0, le=30 * 86400)] | None = None
 
     def __post_init__(self) -> None:
         for name in ("subdir", "dockerfile"):

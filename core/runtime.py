@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -24,6 +24,9 @@ LABEL_COLOR = "io.dockyard.color"
 LABEL_REVISION = "io.dockyard.revision"
 
 LogCallback = Callable[[str], None]
+#: The variable through which a container with egress ``gateway`` learns its gateway's URL.
+GATEWAY_ENV = "OPENAI_BASE_URL"
+Egress = Literal["none", "gateway"]
 
 
 class RuntimeInfo(Model):
@@ -35,6 +38,9 @@ class RuntimeInfo(Model):
     cgroup_version: str
     limits_enforced: bool
     limits_note: str = ""
+    #: Whether the network policy (``ContainerSpec.egress``) holds on this host, and why not.
+    egress_enforced: bool = False
+    egress_note: str = "this runtime does not enforce a network policy"
     socket: str | None = None
     extra: dict[str, Any] = {}
 
@@ -77,7 +83,15 @@ class Limits(Model):
 class ContainerSpec(Model):
     """A hardened container to run. Hardening is not optional: the runtime always applies
     cap-drop ALL, no-new-privileges, a read-only root with a size-capped tmpfs at /tmp, the
-    limits, a non-root user when ``user`` is set, an init, and a port published on 127.0.0.1."""
+    limits, a non-root user when ``user`` is set, an init, and a port published on 127.0.0.1.
+
+    Network policy. ``egress="none"``: the container answers on its published port and
+    reaches nothing else: not the internet, not the host's services (on any of its
+    addresses), not other containers. ``egress="gateway"``: the same, except that the one
+    upstream ``gateway`` (``"IPv4:port"`` or ``"http://IPv4:port[/path]"``, e.g. an LLM
+    gateway on the host's loopback) answers at an address the runtime puts in the
+    container's ``GATEWAY_ENV`` (``OPENAI_BASE_URL``), overriding ``env``. A runtime that
+    cannot enforce the policy says so in ``info().egress_enforced``/``egress_note``."""
 
     name: str
     image: str
@@ -91,7 +105,10 @@ class ContainerSpec(Model):
     user: str | None = None
     read_only: bool = True
     mounts: list[tuple[str, str]] = []
+    #: A named engine network to join; runtimes that enforce ``egress`` refuse it.
     network: str | None = None
+    egress: Egress = "none"
+    gateway: str | None = None
 
 
 class Hardening(Model):
@@ -123,6 +140,7 @@ class ContainerInfo(Model):
     host_port: int | None = None
     exit_code: int | None = None
     oom_killed: bool = False
+    started_at: float | None = None  # epoch seconds of the latest start
     hardening: Hardening = msgspec.field(default_factory=Hardening)
 
 

@@ -9,7 +9,7 @@ for egress ``none`` and one per gateway for egress ``gateway``. The nftables tab
   router and dockyard's probes reach an agent through ``127.0.0.1:<host port>``);
 * lets the containers of a gateway network reach that gateway: a connection to
   ``<bridge address>:<gateway port>`` is DNATed to the operator's gateway and accepted,
-  keyed by the network's interface (:meth:`AgentFirewall.grant`); a gateway on the host's
+  keyed by the network's interface (:class:`AgentNetwork`); a gateway on the host's
   loopback works because the bridge routes 127/8 (``route_localnet``, which engines set
   for their own loopback port publishing and :meth:`AgentFirewall.route_localnet` sets too);
 * rejects everything else an agent sends, to the host (``input``: any of its addresses, any
@@ -21,9 +21,11 @@ agent network (their subnets are in the set ``agent_subnets``), so agents cannot
 other either, with or without ``br_netfilter``.
 
 A drop in any nftables base chain is final, so these tables hold whatever the engine's own
-rules (netavark's, Docker's) accept. :meth:`AgentFirewall.ensure` re-applies the rules in
-one atomic ``nft -f`` transaction that keeps the set and map elements; runtimes call it
-before every container start, so a flushed ruleset heals at the next start.
+rules (netavark's, Docker's) accept. Runtimes call :meth:`AgentFirewall.apply` with every
+agent network the engine has before each container start: one atomic ``nft -f``
+transaction re-applies the rules and replaces the elements, so a flushed ruleset heals and
+the subnets and grants of networks removed meanwhile go (a stale subnet could otherwise
+isolate the containers of a network that reuses it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dockyard.core.errors import RuntimeOperationError
@@ -42,6 +45,17 @@ TABLE = "dockyard"
 
 #: Runs ``nft`` with the given arguments and stdin; returns (exit code, stdout, stderr).
 NftRunner = Callable[[Sequence[str], str | None], tuple[int, str, str]]
+
+
+@dataclass(frozen=True)
+class AgentNetwork:
+    """An agent network as the firewall sees it: its host interface, its IPv4 subnet, and
+    the gateway ``(IPv4, port)`` its containers may reach (at their bridge address, on the
+    same port), if any."""
+
+    iface: str
+    subnet: str
+    gateway: tuple[str, int] | None = None
 
 
 def local_nft(nft: str = "nft", timeout_s: float = 20.0) -> NftRunner:
@@ -124,25 +138,26 @@ class AgentFirewall:
         """Create or repair the tables (atomically; grants and subnets are kept)."""
         self._nft(["-f", "-"], ruleset(self.table), "be applied")
 
-    def add_network(self, iface: str, subnet: str) -> None:
-        """Isolate the containers of an agent network from each other."""
-        if not iface.startswith(IFACE_PREFIX):
-            raise ValueError(f"agent interfaces start with {IFACE_PREFIX!r}: {iface!r}")
-        self._nft(
-            ["-f", "-"],
-            f"add element bridge {self.table} agent_subnets {{ {subnet} }}\n",
-            f"isolate the agents of {iface}",
-        )
-
-    def grant(self, iface: str, port: int, target_ip: str, target_port: int) -> None:
-        """Let the containers behind ``iface`` reach ``target_ip:target_port`` by connecting
-        to their bridge address on ``port`` (idempotent)."""
-        t = f"inet {self.table}"
-        script = (
-            f'add element {t} gateway_dnat {{ "{iface}" . {port} : {target_ip} . {target_port} }}\n'
-            f'add element {t} gateway_allow {{ "{iface}" . {target_ip} . {target_port} }}\n'
-        )
-        self._nft(["-f", "-"], script, f"grant {iface} its gateway")
+    def apply(self, networks: Iterable[AgentNetwork]) -> None:
+        """Apply the rules and make the elements exactly ``networks``' (atomically)."""
+        t, b = f"inet {self.table}", f"bridge {self.table}"
+        lines = [
+            ruleset(self.table),
+            f"flush set {b} agent_subnets",
+            f"flush map {t} gateway_dnat",
+            f"flush set {t} gateway_allow",
+        ]
+        for net in networks:
+            if not net.iface.startswith(IFACE_PREFIX):
+                raise ValueError(f"agent interfaces start with {IFACE_PREFIX!r}: {net.iface!r}")
+            lines.append(f"add element {b} agent_subnets {{ {net.subnet} }}")
+            if net.gateway is not None:
+                ip, port = net.gateway
+                lines.append(
+                    f'add element {t} gateway_dnat {{ "{net.iface}" . {port} : {ip} . {port} }}'
+                )
+                lines.append(f'add element {t} gateway_allow {{ "{net.iface}" . {ip} . {port} }}')
+        self._nft(["-f", "-"], "\n".join(lines) + "\n", "be applied")
 
     @staticmethod
     def route_localnet(iface: str) -> bool:
@@ -174,4 +189,12 @@ class AgentFirewall:
         return found
 
 
-__all__ = ["IFACE_PREFIX", "TABLE", "AgentFirewall", "NftRunner", "local_nft", "ruleset"]
+__all__ = [
+    "IFACE_PREFIX",
+    "TABLE",
+    "AgentFirewall",
+    "AgentNetwork",
+    "NftRunner",
+    "local_nft",
+    "ruleset",
+]

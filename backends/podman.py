@@ -90,7 +90,7 @@ from podman import PodmanClient
 from podman import api as podman_api
 from podman.errors import APIError, PodmanError
 
-from dockyard.backends.firewall import AgentFirewall, local_nft
+from dockyard.backends.firewall import IFACE_PREFIX, AgentFirewall, AgentNetwork, local_nft
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -141,6 +141,7 @@ ROOTLESS_EGRESS_NOTE = (
 )
 #: Label of the agent networks, their name, and their interface (see backends/firewall.py).
 LABEL_NETWORK = "io.dockyard.network"
+LABEL_GATEWAY = "io.dockyard.gateway"
 AGENT_NETWORK = "dockyard-agents"
 AGENT_IFACE = "dya0"
 #: Capabilities Podman grants by default; ``CapDrop`` covering them all means "dropped ALL".
@@ -1200,15 +1201,13 @@ class PodmanRuntime(Runtime):
                 )
             gateway = parse_gateway(spec.gateway)
         enforce = not self._rootless
-        if enforce:
-            ok, note = self._egress_status()
-            if not ok:
-                raise RuntimeOperationError(
-                    f"container {spec.name!r} not started: the network policy cannot be "
-                    f"enforced: {note}",
-                    reason="network_policy_failed",
-                    name=spec.name,
-                )
+        if enforce and (self._url is None or _unix_path(self._url) is None):
+            raise RuntimeOperationError(
+                f"container {spec.name!r} not started: the network policy cannot be enforced: "
+                f"{self._egress_status()[1]}",
+                reason="network_policy_failed",
+                name=spec.name,
+            )
         if gateway is None:
             name, iface = AGENT_NETWORK, AGENT_IFACE
         else:
@@ -1222,11 +1221,17 @@ class PodmanRuntime(Runtime):
                 name=spec.name,
             )
         with self._network_lock:
-            subnet, bridge_ip = self._ensure_network(name, iface)
+            bridge_ip = self._ensure_network(name, iface, gateway)
             if enforce:
-                self._firewall.add_network(iface, subnet)
-                if gateway is not None:
-                    self._firewall.grant(iface, gateway[1], gateway[0], gateway[1])
+                try:
+                    self._sync_firewall()
+                except RuntimeOperationError as exc:
+                    raise RuntimeOperationError(
+                        f"container {spec.name!r} not started: the network policy cannot be "
+                        f"enforced: {exc.message}",
+                        reason="network_policy_failed",
+                        name=spec.name,
+                    ) from exc
         env: dict[str, str] = {}
         if gateway is not None:
             host, port, path = gateway
@@ -1234,8 +1239,29 @@ class PodmanRuntime(Runtime):
             env[GATEWAY_ENV] = f"http://{address}{path}"
         return name, env
 
-    def _ensure_network(self, name: str, iface: str) -> tuple[str, str]:
-        """Create the agent network ``name`` when missing; its subnet and bridge address.
+    def _sync_firewall(self) -> None:
+        """Apply the agent firewall for every agent network the engine has now."""
+        resp = self.client.api.get(
+            "/networks/json", params={"filters": json.dumps({"label": [f"{LABEL_NETWORK}=agents"]})}
+        )
+        self._check(resp, "listing the agent networks")
+        networks = []
+        for network in resp.json() or []:
+            iface = str(network.get("network_interface") or "")
+            subnet = str(((network.get("subnets") or [{}])[0]).get("subnet") or "")
+            if not iface.startswith(IFACE_PREFIX) or not subnet:
+                log.warning("agent network %s is not one of ours; skipped", network.get("name"))
+                continue
+            gateway = None
+            label = str((network.get("labels") or {}).get(LABEL_GATEWAY) or "")
+            if label:
+                host, port, _ = parse_gateway(label)
+                gateway = (host, port)
+            networks.append(AgentNetwork(iface=iface, subnet=subnet, gateway=gateway))
+        self._firewall.apply(networks)
+
+    def _ensure_network(self, name: str, iface: str, gateway: tuple[str, int, str] | None) -> str:
+        """Create the agent network ``name`` when missing; its bridge address.
 
         Kept once made: Podman 4.3 with netavark loses other containers' port forwarding
         when networks are created and removed while containers start and stop (seen here
@@ -1252,6 +1278,8 @@ class PodmanRuntime(Runtime):
                 "ipv6_enabled": False,
                 "labels": {LABEL_MANAGED: "true", LABEL_NETWORK: "agents"},
             }
+            if gateway is not None:
+                body["labels"][LABEL_GATEWAY] = f"{gateway[0]}:{gateway[1]}"
             resp = self.client.api.post(
                 "/networks/create",
                 data=json.dumps(body),
@@ -1261,16 +1289,19 @@ class PodmanRuntime(Runtime):
                 resp = self.client.api.get(f"/networks/{name}/json")
         self._check(resp, f"preparing the agent network {name}")
         network = resp.json()
-        if network.get("network_interface") != iface:
+        labels = network.get("labels") or {}
+        expected = f"{gateway[0]}:{gateway[1]}" if gateway is not None else None
+        if network.get("network_interface") != iface or labels.get(LABEL_GATEWAY) != expected:
             raise RuntimeOperationError(
-                f"network {name} exists but does not use the interface {iface}: remove it "
-                f"(podman network rm {name}) and dockyard makes it again",
+                f"network {name} exists but is not the agent network dockyard makes (interface "
+                f"{iface}, gateway {expected}): remove it (podman network rm {name}) and "
+                "dockyard makes it again",
                 reason="network_policy_failed",
             )
         subnet = (network.get("subnets") or [{}])[0]
         if not subnet.get("subnet") or not subnet.get("gateway"):
             raise RuntimeOperationError(f"network {name} has no IPv4 subnet with a gateway")
-        return str(subnet["subnet"]), str(subnet["gateway"])
+        return str(subnet["gateway"])
 
     def _run(self, spec: ContainerSpec) -> str:
         network, env = self._agent_network(spec)

@@ -19,6 +19,7 @@ namespace (Podman 4.3's default for API builds) would get.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import itertools
 import json
@@ -379,6 +380,9 @@ def hostile(
             client.delete(f"/v1/repos/{deployment['id']}")  # what a failed test left
         assert leases(client) == {}, "port leases left behind"
     assert hostile.left_behind() == [], "containers left behind"
+    if gateway is not None:  # the gateway network of this run's (random) gateway port
+        digest = hashlib.sha256(f"127.0.0.1:{host_services['gateway']}".encode()).hexdigest()
+        engine.cli("network", "rm", f"dockyard-agents-gw-{digest[:8]}", check=False)
 
 
 # ------------------------------------------------------------------------------- tests

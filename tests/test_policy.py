@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from dockyard.backends.firewall import AgentFirewall, ruleset
+from dockyard.backends.firewall import AgentFirewall, AgentNetwork, ruleset
 from dockyard.backends.podman import _K8S_LOG_LINE, _timestamp
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
@@ -312,21 +312,29 @@ def test_the_ruleset_rejects_all_agent_traffic_but_replies_and_grants() -> None:
     assert "delete" not in rules and "flush set" not in rules and "flush map" not in rules
 
 
-def test_the_firewall_applies_grants_and_fails_closed() -> None:
+def test_the_firewall_applies_exactly_the_networks_given_and_fails_closed() -> None:
     nft = FakeNft()
     firewall = AgentFirewall(nft)
     assert firewall.check() == ""
-    firewall.add_network("dya0", "10.89.0.0/24")
-    firewall.grant("dya0g12345678", 9999, "127.0.0.1", 9999)
-    scripts = [stdin for _, stdin in nft.calls if stdin]
-    assert "add element bridge dockyard agent_subnets { 10.89.0.0/24 }" in scripts[1]
-    assert '"dya0g12345678" . 9999 : 127.0.0.1 . 9999' in scripts[2]
+    firewall.apply(
+        [
+            AgentNetwork("dya0", "10.89.0.0/24"),
+            AgentNetwork("dya0g12345678", "10.89.1.0/24", ("127.0.0.1", 9999)),
+        ]
+    )
+    script = nft.calls[-1][1] or ""
+    assert script.startswith(ruleset())  # rules and elements in one transaction
+    flushes = script.index("flush set bridge dockyard agent_subnets")
+    assert flushes < script.index("add element bridge dockyard agent_subnets { 10.89.0.0/24 }")
+    assert '"dya0g12345678" . 9999 : 127.0.0.1 . 9999' in script
+    assert '"dya0g12345678" . 127.0.0.1 . 9999' in script
+    assert '"dya0" .' not in script  # no gateway for the network without one
     with pytest.raises(ValueError):
-        firewall.add_network("eth0", "10.0.0.0/8")
+        firewall.apply([AgentNetwork("eth0", "10.0.0.0/8")])
     broken = AgentFirewall(FakeNft(fail="Operation not permitted"))
     assert "could not be applied: Operation not permitted" in broken.check()
     with pytest.raises(RuntimeOperationError) as caught:
-        broken.ensure()
+        broken.apply([])
     assert caught.value.reason == "network_policy_failed"
 
 

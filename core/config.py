@@ -6,6 +6,7 @@ Precedence, lowest first: built-in defaults, the file named by ``--config`` or
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -104,6 +105,12 @@ class Settings(Model):
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
 
+    @property
+    def instance_id(self) -> str:
+        """Names this dockyard among others on the host: a hash of its data directory."""
+        real = os.path.realpath(self.data_path)
+        return hashlib.sha256(real.encode()).hexdigest()[:12]
+
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
 
@@ -118,8 +125,14 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if name == "api_tokens":
             continue  # tables: only in the TOML file
-        if name in ("disable_plugins", "allowed_git_hosts", "local_repos", "allowed_base_images",
-                    "allowed_clients", "trusted_proxies"):
+        if name in (
+            "disable_plugins",
+            "allowed_git_hosts",
+            "local_repos",
+            "allowed_base_images",
+            "allowed_clients",
+            "trusted_proxies",
+        ):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             values[name] = raw

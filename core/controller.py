@@ -35,7 +35,7 @@ from dockyard.core.plugins import check_spec
 from dockyard.core.policy import check_spec as check_caps
 from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route, Upstream
-from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT, LABEL_MANAGED
+from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT
 from dockyard.core.services import Services
 from dockyard.core.strategy import Strategy
 
@@ -244,7 +244,9 @@ class Controller:
         for slot in await self.services.store.list_slots(deployment_id):
             with contextlib.suppress(DockyardError):
                 await self.ops.clear(slot)
-        leftovers = await self.services.runtime.list({LABEL_DEPLOYMENT: deployment_id})
+        leftovers = await self.services.runtime.list(
+            self.services.labels(**{LABEL_DEPLOYMENT: deployment_id})
+        )
         for info in leftovers:
             await self.services.runtime.remove(info.id)
         await self.services.store.delete_deployment(deployment_id)
@@ -485,7 +487,7 @@ class Controller:
                     if slot.state is S.PROMOTED:
                         routes.append(self.ops.route(deployment, slot))
             await self._schedule_drains(deployment.id)
-        for info in await runtime.list({LABEL_MANAGED: "true"}):
+        for info in await runtime.list(self.services.labels()):
             expected = container_name(
                 info.labels.get(LABEL_DEPLOYMENT, ""), info.labels.get(LABEL_COLOR, "")
             )  # type: ignore[arg-type]

@@ -33,7 +33,6 @@ from dockyard.core.router import Route, Upstream, route_prefix
 from dockyard.core.runtime import (
     LABEL_COLOR,
     LABEL_DEPLOYMENT,
-    LABEL_MANAGED,
     LABEL_REVISION,
     ContainerSpec,
     Limits,
@@ -235,11 +234,14 @@ class SlotOps:
                 mounts=mounts,
                 env={"PORT": str(spec.container_port), **spec.env},
                 labels={
-                    LABEL_MANAGED: "true",
-                    LABEL_DEPLOYMENT: spec.id,
-                    LABEL_COLOR: str(slot.color),
-                    LABEL_REVISION: revision.id,
                     **spec.labels,
+                    **self.services.labels(
+                        **{
+                            LABEL_DEPLOYMENT: spec.id,
+                            LABEL_COLOR: str(slot.color),
+                            LABEL_REVISION: revision.id,
+                        }
+                    ),
                 },
                 limits=self.limits(spec),
                 egress=egress,

@@ -22,6 +22,8 @@ LABEL_MANAGED = "io.dockyard.managed"
 LABEL_DEPLOYMENT = "io.dockyard.deployment"
 LABEL_COLOR = "io.dockyard.color"
 LABEL_REVISION = "io.dockyard.revision"
+#: Which dockyard (one per data directory) made it: a dockyard only ever reaps its own.
+LABEL_INSTANCE = "io.dockyard.instance"
 
 LogCallback = Callable[[str], None]
 #: The variable through which a container with egress ``gateway`` learns its gateway's URL.

@@ -17,7 +17,7 @@ from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError, LimitsNotEnforceable
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
 from dockyard.core.router import Router
-from dockyard.core.runtime import Runtime, RuntimeInfo
+from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, Runtime, RuntimeInfo
 from dockyard.core.source import Source
 from dockyard.core.store import StateStore
 
@@ -84,6 +84,10 @@ class Services:
         services = cls.build(settings, pm)
         await services.start()
         return services
+
+    def labels(self, **more: str) -> dict[str, str]:
+        """Labels that mark a container as this dockyard's (and filter its listings)."""
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.settings.instance_id, **more}
 
     @property
     def started(self) -> bool:

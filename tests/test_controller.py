@@ -137,9 +137,20 @@ async def test_resume_fails_interrupted_slots_and_reaps_orphans(services: Servic
                 image=image,
                 container_port=8000,
                 host_port=p,
-                labels={"io.dockyard.managed": "true"},
+                labels=services.labels(),
             )
         )
+    # Another dockyard's container (another data directory) is never touched.
+    foreign = {**services.labels(), "io.dockyard.instance": "someone-else"}
+    await runtime.run(
+        ContainerSpec(
+            name="dockyard-theirs-blue",
+            image=image,
+            container_port=8000,
+            host_port=47318,
+            labels=foreign,
+        )
+    )
     stale = await store.lease_port("ghost:blue")
 
     restarted = Controller.from_services(services)
@@ -148,7 +159,7 @@ async def test_resume_fails_interrupted_slots_and_reaps_orphans(services: Servic
     assert (green.state, green.reason) == (S.FAILED, "controller_restarted")
     assert (await store.get_slot("app", Color.BLUE)).state is S.PROMOTED
     names = {c.name for c in await runtime.list()}
-    assert names == {blue.container_name}
+    assert names == {blue.container_name, "dockyard-theirs-blue"}
     leases = await store.list_leases()
     assert stale not in leases and port not in leases and blue.host_port in leases
     await restarted.stop()

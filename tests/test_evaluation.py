@@ -23,7 +23,7 @@ from dockyard.api.app import create_app
 from dockyard.core.config import Settings
 from dockyard.core.errors import Conflict
 from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.runtime import LABEL_DEPLOYMENT, LABEL_MANAGED, ContainerInfo, ContainerSpec
+from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
 from dockyard.core.store import StoredEvaluation
 from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService
@@ -609,7 +609,7 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
                 container_port=8000,
                 host_port=48459,
                 labels={
-                    LABEL_MANAGED: "true",
+                    **services.labels(),
                     LABEL_DEPLOYMENT: "ev-stranger",
                     EVALUATION_LABEL: "ev-stranger",
                 },

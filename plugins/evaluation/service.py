@@ -28,7 +28,7 @@ from dockyard.core.controller import Controller
 from dockyard.core.errors import Conflict, DockyardError, NotFound, SourceError, ValidationError
 from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState, now
 from dockyard.core.plugins import check_spec
-from dockyard.core.runtime import LABEL_DEPLOYMENT, LABEL_MANAGED
+from dockyard.core.runtime import LABEL_DEPLOYMENT
 from dockyard.core.store import StoredEvaluation
 from dockyard.plugins.evaluation.models import (
     FINAL_STATES,
@@ -175,7 +175,7 @@ class EvaluationService:
         for deployment in await self.services.store.list_deployments():
             if EVALUATION_LABEL in deployment.spec.labels and deployment.id not in active:
                 await self._remove_deployment(deployment.id)
-        for info in await self.services.runtime.list({LABEL_MANAGED: "true"}):
+        for info in await self.services.runtime.list(self.services.labels()):
             owner = info.labels.get(LABEL_DEPLOYMENT, "")
             if EVALUATION_LABEL in info.labels and owner not in active:
                 log.info("reaping evaluation container %s", info.name)
@@ -586,7 +586,7 @@ class EvaluationService:
         with contextlib.suppress(NotFound):
             await self.controller.delete(deployment_id)
         runtime = self.services.runtime
-        for info in await runtime.list({LABEL_DEPLOYMENT: deployment_id}):
+        for info in await runtime.list(self.services.labels(**{LABEL_DEPLOYMENT: deployment_id})):
             await runtime.remove(info.id)
         store = self.services.store
         for port, owner in (await store.list_leases()).items():

@@ -368,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DockyardError as exc:
             print(f"dockyard: error: {exc.message}", file=sys.stderr)
             return 2
+        except ValueError as exc:
+            print(f"dockyard: error: {exc}", file=sys.stderr)
+            return 2
         except (aiohttp.ClientError, OSError) as exc:
             print(f"dockyard: error: cannot reach dockyard at {args.url}: {exc}", file=sys.stderr)
             return 1

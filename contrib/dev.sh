@@ -45,7 +45,7 @@ case "$cmd" in
     cat <<HINT
 == dockyard is starting, behind the Caddy it runs itself on 127.0.0.1:8880 (--router traefik
    or --router none to change). On its first start it prints an admin token once: export it
-   (export DOCKYARD_TOKEN=dy_...), then in another terminal deploy the example agent from
+   as DOCKYARD_TOKEN, then in another terminal deploy the example agent from
    this checkout (trusted as a local repository by this command only):
      $venv/bin/dockyard deploy $here --subdir contrib/example-agent --id example --wait
      curl -s http://127.0.0.1:8880/apps/example/health

@@ -118,3 +118,21 @@ def test_serve_answers_healthz_and_stops_cleanly(tmp_path: Path) -> None:
     assert out.count("export DOCKYARD_TOKEN=dy_") == 1
     token = out.split("export DOCKYARD_TOKEN=", 1)[1].split()[0]
     assert token not in (tmp_path / "data" / "tokens.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"DOCKYARD_TOKEN": "dy_a\ndy_b"}, ["status"], "control characters"),
+        ({}, ["status", "--url", "localhost:8800"], "must start with http"),
+        ({}, ["status", "--url", f"http://127.0.0.1:{free_port()}"], "cannot reach dockyard"),
+        ({}, ["deploy", "https://github.com/a/b", "--env", "NOEQUALS"], "--env wants KEY=VALUE"),
+    ],
+)
+def test_client_commands_fail_in_one_line(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    result = _cli(*args, env=env)
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("dockyard: error: ") and message in result.stderr

@@ -40,6 +40,13 @@ class DockyardClient:
     def __init__(
         self, url: str = DEFAULT_URL, *, token: str | None = None, timeout_s: float = 60.0
     ) -> None:
+        if token is not None and (not token.isprintable() or any(c.isspace() for c in token)):
+            raise ValueError(
+                "the token contains whitespace or control characters; "
+                "copy it again (one line, dy_<id>_<secret>)"
+            )
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"the URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s

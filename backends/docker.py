@@ -16,9 +16,18 @@ What holds, as verified with dockerd 20.10.24 (Debian 12, runc, cgroupfs, cgroup
 * Containers: ``CapDrop=ALL``, ``no-new-privileges``, a read-only root, a size-capped tmpfs
   at ``/tmp`` (Docker adds no other writable tmpfs), nofile/nproc ulimits, an init
   (``docker-init``, i.e. tini) as PID 1, ports published on ``host_ip`` (127.0.0.1) only,
-  memory with swap equal to memory, ``NanoCpus`` and a pids limit. Containers join
-  ``[plugins.docker] network`` when set (else Docker's default bridge), unless the spec names
-  a network.
+  memory with swap equal to memory, ``NanoCpus`` and a pids limit, IPv6 off inside.
+* Network policy (``ContainerSpec.egress``), rootful dockerd on this host: containers join
+  ``dockyard-agents-docker`` (egress ``none``, interface ``dyad<daemon>``) or
+  ``dockyard-agents-docker-gw-<hash>`` (one per gateway, ``dyad<daemon>g<hash>``):
+  user-defined bridges made once and kept, not internal (Docker publishes no ports there),
+  without masquerade, bound on 127.0.0.1. ``backends/firewall.py``'s nftables tables are
+  applied for every agent network before each start; no firewall, no container
+  (``network_policy_failed``). The gateway is given as ``OPENAI_BASE_URL`` at the bridge
+  address. A named network (``spec.network``) is refused; ``[plugins.docker] network`` is
+  only the network of builds that may use one. Verified with the tests' dockerd
+  (``--iptables=false``, ports through ``docker-proxy``), not with Docker's iptables mode.
+  Rootless: see ``ROOTLESS_EGRESS_NOTE`` (not verified here).
 * Logs: the ``json-file`` driver with ``max-size`` = ``limits.log_max_bytes`` and
   ``max-file`` = ``limits.log_max_files``: unlike Podman 4.3, Docker keeps rotated files.
 * Resource limits: ``info()`` reads what the daemon says it can enforce (memory, swap, CFS
@@ -54,6 +63,7 @@ import collections
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import importlib
 import io
 import json
@@ -70,6 +80,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dockyard.backends.firewall import IFACE_PREFIX, AgentFirewall, AgentNetwork, local_nft
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -80,7 +91,9 @@ from dockyard.core.errors import (
     RuntimeUnavailable,
 )
 from dockyard.core.hookspecs import hookimpl
+from dockyard.core.policy import parse_gateway
 from dockyard.core.runtime import (
+    GATEWAY_ENV,
     LABEL_MANAGED,
     BuildRequest,
     BuiltImage,
@@ -125,6 +138,29 @@ ROOTLESS_V1_NOTE = (
     "do not hold (ulimits such as nofile and nproc still apply). Run Docker rootful or on a "
     "cgroup v2 host with controller delegation to enforce them."
 )
+ROOTLESS_EGRESS_NOTE = (
+    "The network policy is not enforced by rootless Docker: its bridges live in rootless "
+    "Docker's own network namespace, out of reach of dockyard's agent firewall. Run Docker "
+    "rootful (on the same host as dockyard, which must run as root) to hold agents to their "
+    "published port and the gateway."
+)
+#: Labels of the agent networks, their names and interfaces (see backends/firewall.py).
+LABEL_NETWORK = "io.dockyard.network"
+LABEL_GATEWAY = "io.dockyard.gateway"
+AGENT_NETWORK = "dockyard-agents-docker"
+AGENT_IFACE = "dyad"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+
+
+def agent_iface(daemon_id: str, digest: str | None = None) -> str:
+    """The host interface of an agent network: ``dyad<daemon>`` (egress ``none``) or
+    ``dyad<daemon>g<gateway>`` (at most 15 characters). Not Podman's ``dya0``, and one
+    per daemon: two dockerds on one host given the same bridge name share one interface
+    (the second one silently re-addresses it, seen with 20.10), breaking the first."""
+    tag = hashlib.sha256(daemon_id.encode()).hexdigest()[:4]
+    return f"{AGENT_IFACE}{tag}" if digest is None else f"{AGENT_IFACE}{tag}g{digest[:6]}"
+
+
 # A container reference: a name or an id, nothing that could change the API path.
 _CONTAINER_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # An image reference: [registry[:port]/]path[:tag][@digest], or an id.
@@ -649,6 +685,7 @@ _OPTIONS: dict[str, type | tuple[type, ...]] = {
     "build_nofile": int,
     "build_nproc": int,
     "build_kill_grace_s": (int, float),
+    "nft_path": str,
 }
 
 
@@ -656,12 +693,13 @@ class DockerRuntime(Runtime):
     """Docker Engine through its REST API (aiodocker), with dockyard's hardening applied.
 
     :param socket: the daemon to use (path or URL); when set, it must answer.
-    :param network: the network containers join unless their spec names one (default:
-        Docker's default bridge); also the network of builds that may use one.
+    :param network: the network of builds that may use one (default: Docker's default
+        bridge). Containers never join it: they join the agent networks (module docstring).
     :param build_cache: keep Docker's layer cache between builds (off: a build's layers
         are its own and nothing dangles after a failure).
     :param build_nofile: nofile ulimit of ``RUN`` steps; ``build_nproc`` likewise.
     :param build_kill_grace_s: how long a cancelled build's container may take to go.
+    :param nft_path: the ``nft`` binary of the agent firewall.
     """
 
     name: ClassVar[str] = "docker"
@@ -678,6 +716,7 @@ class DockerRuntime(Runtime):
         build_nofile: int = 4096,
         build_nproc: int = 4096,
         build_kill_grace_s: float = 15.0,
+        nft_path: str = "nft",
     ) -> None:
         self._socket = socket_url(socket) if socket else None
         self._network = network or None
@@ -691,6 +730,8 @@ class DockerRuntime(Runtime):
         self._docker: aiodocker.Docker | None = None
         self._url: str | None = None
         self._info: dict[str, Any] | None = None
+        self._firewall = AgentFirewall(local_nft(nft_path))
+        self._network_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerRuntime:
@@ -820,15 +861,29 @@ class DockerRuntime(Runtime):
     def _limits_enforced(self) -> bool:
         return limits_status(self._info or {})[0]
 
+    def _egress_status(self) -> tuple[bool, str]:
+        """Whether the agent firewall holds here (applying it), and why not."""
+        if is_rootless(self._info or {}):
+            return False, ROOTLESS_EGRESS_NOTE
+        if self._url is None or not self._url.startswith("unix://"):
+            return False, (
+                f"the Docker daemon at {self._url} is not on this host: dockyard's agent "
+                "firewall acts on this host's kernel only"
+            )
+        note = self._firewall.check()
+        return not note, note
+
     # -------------------------------------------------------------------- info
     async def info(self) -> RuntimeInfo:
-        """Version, rootless or not, cgroup version and whether limits hold."""
+        """Version, rootless or not, cgroup version, and whether limits and the network
+        policy hold (the agent firewall is applied on the way)."""
         try:
             info = dict(await self.docker.system.info())
         except self._engine_errors() as exc:
             raise self._error(exc, "reading docker info") from exc
         self._info = info
         enforced, note = limits_status(info)
+        egress_enforced, egress_note = await asyncio.to_thread(self._egress_status)
         security = [str(o) for o in info.get("SecurityOptions") or []]
         return RuntimeInfo(
             name=self.name,
@@ -837,6 +892,8 @@ class DockerRuntime(Runtime):
             cgroup_version=cgroup_version(info),
             limits_enforced=enforced,
             limits_note=note,
+            egress_enforced=egress_enforced,
+            egress_note=egress_note,
             socket=self._url,
             extra={
                 "api_version": self.docker.api_version,
@@ -1136,9 +1193,11 @@ class DockerRuntime(Runtime):
             ],
             "RestartPolicy": {"Name": "no"},
         }
-        network = spec.network or self._network
-        if network:
-            host_config["NetworkMode"] = network
+        # IPv6 off inside: the agent networks are IPv4 only (the firewall covers both anyway).
+        host_config["Sysctls"] = {
+            "net.ipv6.conf.all.disable_ipv6": "1",
+            "net.ipv6.conf.default.disable_ipv6": "1",
+        }
         config: dict[str, Any] = {
             "Image": spec.image,
             "Labels": {**spec.labels, LABEL_MANAGED: "true"},
@@ -1152,6 +1211,151 @@ class DockerRuntime(Runtime):
             config["User"] = spec.user
         return config
 
+    # ------------------------------------------------------------- network policy
+    async def _agent_network(self, spec: ContainerSpec) -> tuple[str, dict[str, str]]:
+        """The network ``spec`` joins under its egress policy, and the env it gets (the
+        gateway's URL). Networks are shared and kept: ``dockyard-agents-docker`` for egress
+        ``none``, ``dockyard-agents-docker-gw-<hash>`` per gateway (``backends/firewall.py``).
+        Rootful: the agent firewall is applied first; when it cannot be, no container starts
+        (fail closed). Rootless: see ``ROOTLESS_EGRESS_NOTE`` (not verified here)."""
+        if spec.network:
+            raise RuntimeOperationError(
+                f"container {spec.name!r}: the docker runtime puts containers on its agent "
+                "networks under their egress policy; joining a named network is not supported",
+                name=spec.name,
+            )
+        gateway = None
+        if spec.egress == "gateway":
+            if not spec.gateway:
+                raise RuntimeOperationError(
+                    f"container {spec.name!r}: egress 'gateway' needs a gateway", name=spec.name
+                )
+            gateway = parse_gateway(spec.gateway)
+        enforce = not is_rootless(self._info or {})
+        if enforce and (self._url is None or not self._url.startswith("unix://")):
+            raise RuntimeOperationError(
+                f"container {spec.name!r} not started: the network policy cannot be enforced: "
+                f"{self._egress_status()[1]}",
+                reason="network_policy_failed",
+                name=spec.name,
+            )
+        daemon_id = str((self._info or {}).get("ID") or "")
+        if gateway is None:
+            name, iface = AGENT_NETWORK, agent_iface(daemon_id)
+        else:
+            digest = hashlib.sha256(f"{gateway[0]}:{gateway[1]}".encode()).hexdigest()[:8]
+            name, iface = f"{AGENT_NETWORK}-gw-{digest}", agent_iface(daemon_id, digest)
+        if gateway is not None and not enforce and gateway[0].startswith("127."):
+            raise RuntimeOperationError(
+                f"container {spec.name!r}: rootless Docker cannot reach a gateway on the host's "
+                f"loopback ({gateway[0]}:{gateway[1]}); give the gateway a non-loopback address",
+                reason="network_policy_failed",
+                name=spec.name,
+            )
+        async with self._network_lock:
+            bridge_ip = await self._ensure_network(name, iface, gateway)
+            if enforce:  # rootless: see ROOTLESS_EGRESS_NOTE
+                try:
+                    networks = await self._agent_networks()
+                    await asyncio.to_thread(self._firewall.apply, networks)
+                except RuntimeOperationError as exc:
+                    raise RuntimeOperationError(
+                        f"container {spec.name!r} not started: the network policy cannot be "
+                        f"enforced: {exc.message}",
+                        reason="network_policy_failed",
+                        name=spec.name,
+                    ) from exc
+        env: dict[str, str] = {}
+        if gateway is not None:
+            host, port, path = gateway
+            loopback = enforce and host.startswith("127.")
+            if loopback and not await asyncio.to_thread(self._firewall.route_localnet, iface):
+                log.warning("route_localnet not set on %s: the gateway may not answer", iface)
+            address = f"{bridge_ip}:{port}" if enforce else f"{host}:{port}"
+            env[GATEWAY_ENV] = f"http://{address}{path}"
+        return name, env
+
+    async def _agent_networks(self) -> list[AgentNetwork]:
+        """Every agent network this daemon has, as the firewall sees it."""
+        try:
+            found = await self.docker.networks.list(filters={"label": f"{LABEL_NETWORK}=agents"})
+        except self._engine_errors() as exc:
+            raise self._error(exc, "listing the agent networks") from exc
+        networks = []
+        for network in found or []:
+            iface = str((network.get("Options") or {}).get(BRIDGE_NAME_OPTION) or "")
+            config = ((network.get("IPAM") or {}).get("Config") or [{}])[0]
+            subnet = str(config.get("Subnet") or "")
+            if not iface.startswith(IFACE_PREFIX) or not subnet:
+                log.warning("agent network %s is not one of ours; skipped", network.get("Name"))
+                continue
+            gateway = None
+            label = str((network.get("Labels") or {}).get(LABEL_GATEWAY) or "")
+            if label:
+                host, port, _ = parse_gateway(label)
+                gateway = (host, port)
+            networks.append(AgentNetwork(iface=iface, subnet=subnet, gateway=gateway))
+        return networks
+
+    async def _ensure_network(
+        self, name: str, iface: str, gateway: tuple[str, int, str] | None
+    ) -> str:
+        """Create the agent network ``name`` when missing; its bridge address. Kept once
+        made (as with Podman: networks are never removed while containers come and go)."""
+        docker = self.docker
+        errors = self._engine_errors()
+        expected = f"{gateway[0]}:{gateway[1]}" if gateway is not None else None
+        try:
+            network = await docker._query_json(f"networks/{name}")
+        except errors as exc:
+            if _status(exc) != 404:
+                raise self._error(exc, f"preparing the agent network {name}") from exc
+            labels = {LABEL_MANAGED: "true", LABEL_NETWORK: "agents"}
+            if expected is not None:
+                labels[LABEL_GATEWAY] = expected
+            body = {
+                "Name": name,
+                "Driver": "bridge",
+                "CheckDuplicate": True,
+                # Not "Internal": Docker publishes no ports of containers on internal networks.
+                "Internal": False,
+                "EnableIPv6": False,
+                "Options": {
+                    BRIDGE_NAME_OPTION: iface,
+                    "com.docker.network.bridge.enable_ip_masquerade": "false",
+                    "com.docker.network.bridge.host_binding_ipv4": "127.0.0.1",
+                },
+                "Labels": labels,
+            }
+            try:
+                await docker.networks.create(body)
+            except errors as create_exc:
+                if _status(create_exc) != 409:  # 409: made meanwhile by another dockyard
+                    raise self._error(create_exc, f"creating the agent network {name}") from (
+                        create_exc
+                    )
+            try:
+                network = await docker._query_json(f"networks/{name}")
+            except errors as again:
+                raise self._error(again, f"preparing the agent network {name}") from again
+        labels = network.get("Labels") or {}
+        options = network.get("Options") or {}
+        if (
+            options.get(BRIDGE_NAME_OPTION) != iface
+            or labels.get(LABEL_GATEWAY) != expected
+            or labels.get(LABEL_NETWORK) != "agents"
+        ):
+            raise RuntimeOperationError(
+                f"network {name} exists but is not the agent network dockyard makes (interface "
+                f"{iface}, gateway {expected}): remove it (docker network rm {name}) and "
+                "dockyard makes it again",
+                reason="network_policy_failed",
+            )
+        config = ((network.get("IPAM") or {}).get("Config") or [{}])[0]
+        if not config.get("Subnet") or not config.get("Gateway"):
+            raise RuntimeOperationError(f"network {name} has no IPv4 subnet with a gateway")
+        return str(config["Gateway"])
+
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start a hardened container (see the module docstring)."""
         docker = self.docker
@@ -1159,8 +1363,12 @@ class DockerRuntime(Runtime):
             await self.info()
         errors = self._engine_errors()
         name = _container_ref(spec.name)
+        network, env = await self._agent_network(spec)
+        config = self._create_config(spec)
+        config["HostConfig"]["NetworkMode"] = network
+        config["Env"] = [f"{k}={v}" for k, v in {**dict(spec.env), **env}.items()]
         try:
-            container = await docker.containers.create(self._create_config(spec), name=name)
+            container = await docker.containers.create(config, name=name)
         except errors as exc:
             if _status(exc) == 409:
                 raise Conflict(

@@ -10,6 +10,7 @@ Tests of pure functions (Dockerfile reading, ``.dockerignore``, parsing) need no
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import io
 import json
@@ -38,7 +39,13 @@ from dockyard.backends.docker import (
     read_dockerignore,
 )
 from dockyard.core.config import Settings
-from dockyard.core.errors import BuildFailed, BuildTimeout, ConfigError, RuntimeUnavailable
+from dockyard.core.errors import (
+    BuildFailed,
+    BuildTimeout,
+    ConfigError,
+    RuntimeOperationError,
+    RuntimeUnavailable,
+)
 from dockyard.core.plugins import Registrar
 from dockyard.core.runtime import BuildRequest, Limits, Runtime
 from tests.conftest import ROOT, free_port
@@ -153,7 +160,11 @@ async def test_daemon_view_confirms_hardening(
     assert hc["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}}
     assert hc["Memory"] == 80 * MIB and hc["MemorySwap"] == 80 * MIB
     assert hc["NanoCpus"] == 250_000_000 and hc["PidsLimit"] == 48
-    assert hc["NetworkMode"] == engine.daemon.network  # type: ignore[union-attr]
+    assert hc["NetworkMode"] == backend.AGENT_NETWORK  # the agent network, egress "none"
+    assert hc["Sysctls"] == {
+        "net.ipv6.conf.all.disable_ipv6": "1",
+        "net.ipv6.conf.default.disable_ipv6": "1",
+    }
     assert data["Config"]["Labels"]["io.dockyard.managed"] == "true"
     assert not data["Mounts"]  # no host mounts unless asked, never the engine socket
 
@@ -214,6 +225,96 @@ async def test_logs_rotate_and_keep_max_files(
     for name in files:
         assert (path.parent / name).stat().st_size <= cap + 1024  # one line past the cap
     assert await runtime.logs(spec.name, tail=1) == ["last-line"]
+
+
+# ----------------------------------------------------------- network policy (agent networks)
+def _get(port: int, path: str, attempts: int = 50) -> str:
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"127.0.0.1:{port}{path} did not answer")
+
+
+async def test_agent_networks_gateway_env_and_published_port(
+    runtime: Runtime, engine: DockerEngine, make_spec: Any
+) -> None:
+    """Egress "gateway": the container joins the gateway's kept bridge (its own interface
+    ``dyad<daemon>g<hash>``, no masquerade, bindings on 127.0.0.1, not internal), gets the
+    gateway at the bridge address in OPENAI_BASE_URL (over the spec's env), the firewall
+    grants it, and its port published on 127.0.0.1 answers (docker-proxy)."""
+    gw_port = free_port()
+    spec = make_spec(
+        "gw",
+        egress="gateway",
+        gateway=f"http://127.0.0.1:{gw_port}/v1",
+        env={"OPENAI_BASE_URL": "http://attacker.example/v1", "KEEP": "me"},
+    )
+    digest = hashlib.sha256(f"127.0.0.1:{gw_port}".encode()).hexdigest()[:8]
+    daemon_id = str(_api(engine).json("GET", "/info")["ID"])
+    name, iface = f"{backend.AGENT_NETWORK}-gw-{digest}", backend.agent_iface(daemon_id, digest)
+    assert len(iface) <= 15 and iface.startswith("dyad") and not iface.startswith("dya0")
+    try:
+        started = await runtime.run(spec)
+        assert started.host_port and "ok" in _get(started.host_port, "/health")
+        network = _api(engine).json("GET", f"/networks/{name}")
+        assert network["Internal"] is False and network["EnableIPv6"] is False
+        assert network["Options"] == {
+            "com.docker.network.bridge.name": iface,
+            "com.docker.network.bridge.enable_ip_masquerade": "false",
+            "com.docker.network.bridge.host_binding_ipv4": "127.0.0.1",
+        }
+        assert network["Labels"] == {
+            "io.dockyard.managed": "true",
+            "io.dockyard.network": "agents",
+            "io.dockyard.gateway": f"127.0.0.1:{gw_port}",
+        }
+        bridge_ip = network["IPAM"]["Config"][0]["Gateway"]
+        data = _api(engine).json("GET", f"/containers/{spec.name}/json")
+        assert data["HostConfig"]["NetworkMode"] == name
+        env = data["Config"]["Env"]
+        assert f"OPENAI_BASE_URL=http://{bridge_ip}:{gw_port}/v1" in env and "KEEP=me" in env
+        assert "OPENAI_BASE_URL=http://attacker.example/v1" not in env
+        assert Path(f"/proc/sys/net/ipv4/conf/{iface}/route_localnet").read_text().strip() == "1"
+        grants = runtime._firewall.elements()  # type: ignore[attr-defined]
+        allowed = [json.dumps(e) for e in grants.get("gateway_allow", [])]
+        assert any(iface in e and "127.0.0.1" in e and str(gw_port) in e for e in allowed), grants
+        assert any(
+            network["IPAM"]["Config"][0]["Subnet"].split("/")[0] in json.dumps(e)
+            for e in grants.get("agent_subnets", [])
+        ), grants
+        assert (await runtime.info()).egress_enforced
+    finally:
+        await runtime.remove(spec.name)
+        _api(engine).request("DELETE", f"/networks/{name}")
+
+
+async def test_named_network_is_refused(
+    runtime: Runtime, engine: DockerEngine, make_spec: Any
+) -> None:
+    spec = make_spec("named", network="bridge")
+    with pytest.raises(RuntimeOperationError, match="named network is not supported"):
+        await runtime.run(spec)
+    assert not _api(engine).containers({"io.dockyard.test": spec.labels["io.dockyard.test"]})
+
+
+async def test_no_firewall_no_container(engine: DockerEngine, make_spec: Any) -> None:
+    """Without a working ``nft`` the runtime says the policy does not hold and starts
+    nothing (``network_policy_failed``)."""
+    rt = DockerRuntime(socket=engine.url, nft_path="/nonexistent/nft")
+    await rt.open()
+    try:
+        info = await rt.info()
+        assert info.egress_enforced is False and "not found" in info.egress_note
+        spec = make_spec("nofw")
+        with pytest.raises(RuntimeOperationError) as caught:
+            await rt.run(spec)
+        assert caught.value.reason == "network_policy_failed", caught.value.message
+        assert await rt.inspect(spec.name) is None
+    finally:
+        await rt.close()
 
 
 # ------------------------------------------------------------------------------ builds
@@ -363,6 +464,7 @@ def test_healthz_reports_the_docker_daemon(engine: DockerEngine, tmp_path: Path)
     assert runtime_info["socket"] == engine.url
     assert runtime_info["extra"]["network"] == engine.daemon.network  # type: ignore[union-attr]
     assert body["limits_enforced"] is True and body["limits_note"] == ""
+    assert runtime_info["egress_enforced"] is True, runtime_info["egress_note"]
 
 
 def test_serve_with_runtime_docker(engine: DockerEngine, tmp_path: Path) -> None:

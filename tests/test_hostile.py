@@ -42,16 +42,56 @@ import pytest
 from litestar.testing import TestClient
 
 from tests.conftest import AUTH, TEST_SETTINGS
-from tests.contract.conftest import ENGINES, PodmanEngine, busybox_path
+from tests.contract.conftest import ENGINES, DockerEngine, PodmanEngine, busybox_path
 from tests.gitserver import GitDaemon, Repo, RepoBuilder
 
-pytestmark = [pytest.mark.podman, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 ENGINE_KINDS = [
-    pytest.param("podman-rootful", id="rootful"),
-    pytest.param("podman-rootless", id="rootless", marks=[pytest.mark.rootless]),
+    pytest.param("podman-rootful", id="rootful", marks=[pytest.mark.podman]),
+    pytest.param(
+        "podman-rootless", id="rootless", marks=[pytest.mark.podman, pytest.mark.rootless]
+    ),
+    pytest.param("docker", id="docker", marks=[pytest.mark.docker]),
 ]
-PORTS = {"podman-rootful": (46500, 46540), "podman-rootless": (46550, 46590)}
+PORTS = {
+    "podman-rootful": (46500, 46540),
+    "podman-rootless": (46550, 46590),
+    "docker": (46600, 46640),
+}
+#: The tests that run on the Docker engine too (the network policy); the others use
+#: Podman's CLI and cgroup layout.
+DOCKER_TESTS = {
+    "test_agent_reaches_its_gateway_and_nothing_else",
+    "test_nothing_is_left_on_the_engine",
+}
+
+
+class DockerCLI:
+    """The few ``podman``-CLI calls the network tests make, through the ``docker`` CLI
+    against the private dockerd (``.ImageName`` is Docker's ``.Config.Image``)."""
+
+    def __init__(self, engine: DockerEngine) -> None:
+        self.engine = engine
+        self.rootless = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        docker = shutil.which("docker")
+        if docker is None:
+            pytest.skip("the docker CLI is not installed")
+        args = tuple(a.replace("{{.ImageName}}", "{{.Config.Image}}") for a in args)
+        return subprocess.run(
+            [docker, "-H", self.engine.url, *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+
 LABELS = {"io.dockyard.managed": "true"}
 HEALTH = {"interval_s": 0.2, "timeout_s": 2, "deadline_s": 20}
 MIB = 1024 * 1024
@@ -258,7 +298,7 @@ class Hostile:
     def __init__(
         self,
         client: TestClient[Any],
-        engine: PodmanEngine,
+        engine: PodmanEngine | DockerCLI,
         builder: RepoBuilder,
         daemon: GitDaemon,
         services: dict[str, Any],
@@ -337,7 +377,11 @@ def host_services() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(autouse=True)
-def _delete_what_a_failed_test_left(hostile: Hostile) -> Iterator[None]:
+def _delete_what_a_failed_test_left(
+    hostile: Hostile, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    if isinstance(hostile.engine, DockerCLI) and request.function.__name__ not in DOCKER_TESTS:
+        pytest.skip("on Docker, the hostile suite covers the network policy only")
     before = set(hostile.ids)
     yield
     for dep in hostile.ids - before:
@@ -355,8 +399,11 @@ def hostile(
     from dockyard.core.config import Settings
 
     kind = str(request.param)
-    engine = ENGINES.get(kind, request.session)
-    assert isinstance(engine, PodmanEngine)
+    engine: Any = ENGINES.get(kind, request.session)
+    if isinstance(engine, DockerEngine):
+        engine = DockerCLI(engine)
+    else:
+        assert isinstance(engine, PodmanEngine)
     start, end = PORTS[kind]
     # Rootless Podman cannot reach a gateway on the host's loopback: no gateway there.
     gateway = None if engine.rootless else f"http://127.0.0.1:{host_services['gateway']}/v1"
@@ -382,7 +429,10 @@ def hostile(
     assert hostile.left_behind() == [], "containers left behind"
     if gateway is not None:  # the gateway network of this run's (random) gateway port
         digest = hashlib.sha256(f"127.0.0.1:{host_services['gateway']}".encode()).hexdigest()
-        engine.cli("network", "rm", f"dockyard-agents-gw-{digest[:8]}", check=False)
+        agents = "dockyard-agents-docker" if isinstance(engine, DockerCLI) else "dockyard-agents"
+        engine.cli("network", "rm", f"{agents}-gw-{digest[:8]}", check=False)
+    if isinstance(engine, DockerCLI):  # the private dockerd's bridges outlive it otherwise
+        engine.cli("network", "prune", "-f", "--filter", "label=io.dockyard.network", check=False)
 
 
 # ------------------------------------------------------------------------------- tests

@@ -601,6 +601,38 @@ def test_the_private_aiodocker_request_path_still_exists() -> None:
 
 
 # ---------------------------------------------------------------------- pure functions
+def test_agent_interfaces_are_short_per_daemon_and_not_podmans() -> None:
+    none, gw = backend.agent_iface("daemon-a"), backend.agent_iface("daemon-a", "0123abcd")
+    assert none.startswith("dyad") and gw.startswith(none + "g") and len(gw) <= 15
+    assert backend.agent_iface("daemon-b") != none  # two dockerds, two bridges
+    assert not none.startswith("dya0") and not gw.startswith("dya0")  # Podman's
+
+
+async def test_policy_refusals_need_no_daemon() -> None:
+    """A daemon on another host, and rootless Docker with a gateway on the host's
+    loopback: ``network_policy_failed`` before anything is created."""
+    from dockyard.core.runtime import ContainerSpec
+
+    rt = DockerRuntime()
+    rt._url, rt._info = "tcp://10.0.0.5:2375", {}
+    spec = ContainerSpec(name="x", image="i", container_port=80)
+    with pytest.raises(RuntimeOperationError) as caught:
+        await rt._agent_network(spec)
+    assert caught.value.reason == "network_policy_failed" and "not on this host" in str(
+        caught.value
+    )
+    rt._url = "unix:///run/user/1000/docker.sock"
+    rt._info = {"SecurityOptions": ["name=rootless"]}
+    gateway = ContainerSpec(
+        name="x", image="i", container_port=80, egress="gateway", gateway="127.0.0.1:9999"
+    )
+    with pytest.raises(RuntimeOperationError) as caught:
+        await rt._agent_network(gateway)
+    assert caught.value.reason == "network_policy_failed" and "loopback" in str(caught.value)
+    with pytest.raises(RuntimeOperationError, match="named network"):
+        await rt._agent_network(ContainerSpec(name="x", image="i", container_port=80, network="h"))
+
+
 def test_limits_status() -> None:
     full = {"MemoryLimit": True, "SwapLimit": True, "CpuCfsQuota": True, "PidsLimit": True}
     assert limits_status({**full, "CgroupVersion": "1"}) == (True, "")

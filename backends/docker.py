@@ -1239,7 +1239,10 @@ class DockerRuntime(Runtime):
                 reason="network_policy_failed",
                 name=spec.name,
             )
-        daemon_id = str((self._info or {}).get("ID") or "")
+        # Which daemon: dockerds on one host may share their ID (20.10 reads it from
+        # /etc/docker/key.json), never their data root.
+        info = self._info or {}
+        daemon_id = f"{info.get('ID') or ''}:{info.get('DockerRootDir') or ''}"
         if gateway is None:
             name, iface = AGENT_NETWORK, agent_iface(daemon_id)
         else:

@@ -10,6 +10,7 @@ Tests of pure functions (Dockerfile reading, ``.dockerignore``, parsing) need no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import io
@@ -23,6 +24,7 @@ import tarfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,18 @@ token = contract.token
 runtime = contract.runtime
 test_image = contract.test_image
 make_spec = contract.make_spec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prune_agent_networks() -> Iterator[None]:
+    """The agent networks the runtime made (and kept) go after this module, if the session's
+    dockerd was started: their bridges would otherwise outlive the private dockerd."""
+    yield
+    started = contract.ENGINES._engines.get("docker")
+    if isinstance(started, DockerEngine) and started.daemon is not None:
+        filters = {"label": ["io.dockyard.network"]}
+        with contextlib.suppress(Exception):
+            _api(started).request("POST", "/networks/prune", params={"filters": filters})
 
 
 def _api(engine: DockerEngine) -> Any:
@@ -253,7 +267,8 @@ async def test_agent_networks_gateway_env_and_published_port(
         env={"OPENAI_BASE_URL": "http://attacker.example/v1", "KEEP": "me"},
     )
     digest = hashlib.sha256(f"127.0.0.1:{gw_port}".encode()).hexdigest()[:8]
-    daemon_id = str(_api(engine).json("GET", "/info")["ID"])
+    info = _api(engine).json("GET", "/info")
+    daemon_id = f"{info['ID']}:{info['DockerRootDir']}"
     name, iface = f"{backend.AGENT_NETWORK}-gw-{digest}", backend.agent_iface(daemon_id, digest)
     assert len(iface) <= 15 and iface.startswith("dyad") and not iface.startswith("dya0")
     try:

@@ -184,6 +184,8 @@ async def test_daemon_view_confirms_hardening(
 
     # Every process of the container, as the host's /proc sees it.
     pids = _descendants(int(data["State"]["Pid"]))
+    # IPv6 is off in the container's network namespace: no IPv6 address, not even ::1.
+    assert Path(f"/proc/{pids[0]}/net/if_inet6").read_text() == ""
     assert len(pids) >= 2  # the init and the app
     assert "docker-init" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode()
     for pid in pids:

@@ -244,6 +244,10 @@ class DockerDaemon:
                 for container in api.containers():
                     api.request("DELETE", f"/containers/{container['Id']}", {"force": "1"})
                 api.request("DELETE", f"/networks/{self.network}")
+                # The agent networks dockyard made (their bridges would outlive the daemon).
+                labelled = {"label": ["io.dockyard.network"]}
+                for network in api.json("GET", "/networks", params={"filters": labelled}) or []:
+                    api.request("DELETE", f"/networks/{network['Id']}")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:

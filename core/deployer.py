@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from dockyard.core.builds import BuiltRevision
-from dockyard.core.errors import Conflict, DockyardError, SourceError
+from dockyard.core.errors import Conflict, DockyardError, PortPoolExhausted, SourceError
 from dockyard.core.health import HealthOutcome, wait_healthy
 from dockyard.core.models import (
     Color,
@@ -200,7 +201,7 @@ class SlotOps:
     ) -> Slot:
         """BUILDING -> STAGING: lease a port, record it, then start the container."""
         name = container_name(spec.id, slot.color)
-        port = await self.store.lease_port(lease_owner(spec.id, slot.color))
+        port = await self.lease_bindable_port(lease_owner(spec.id, slot.color))
         try:
             slot = await self.move(
                 slot,
@@ -214,6 +215,28 @@ class SlotOps:
             await self.store.release_port(port)
             raise
         return await self.start_container(slot, spec, revision, built)
+
+    async def lease_bindable_port(self, owner: str, *, attempts: int = 32) -> int:
+        """Lease a port that nothing on the host listens on right now.
+
+        The store never hands a port out twice, but something outside it may still hold
+        one: a container just removed whose engine has not let go of its port yet, or
+        another program. Such ports are skipped (held while searching, then returned).
+        """
+        skipped: list[int] = []
+        try:
+            for _ in range(attempts):
+                port = await self.store.lease_port(owner)
+                if _bindable(port):
+                    return port
+                skipped.append(port)
+            raise PortPoolExhausted(
+                f"no free host port: {len(skipped)} leased ports were busy on the host",
+                busy=skipped,
+            )
+        finally:
+            for port in skipped:
+                await self.store.release_port(port)
 
     async def start_container(
         self, slot: Slot, spec: DeploymentSpec, revision: Revision, built: BuiltRevision | None
@@ -367,6 +390,18 @@ class SlotOps:
             data={"url": router.url_for(deployment.id), "switch_ms": switch_ms},
         )
         return target
+
+
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP listener could bind ``host:port`` now (as engines do, with
+    SO_REUSEADDR: connections in TIME_WAIT do not count, a listener does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _replace(slot: Slot, **changes: Any) -> Slot:

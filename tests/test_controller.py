@@ -194,3 +194,20 @@ async def test_a_failed_build_keeps_its_log(services: Services) -> None:
     await controller.delete("app")
     assert not controller.ops.build_log_path("app", Color.BLUE).exists()
     await controller.stop()
+
+
+async def test_a_port_busy_on_the_host_is_skipped(services: Services) -> None:
+    """A leased port that something outside dockyard still holds is not used."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 47300))  # the pool's first port
+        squatter.listen()
+        controller = Controller.from_services(services)
+        await controller.start()
+        await deploy(controller)
+        blue = await services.store.get_slot("app", Color.BLUE)
+        assert blue.state is S.PROMOTED and blue.host_port == 47301
+        assert 47300 not in await services.store.list_leases()
+        await controller.stop()

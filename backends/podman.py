@@ -1440,7 +1440,10 @@ class PodmanRuntime(Runtime):
             # Read the capability sets of the running processes back from the engine.
             top = self.client.api.get(f"/containers/{info.id}/top", params={"ps_args": "capbnd"})
             if top.status_code == 200:
-                processes = top.json().get("Processes") or []
+                try:
+                    processes = top.json().get("Processes") or []
+                except ValueError:  # the container exited meanwhile: Podman answers empty
+                    processes = []
                 if processes:
                     dropped = all(str(row[0]).strip() == "none" for row in processes if row)
                     info.hardening.cap_drop_all = dropped and not info.hardening.cap_add

@@ -598,7 +598,9 @@ def test_log_flood_is_capped(hostile: Hostile) -> None:
         r = hostile.client.get("/v1/repos/flood/logs?tail=3")
         assert r.status_code == 200, r.text
         lines = r.json()["lines"]
-    assert lines and "flood flood" in lines[-1], lines
+    # Readable: whole lines of the flood come back (the newest may be a partial entry that
+    # conmon split off mid-write).
+    assert any("flood flood" in line for line in lines), lines
     hostile.delete("flood")
 
 

@@ -50,6 +50,7 @@ from dockyard.core.errors import (
 )
 from dockyard.core.plugins import Registrar
 from dockyard.core.runtime import BuildRequest, Limits, Runtime
+from tests import hostprobe
 from tests.conftest import ROOT, free_port
 from tests.contract import conftest as contract
 from tests.contract.conftest import DockerEngine, TestImage, make_context
@@ -97,48 +98,6 @@ def _descendants(pid: int) -> list[int]:
         out.append(current)
         todo.extend(children.get(current, []))
     return out
-
-
-def _proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
-
-
-def _proc_limit(pid: int, title: str) -> tuple[str, str]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith(title):
-            soft, hard = line[len(title) :].split()[:2]
-            return soft, hard
-    raise AssertionError(f"no {title!r} in /proc/{pid}/limits")
-
-
-def _cgroup_v1_file(pid: int, controller: str, filename: str) -> str | None:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            candidate = Path(f"/sys/fs/cgroup/{controllers}{path}/{filename}")
-            if candidate.exists():
-                return candidate.read_text().strip()
-    return None
-
-
-def _listeners(port: int) -> list[str]:
-    """Local addresses of host TCP sockets listening on ``port`` (IPv4 and IPv6)."""
-    found = []
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            address, port_hex = fields[1].split(":")
-            if fields[3] != "0A" or int(port_hex, 16) != port:
-                continue
-            raw = bytes.fromhex(address)
-            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.append(socket.inet_ntop(family, raw))
-    return found
 
 
 def _all_images(engine: DockerEngine) -> set[str]:
@@ -189,18 +148,18 @@ async def test_daemon_view_confirms_hardening(
     assert len(pids) >= 2  # the init and the app
     assert "docker-init" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode()
     for pid in pids:
-        status = _proc_status(pid)
+        status = hostprobe.proc_status(pid)
         assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
         assert status["NoNewPrivs"] == "1"
-        assert _proc_limit(pid, "Max open files") == ("300", "300")
-        assert _proc_limit(pid, "Max processes") == ("200", "200")
+        assert hostprobe.proc_limit(pid, "Max open files") == ("300", "300")
+        assert hostprobe.proc_limit(pid, "Max processes") == ("200", "200")
     if info.cgroup_version == "v1":  # the kernel's own view
         pid = pids[0]
-        assert _cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
-        swap = _cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
+        assert hostprobe.cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
+        swap = hostprobe.cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
         assert swap in (None, str(80 * MIB))
-        assert _cgroup_v1_file(pid, "pids", "pids.max") == "48"
-        assert _cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
+        assert hostprobe.cgroup_v1_file(pid, "pids", "pids.max") == "48"
+        assert hostprobe.cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
 
 
 async def test_port_listens_on_loopback_only(
@@ -211,7 +170,7 @@ async def test_port_listens_on_loopback_only(
     await runtime.run(spec)
     ports = _api(engine).json("GET", f"/containers/{spec.name}/json")["NetworkSettings"]["Ports"]
     assert ports["8080/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(port)}]
-    listeners = _listeners(port)
+    listeners = hostprobe.listeners(port)
     assert listeners, f"nothing listens on port {port}"
     assert set(listeners) == {"127.0.0.1"}, listeners
 

@@ -31,6 +31,7 @@ from dockyard.core.config import Settings
 from dockyard.core.errors import ConfigError, RuntimeUnavailable
 from dockyard.core.plugins import Registrar
 from dockyard.core.runtime import Limits, Runtime
+from tests import hostprobe
 from tests.conftest import free_port
 from tests.contract import conftest as contract
 from tests.contract.conftest import Engine
@@ -50,50 +51,6 @@ def _host_pids(engine: Engine, name: str) -> list[int]:
     """Host PIDs of every process in the container, from ``podman top``."""
     out = engine.cli("top", name, "hpid").stdout.split()
     return [int(p) for p in out[1:]]
-
-
-def _proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
-
-
-def _proc_limit(pid: int, title: str) -> tuple[str, str]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith(title):
-            soft, hard = line[len(title) :].split()[:2]
-            return soft, hard
-    raise AssertionError(f"no {title!r} in /proc/{pid}/limits")
-
-
-def _cgroup_v1_file(pid: int, controller: str, filename: str) -> str | None:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            candidate = Path(f"/sys/fs/cgroup/{controllers}{path}/{filename}")
-            if candidate.exists():
-                return candidate.read_text().strip()
-    return None
-
-
-def _listeners(port: int) -> list[str]:
-    """Local addresses of host TCP sockets listening on ``port`` (IPv4 and IPv6)."""
-    found = []
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            local, state = fields[1], fields[3]
-            address, port_hex = local.split(":")
-            if state != "0A" or int(port_hex, 16) != port:
-                continue
-            raw = bytes.fromhex(address)
-            # /proc/net/tcp stores each 32-bit word in host (little-endian) order.
-            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.append(socket.inet_ntop(family, raw))
-    return found
 
 
 # ---------------------------------------------------------------- real engines, CLI view
@@ -127,11 +84,11 @@ async def test_cli_inspect_confirms_hardening(
     pids = _host_pids(engine, spec.name)
     assert pids
     for pid in pids:
-        status = _proc_status(pid)
+        status = hostprobe.proc_status(pid)
         assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
         assert status["NoNewPrivs"] == "1"
-        assert _proc_limit(pid, "Max open files") == ("300", "300")
-        assert _proc_limit(pid, "Max processes") == ("200", "200")
+        assert hostprobe.proc_limit(pid, "Max open files") == ("300", "300")
+        assert hostprobe.proc_limit(pid, "Max processes") == ("200", "200")
 
     if info.limits_enforced:
         assert hc["PidsLimit"] == 48
@@ -142,11 +99,11 @@ async def test_cli_inspect_confirms_hardening(
         )
         if info.cgroup_version == "v1":  # the kernel's own view
             pid = pids[0]
-            assert _cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
-            swap = _cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
+            assert hostprobe.cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
+            swap = hostprobe.cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
             assert swap in (None, str(80 * MIB))  # None: no swap accounting on this kernel
-            assert _cgroup_v1_file(pid, "pids", "pids.max") == "48"
-            assert _cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
+            assert hostprobe.cgroup_v1_file(pid, "pids", "pids.max") == "48"
+            assert hostprobe.cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
     else:
         assert engine.rootless
         assert info.limits_note
@@ -164,7 +121,7 @@ async def test_port_listens_on_loopback_only(
     await runtime.run(spec)
     ports = engine.cli_json("inspect", spec.name)[0]["NetworkSettings"]["Ports"]
     assert ports["8080/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(port)}]
-    listeners = _listeners(port)
+    listeners = hostprobe.listeners(port)
     assert listeners, f"nothing listens on port {port}"
     assert set(listeners) == {"127.0.0.1"}, listeners
 

@@ -93,7 +93,6 @@ from dockyard.core.errors import (
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.policy import parse_gateway
 from dockyard.core.runtime import (
-    GATEWAY_ENV,
     LABEL_MANAGED,
     BuildRequest,
     BuiltImage,
@@ -103,6 +102,7 @@ from dockyard.core.runtime import (
     LogCallback,
     Runtime,
     RuntimeInfo,
+    gateway_variables,
 )
 
 if TYPE_CHECKING:
@@ -1169,7 +1169,13 @@ class DockerRuntime(Runtime):
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],
             "ReadonlyRootfs": bool(spec.read_only),
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(limits.tmpfs_mb)}m,mode=1777"},
+            "Tmpfs": {
+                "/tmp": f"rw,nosuid,nodev,size={int(limits.tmpfs_mb)}m,mode=1777",
+                **{
+                    target: f"rw,nosuid,nodev,noexec,size={int(size_mb)}m,mode=1777"
+                    for target, size_mb in spec.tmpfs.items()
+                },
+            },
             "Init": True,
             "Ulimits": [
                 {"Name": "nofile", "Soft": limits.nofile, "Hard": limits.nofile},
@@ -1209,6 +1215,8 @@ class DockerRuntime(Runtime):
             config["Cmd"] = list(spec.command)
         if spec.user:
             config["User"] = spec.user
+        if spec.workdir:
+            config["WorkingDir"] = spec.workdir
         return config
 
     # ------------------------------------------------------------- network policy
@@ -1275,7 +1283,7 @@ class DockerRuntime(Runtime):
             if loopback and not await asyncio.to_thread(self._firewall.route_localnet, iface):
                 log.warning("route_localnet not set on %s: the gateway may not answer", iface)
             address = f"{bridge_ip}:{port}" if enforce else f"{host}:{port}"
-            env[GATEWAY_ENV] = f"http://{address}{path}"
+            env.update(gateway_variables(spec, f"http://{address}{path}"))
         return name, env
 
     async def _agent_networks(self) -> list[AgentNetwork]:

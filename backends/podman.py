@@ -103,7 +103,6 @@ from dockyard.core.errors import (
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.policy import parse_gateway
 from dockyard.core.runtime import (
-    GATEWAY_ENV,
     LABEL_MANAGED,
     BuildRequest,
     BuiltImage,
@@ -113,6 +112,7 @@ from dockyard.core.runtime import (
     LogCallback,
     Runtime,
     RuntimeInfo,
+    gateway_variables,
 )
 
 if TYPE_CHECKING:
@@ -1134,6 +1134,16 @@ class PodmanRuntime(Runtime):
                 "mode": "1777",
             }
         ]
+        for target, size_mb in spec.tmpfs.items():
+            mounts.append(
+                {
+                    "type": "tmpfs",
+                    "source": "tmpfs",
+                    "target": target,
+                    "size": f"{int(size_mb)}m",
+                    "mode": "1777",
+                }
+            )
         for source, target in spec.mounts:
             mounts.append({"type": "bind", "source": source, "target": target, "read_only": True})
         binding: tuple[str, int] | dict[str, str]
@@ -1163,6 +1173,8 @@ class PodmanRuntime(Runtime):
             kwargs["command"] = list(spec.command)
         if spec.user:
             kwargs["user"] = spec.user
+        if spec.workdir:
+            kwargs["working_dir"] = spec.workdir
         # IPv6 off inside: the private network is IPv4 only (the firewall covers both anyway).
         kwargs["sysctls"] = {
             "net.ipv6.conf.all.disable_ipv6": "1",
@@ -1236,7 +1248,7 @@ class PodmanRuntime(Runtime):
         if gateway is not None:
             host, port, path = gateway
             address = f"{bridge_ip}:{port}" if enforce else f"{host}:{port}"
-            env[GATEWAY_ENV] = f"http://{address}{path}"
+            env.update(gateway_variables(spec, f"http://{address}{path}"))
         return name, env
 
     def _sync_firewall(self) -> None:
@@ -1320,9 +1332,25 @@ class PodmanRuntime(Runtime):
             return AGENT_IFACE
         return f"{AGENT_IFACE}g{network.rsplit('-', 1)[-1]}"
 
+    def _create(self, spec: ContainerSpec, kwargs: dict[str, Any]) -> str:
+        """Create the container; its id. podman-py's ``containers.create`` drops a mount's
+        ``options``, so the payload it renders gets the scratch tmpfs options here."""
+        manager = self.client.containers
+        payload = manager._render_payload({"image": spec.image, **kwargs})
+        for mount in payload.get("mounts") or []:
+            if mount.get("type") == "tmpfs" and mount.get("destination") in spec.tmpfs:
+                mount["options"] = [*mount.get("options", []), "nosuid", "nodev", "noexec"]
+        resp = self.client.api.post(
+            "/containers/create",
+            headers={"content-type": "application/json"},
+            data=podman_api.prepare_body(payload),
+        )
+        resp.raise_for_status()
+        return str(resp.json()["Id"])
+
     def _create_and_start(self, spec: ContainerSpec, kwargs: dict[str, Any]) -> str:
         try:
-            container = self.client.containers.create(spec.image, **kwargs)
+            container_id = self._create(spec, kwargs)
         except APIError as exc:
             if exc.response is None:
                 raise
@@ -1339,7 +1367,6 @@ class PodmanRuntime(Runtime):
                 f"creating container {spec.name!r} failed: {_engine_message(exc)}",
                 name=spec.name,
             ) from exc
-        container_id = str(container.id)
         resp = self.client.api.post(f"/containers/{container_id}/start")
         if resp.status_code >= 400:
             message = _response_message(resp)

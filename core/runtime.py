@@ -92,8 +92,12 @@ class ContainerSpec(Model):
     addresses), not other containers. ``egress="gateway"``: the same, except that the one
     upstream ``gateway`` (``"IPv4:port"`` or ``"http://IPv4:port[/path]"``, e.g. an LLM
     gateway on the host's loopback) answers at an address the runtime puts in the
-    container's ``GATEWAY_ENV`` (``OPENAI_BASE_URL``), overriding ``env``. A runtime that
-    cannot enforce the policy says so in ``info().egress_enforced``/``egress_note``."""
+    container's ``gateway_env`` variables (by default ``GATEWAY_ENV``, ``OPENAI_BASE_URL``),
+    each the gateway's URL plus that variable's suffix, overriding ``env``. A runtime that
+    cannot enforce the policy says so in ``info().egress_enforced``/``egress_note``.
+
+    ``tmpfs`` adds size-capped scratch mounts (path -> MiB; ``rw,nosuid,nodev,noexec``) next
+    to ``/tmp``; ``workdir`` sets the working directory (the image's when None)."""
 
     name: str
     image: str
@@ -111,6 +115,11 @@ class ContainerSpec(Model):
     network: str | None = None
     egress: Egress = "none"
     gateway: str | None = None
+    #: Variables that carry the gateway's address: name -> suffix appended to its URL.
+    gateway_env: dict[str, str] = msgspec.field(default_factory=lambda: {GATEWAY_ENV: ""})
+    #: Extra size-capped tmpfs mounts, path -> MiB (``rw,nosuid,nodev,noexec``).
+    tmpfs: dict[str, int] = {}
+    workdir: str | None = None
 
 
 class Hardening(Model):
@@ -202,6 +211,13 @@ class Runtime(abc.ABC):
 
 
 RuntimeFactory = Callable[..., Runtime]
+
+
+def gateway_variables(spec: ContainerSpec, base_url: str) -> dict[str, str]:
+    """The env that tells a container where its gateway answers: each of
+    ``spec.gateway_env`` set to ``base_url`` (no trailing slash) plus its suffix."""
+    base = base_url.rstrip("/")
+    return {name: f"{base}{suffix}" for name, suffix in spec.gateway_env.items()}
 
 
 def context_dir(path: str | Path) -> Path:

@@ -22,7 +22,7 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: $0 [--host-only]" >&2; exit 2 ;;
 esac
-PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static)
+PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static nftables)
 MARKER="# managed by dockyard contrib/ci/setup-podman.sh"
 
 log() { printf 'setup-podman: %s\n' "$*"; }

@@ -328,6 +328,38 @@ async def test_env_user_command_and_read_only_mounts(
     assert not (data / "write-test").exists()
 
 
+async def test_workdir_and_scratch_tmpfs(runtime: Runtime, make_spec: MakeSpec) -> None:
+    """``workdir`` is the process's working directory; ``tmpfs`` adds a writable, size-capped
+    scratch mount (rw, nosuid, nodev, noexec) on the read-only root, as the validator's
+    ``/app/logs``."""
+    script = (
+        "pwd; echo scratch > /scratch/logs/x && cat /scratch/logs/x; "
+        "grep ' /scratch/logs ' /proc/mounts; "
+        "exec httpd -f -p 8080 -h /www"
+    )
+    spec = make_spec(
+        "scratch",
+        workdir="/www",
+        tmpfs={"/scratch/logs": 8},
+        command=["sh", "-c", script],
+    )
+    info = await started(runtime, spec)
+    assert "/scratch/logs" in info.hardening.tmpfs
+    lines: list[str] = []
+    for _ in range(50):
+        lines = await runtime.logs(info.id)
+        if any("/scratch/logs" in line for line in lines):
+            break
+        await asyncio.sleep(0.1)
+    assert lines[:2] == ["/www", "scratch"], lines
+    mount = next(line for line in lines if " /scratch/logs " in line)
+    options = mount.split()[3].split(",")
+    for option in ("rw", "nosuid", "nodev", "noexec"):
+        assert option in options, mount
+    size = next(o for o in options if o.startswith("size="))
+    assert size in ("size=8192k", "size=8m"), mount
+
+
 # ------------------------------------------------------------------------- hardening
 async def test_hardening_read_back(runtime: Runtime, make_spec: MakeSpec) -> None:
     limits = Limits(memory_mb=96, cpus=0.5, pids=64, nofile=512, nproc=256, tmpfs_mb=16)

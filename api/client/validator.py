@@ -33,7 +33,7 @@ class ValidatorIntegration:
         *,
         token: str | None = None,
         client: DockyardClient | None = None,
-        protocol: str = "solve_task",
+        protocol: str = "step",
         timeouts: dict[str, float] | None = None,
         wait_timeout_s: float = 3600,
         poll_s: float = 1.0,

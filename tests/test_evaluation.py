@@ -388,7 +388,7 @@ def test_images_are_removed_when_the_policy_says_so(make_client: Any) -> None:
 def test_step_protocol_relays_steps_until_done(make_client: Any) -> None:
     with make_client() as client:
         runtime: AgentRuntime = client.app.state.services.runtime
-        body = wait_final(client, evaluate(client, {}, protocol="step")["id"])
+        body = wait_final(client, evaluate(client, {})["id"])  # step: the default
         assert body["ok"], body
         result = body["results"][0]
         assert result["steps"] == 2

@@ -197,3 +197,19 @@ def test_protocols_register_like_any_plugin() -> None:
     assert {"solve_task", "step", "act", "echo"} <= set(protocols.names())
     assert protocols.owner("step") == "protocols" and protocols.owner("echo") == "echo"
     assert protocols.get("act")(None).step_path == "/act"
+
+
+def test_the_defaults_are_the_validators(tmp_path: Any) -> None:
+    """step in the API and the client; 25 s a step, 180 s a task, 12 steps, 5 tasks at once."""
+    from dockyard.client import ValidatorIntegration
+    from dockyard.client.models import Evaluation as EvaluationView
+    from dockyard.core.config import Settings
+    from dockyard.plugins.evaluation.models import EvaluationOptions
+
+    assert EvaluationOptions().protocol == "step" and EvaluationOptions().path_fallback is False
+    assert EvaluationOptions().tools is None and EvaluationOptions().include_reasoning is False
+    assert ValidatorIntegration("http://127.0.0.1:1").protocol == "step"
+    assert EvaluationView(id="ev-1", state="queued").protocol == "step"
+    settings = Settings(data_dir=str(tmp_path))
+    assert (settings.eval_request_timeout_s, settings.eval_task_timeout_s) == (25.0, 180.0)
+    assert (settings.eval_max_steps, settings.eval_tasks_per_agent) == (12, 5)

@@ -8,8 +8,8 @@ agent received as ``received`` (keys in order, JSON types, history, tool names, 
 extra field the validator and dockyard ignore, so a test reads it back from the raw answers.
 
 An agent module calls :func:`serve` with its one route and its answer function. Like a real
-agent it reads its port from ``SANDBOX_AGENT_PORT`` (8000); ``--host``/``--port`` are the
-command line uvicorn would get.
+agent it reads its port from ``SANDBOX_AGENT_PORT`` (8000); ``--host`` is the address
+(``0.0.0.0`` in a container, as uvicorn's ``--host``; the loopback tests pass 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def strict_errors(body: Any) -> list[dict]:
     return errors
 
 
-def received(body: dict[str, Any]) -> dict[str, Any]:
+def received(body: dict[str, Any], task_header: str | None) -> dict[str, Any]:
     """What the agent got, for the test to compare."""
     tools = body.get("tools")
     return {
@@ -108,7 +108,7 @@ def received(body: dict[str, Any]) -> dict[str, Any]:
         "tools": [t.get("name") for t in tools] if isinstance(tools, list) else tools,
         "url": body.get("url"),
         "html": body.get("html"),
-        "headers": {},
+        "headers": {"IWA-Task-ID": task_header},
     }
 
 
@@ -146,21 +146,15 @@ def serve(route: str, answer: Answer, *, strict: bool = True) -> None:
                 self._send(422, {"detail": errors})
                 return
             reply = answer(body)
-            reply["received"] = received(body)
-            reply["received"]["headers"] = {"IWA-Task-ID": self.headers.get("IWA-Task-ID")}
+            reply["received"] = received(body, self.headers.get("IWA-Task-ID"))
             self._send(200, reply)
 
         def log_message(self, fmt: str, *args: Any) -> None:
             sys.stdout.write(f"{self.command} {self.path} {fmt % args}\n")
             sys.stdout.flush()
 
-    host, port = "0.0.0.0", int(os.environ.get("SANDBOX_AGENT_PORT") or 8000)
-    argv = sys.argv[1:]
-    for flag, value in zip(argv[::2], argv[1::2], strict=False):
-        if flag == "--host":
-            host = value
-        elif flag == "--port":
-            port = int(value)
+    port = int(os.environ.get("SANDBOX_AGENT_PORT") or 8000)
+    host = sys.argv[sys.argv.index("--host") + 1] if "--host" in sys.argv[:-1] else "0.0.0.0"
     server = ThreadingHTTPServer((host, port), Handler)
     print(f"serving POST {route} on {host}:{port}", flush=True)
     try:

@@ -1,17 +1,30 @@
-"""Agent protocols: how an evaluation talks to a miner's agent, as Autoppia's agents speak.
+"""Agent protocols: how an evaluation talks to a miner's agent, as Autoppia's validator does.
 
 Built-ins, registered through ``dockyard_register_protocols`` like a third party's:
 
-- ``solve_task``: the oldest, one-shot protocol. ``POST /solve_task`` with the task object
-  as given (``id``, ``prompt``, ``url`` and any extra field, untouched); the answer is
-  ``{"actions": [...], "web_agent_id": ..., "recording": ...}``.
-- ``step``: the current, stateful protocol. ``POST /step`` once per step (falling back to
-  ``/act`` when an agent answers 404), until the agent says ``done``, returns no tool
-  call, reports an error, or ``max_steps`` pass. Without a browser (dockyard relays, the
-  validator drives pages), every step sees the task's own ``html``/``screenshot``; a
-  validator that drives the browser asks the evaluation for a *session* instead and calls
-  ``/step`` itself.
-- ``act``: the same protocol under its older name, ``POST /act`` only.
+- ``step`` (the default): the validator's protocol. ``POST /step`` once per step with
+  exactly the body IWA's ``StepRequest`` dumps (``model_dump(exclude_none=True)``):
+  ``protocol_version``, ``task_id``, ``prompt``, ``url`` (host rewritten to ``localhost``,
+  port kept), ``html`` (``""`` when none), ``screenshot`` (only when there is one),
+  ``step_index``, ``history``, ``tools`` (a list, never null) and ``include_reasoning``; no
+  other task field and no ``null``. History items are the validator's, as they reach the
+  agent: ``{"action": <executed action type or "NOOP">, "step": <int>, "text": <only when
+  set>, "exec_ok": <bool>}`` (its ``candidate_id``, and ``text``/``error`` when null, are
+  dropped by ``exclude_none``). ``tools`` is the evaluation's list when it gives one, else
+  the validator's browser tools (:mod:`dockyard.plugins.validator_tools`). Like the
+  validator's client it posts to ``/step`` only; trying ``/act`` after a 404 is the
+  endpoint's ``path_fallback``, off by default. Steps go on until the agent says ``done``,
+  returns no tool call, reports an error, or ``max_steps`` pass. Only the first action of an
+  answer the validator could execute counts, as under the validator (the rest stay in
+  ``raw``). Without a browser (dockyard relays, the validator drives pages) the page never
+  changes: every step sees the task's own ``url`` and, when the task carries them, its
+  ``html``/``screenshot``, and every action counts as executed; a validator that drives the
+  browser asks the evaluation for a *session* instead and calls ``/step`` itself.
+- ``act``: the same body under the protocol's older name, ``POST /act`` only (many current
+  agents serve only ``/act``).
+- ``solve_task``: the oldest, one-shot protocol, only when asked. ``POST /solve_task`` with
+  the task object as given (``id``, ``prompt``, ``url`` and any extra field, untouched);
+  the answer is ``{"actions": [...], "web_agent_id": ..., "recording": ...}``.
 
 Step answers come in several shapes; :func:`normalize_step` turns each into one:
 ``tool_calls`` (``[{"name": "browser.click", "arguments": {...}}]``) or its alias
@@ -33,11 +46,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import Model
+from dockyard.plugins.validator_tools import ACTION_TYPES, VALIDATOR_TOOLS
 
 #: An agent's answer above this many bytes is refused (``invalid_response``).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
@@ -82,12 +97,18 @@ class StepAnswer(Model):
 @dataclass
 class AgentEndpoint:
     """One agent as a protocol reaches it: its base URL (through the router when there is
-    one) and the bound of every request."""
+    one), the bound of every request, and what a step request offers it."""
 
     session: aiohttp.ClientSession
     base_url: str
     request_timeout_s: float = 25.0
     max_steps: int = 12
+    #: The ``tools`` of every step request; None: the validator's browser tools.
+    tools: list[dict[str, Any]] | None = None
+    include_reasoning: bool = False
+    #: Whether ``step`` tries ``/act`` (and ``act`` tries ``/step``) after a 404; the
+    #: validator never does.
+    path_fallback: bool = False
 
     async def post(self, path: str, body: Any, *, task_id: str) -> Any:
         """POST ``body`` as JSON to ``path``; the decoded JSON answer.
@@ -262,59 +283,126 @@ class SolveTask(AgentProtocol):
         return normalize_solution(raw)
 
 
+# ---------------------------------------------------------------- the validator's step body
+def localhost_url(url: str) -> str:
+    """``url`` with its host replaced by ``localhost`` and its port kept, as the validator's
+    client rewrites the page URL (user info is dropped; an empty URL stays empty)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number: the validator's client fails there; keep the host
+        port = None
+    netloc = f"localhost:{port}" if port else "localhost"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _action_key(name: str) -> str:
+    """How IWA looks an action up: without ``Action``, ``_``, ``-`` or spaces, lower case."""
+    key = name.strip()
+    if key.endswith("Action"):
+        key = key[: -len("Action")]
+    return re.sub(r"[\s_\-]", "", key).lower()
+
+
+def action_type(call: dict[str, Any]) -> str | None:
+    """The IWA action type the validator executes for a normalized tool call
+    (``browser.input`` -> ``TypeAction``), or None when it would execute none (unknown
+    name or namespace)."""
+    name = str(call.get("name") or "").strip().lower()
+    arguments = call.get("arguments") or {}
+    if name.startswith("browser."):
+        key = str(arguments.get("type") or name.split(".", 1)[1].strip())
+    elif name == "user.request_input":
+        key = str(arguments.get("type") or "request_user_input")
+    else:
+        return None
+    return ACTION_TYPES.get(_action_key(key)) if key.strip() else None
+
+
+def history_item(step: int, call: dict[str, Any] | None) -> dict[str, Any]:
+    """One step's history item as the validator's agent receives it: the executed action's
+    type (``NOOP`` for none), the step, the action's ``text`` when it has one, and
+    ``exec_ok``; without a browser every action counts as executed (no ``error``)."""
+    item: dict[str, Any] = {"action": "NOOP", "step": step}
+    if call is not None:
+        item["action"] = action_type(call) or "NOOP"
+        arguments = call.get("arguments") or {}
+        text = arguments.get("text")
+        key = str(arguments.get("type") or str(call.get("name", "")).split(".", 1)[-1]).strip()
+        if key == "type" and "text" not in arguments:  # IWA reads a bare type's ``value``
+            text = arguments.get("value", "")
+        if text is not None:
+            item["text"] = text
+    item["exec_ok"] = True
+    return item
+
+
+def executed_call(calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The tool call the validator executes for an answer: the first it knows."""
+    return next((call for call in calls if action_type(call) is not None), None)
+
+
 class Step(AgentProtocol):
-    """``POST /step`` (or ``/act``) step by step until done."""
+    """``POST /step`` step by step until done, with the validator's exact body."""
 
     name = "step"
     stateful = True
     step_path = "/step"
+    #: The path this protocol posts to, then the one ``path_fallback`` tries after a 404.
     paths: ClassVar[tuple[str, ...]] = ("/step", "/act")
 
     @staticmethod
-    def request(task: dict[str, Any], step_index: int, history: list[Any]) -> dict[str, Any]:
-        """One step's request: the task's fields, then the protocol's (with their older
-        names ``snapshot_html`` and ``allowed_tools`` too)."""
-        html = task.get("html", task.get("snapshot_html", ""))
-        tools = task.get("tools", task.get("allowed_tools"))
-        return {
-            **task,
-            "protocol_version": PROTOCOL_VERSION,
-            "task_id": task_id_of(task),
-            "prompt": task.get("prompt", ""),
-            "url": task.get("url", ""),
-            "html": html,
-            "snapshot_html": html,
-            "screenshot": task.get("screenshot"),
-            "step_index": step_index,
-            "history": history,
-            "tools": tools,
-            "allowed_tools": tools,
-            "include_reasoning": bool(task.get("include_reasoning", False)),
-        }
+    def request(
+        task: dict[str, Any],
+        step_index: int,
+        history: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        include_reasoning: bool = False,
+    ) -> dict[str, Any]:
+        """One step's body, key for key what the validator sends: the task gives only
+        ``task_id`` and ``prompt`` and the page (``url``, and ``html``/``screenshot`` when it
+        carries them, ``snapshot_html`` taken as ``html``); absent values are left out."""
+        body: dict[str, Any] = {"protocol_version": PROTOCOL_VERSION, "task_id": task_id_of(task)}
+        prompt = task.get("prompt")
+        if isinstance(prompt, str):
+            body["prompt"] = prompt
+        url = task.get("url")
+        if isinstance(url, str):
+            body["url"] = localhost_url(url)
+        html = task.get("html", task.get("snapshot_html"))
+        body["html"] = html if isinstance(html, str) else ""
+        screenshot = task.get("screenshot")
+        if isinstance(screenshot, str) and screenshot.strip():
+            body["screenshot"] = screenshot.strip()
+        body["step_index"] = step_index
+        body["history"] = list(history)
+        body["tools"] = list(VALIDATOR_TOOLS if tools is None else tools)
+        body["include_reasoning"] = bool(include_reasoning)
+        return body
 
     async def solve(self, agent: AgentEndpoint, task: dict[str, Any]) -> TaskAnswer:
         task_id = task_id_of(task)
         history: list[dict[str, Any]] = []
         actions: list[dict[str, Any]] = []
         raws: list[Any] = []
-        paths = list(self.paths)
+        paths = list(self.paths if agent.path_fallback else self.paths[:1])
         answer = StepAnswer()
         steps = 0
         for index in range(max(1, agent.max_steps)):
-            body = self.request(task, index, history)
+            body = self.request(
+                task, index, history, tools=agent.tools, include_reasoning=agent.include_reasoning
+            )
             raw = await self._post(agent, paths, body, task_id)
             raws.append(raw)
             steps += 1
             answer = normalize_step(raw)
-            actions.extend(answer.tool_calls)
-            history.append(
-                {
-                    "step_index": index,
-                    "tool_calls": answer.tool_calls,
-                    "content": answer.content,
-                    "done": answer.done,
-                }
-            )
+            executed = executed_call(answer.tool_calls)
+            if executed is not None:
+                actions.append(executed)
+            history.append(history_item(index, executed))
             if answer.done or answer.error or not answer.tool_calls:
                 break
         return TaskAnswer(
@@ -335,7 +423,7 @@ class Step(AgentProtocol):
             except AgentNotFound:
                 if len(paths) == 1:
                     raise
-                paths.pop(0)  # an agent that serves only the older name
+                paths.pop(0)  # path_fallback: the agent serves only the other name
 
 
 class Act(Step):
@@ -343,7 +431,7 @@ class Act(Step):
 
     name = "act"
     step_path = "/act"
-    paths = ("/act",)
+    paths = ("/act", "/step")
 
 
 BUILTIN_PROTOCOLS: dict[str, Callable[..., AgentProtocol]] = {

@@ -69,12 +69,13 @@ class AgentRuntime(FakeRuntime):
             self.requests.append((name, route, body, request.headers.get("IWA-Task-ID")))
             self.in_flight[name] = self.in_flight.get(name, 0) + 1
             self.max_in_flight[name] = max(self.max_in_flight.get(name, 0), self.in_flight[name])
+            task_id = str(body.get("id", body.get("task_id", "")))  # solve_task / step
             try:
-                if kind == "slow" or "slow" in str(body.get("id", "")):
+                if kind == "slow" or "slow" in task_id:
                     await asyncio.sleep(delay or 30)
                 elif delay:
                     await asyncio.sleep(delay)
-                if kind == "broken" or "broken" in str(body.get("id", "")):
+                if kind == "broken" or "broken" in task_id:
                     return web.json_response({"error": "boom"}, status=500)
                 if kind == "legacy":
                     if route != "/act":
@@ -206,7 +207,12 @@ def assert_nothing_left(client: TestClient[Any], *evaluation_ids: str) -> None:
 def test_a_good_agent_answers_in_the_validator_format(make_client: Any) -> None:
     with make_client() as client:
         runtime: AgentRuntime = client.app.state.services.runtime
-        created = evaluate(client, {"uid": 7, "hotkey": "5Fabc"}, tasks=tasks("t1", "t2", "t3"))
+        created = evaluate(
+            client,
+            {"uid": 7, "hotkey": "5Fabc"},
+            tasks=tasks("t1", "t2", "t3"),
+            protocol="solve_task",
+        )
         assert created["id"].startswith("ev-") and created["state"] in ("queued", "deploying")
         body = wait_final(client, created["id"])
         assert (body["state"], body["ok"], body["reason"]) == ("finished", True, None), body
@@ -231,7 +237,7 @@ def test_a_good_agent_answers_in_the_validator_format(make_client: Any) -> None:
 
         # The same repo and commit again: the kept image is reused, nothing is rebuilt.
         builds = runtime.builds
-        again = wait_final(client, evaluate(client, {})["id"])
+        again = wait_final(client, evaluate(client, {}, protocol="solve_task")["id"])
         assert again["ok"] and again["image_reused"] is True and runtime.builds == builds
         assert again["results"][0]["web_agent_id"] == "agent-says"  # no identity given
 
@@ -339,7 +345,8 @@ def test_bad_requests_are_400(make_client: Any) -> None:
         miner = {"github_url": REPO}
         cases = [
             {"miner": miner, "tasks": tasks("t"), "protocol": "nope"},
-            {"miner": miner, "tasks": tasks("t"), "mode": "session"},  # solve_task is one-shot
+            # solve_task is one-shot
+            {"miner": miner, "tasks": tasks("t"), "mode": "session", "protocol": "solve_task"},
             {"miner": miner, "tasks": []},
             {"miner": miner, "tasks": [{"prompt": "no id"}]},
             {"miner": miner, "tasks": tasks("t"), "env": {"OPENAI_API_KEY": "sk-x"}},
@@ -381,30 +388,66 @@ def test_images_are_removed_when_the_policy_says_so(make_client: Any) -> None:
 def test_step_protocol_relays_steps_until_done(make_client: Any) -> None:
     with make_client() as client:
         runtime: AgentRuntime = client.app.state.services.runtime
-        body = wait_final(client, evaluate(client, {}, protocol="step")["id"])
+        body = wait_final(client, evaluate(client, {})["id"])  # step: the default
         assert body["ok"], body
         result = body["results"][0]
         assert result["steps"] == 2
         assert result["actions"] == [
-            {"name": "browser.navigate", "arguments": {"url": "http://site.test/t1"}}
+            {"name": "browser.navigate", "arguments": {"url": "http://localhost/t1"}}
         ]
         first, second = [b for _, route, b, _ in runtime.requests if route == "/step"]
         assert (first["step_index"], second["step_index"]) == (0, 1)
         assert first["protocol_version"] == "1.0" and first["task_id"] == "t1"
-        assert second["history"][0]["tool_calls"] == result["actions"]
+        assert first["url"] == "http://localhost/t1" and "extra" not in first
+        assert first["history"] == []
+        assert second["history"] == [{"action": "NavigateAction", "step": 0, "exec_ok": True}]
+        assert body["protocol"] == "step"  # the default
 
 
-def test_step_falls_back_to_act_and_normalizes_legacy_shapes(make_client: Any) -> None:
+def test_tools_and_reasoning_come_from_the_request(make_client: Any) -> None:
     with make_client() as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        tools = [{"name": "browser.click", "description": "click", "parameters": {}}]
+        body = evaluate(client, {}, tools=tools, include_reasoning=True)
+        assert body["tools"] == tools
+        assert wait_final(client, body["id"])["ok"]
+        sent = [b for _, route, b, _ in runtime.requests if route == "/step"]
+        assert sent and all(b["tools"] == tools and b["include_reasoning"] for b in sent)
+        r = client.post(
+            "/v1/integration/evaluate-miner",
+            json={"miner": {"github_url": REPO}, "tasks": tasks("t"), "tools": [{"name": ""}]},
+        )
+        assert r.status_code == 400 and "tools" in r.text, r.text
+
+
+def test_step_posts_to_step_only_unless_told_to_fall_back(make_client: Any) -> None:
+    """The validator posts to /step only: an /act-only agent fails ``step`` (404) but
+    answers ``act``, or ``step`` with ``path_fallback``; legacy answer shapes normalize."""
+    with make_client() as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
         with_build_args(client, {"AGENT": "legacy"})
-        for protocol in ("step", "act"):
-            body = wait_final(client, evaluate(client, {}, protocol=protocol)["id"])
+        body = wait_final(client, evaluate(client, {}, protocol="step")["id"])
+        assert (body["ok"], body["reason"]) == (False, "all_tasks_failed"), body
+        result = body["results"][0]
+        assert (result["reason"], result["message"]) == (
+            "agent_http_error",
+            "/step answered HTTP 404",
+        )
+        assert [route for _, route, _, _ in runtime.requests] == ["/step"]
+        for fields in ({"protocol": "act"}, {"protocol": "step", "path_fallback": True}):
+            runtime.requests.clear()
+            body = wait_final(client, evaluate(client, {}, **fields)["id"])
             assert body["ok"], body
             assert body["results"][0]["actions"] == [
                 {"name": "browser.click", "arguments": {"x": 1}},
                 {"name": "browser.navigate", "arguments": {"url": "http://site.test/next"}},
             ]
             assert body["results"][0]["steps"] == 3
+            acts = [b for _, route, b, _ in runtime.requests if route == "/act"]
+            assert [b["history"] for b in acts][-1] == [
+                {"action": "ClickAction", "step": 0, "exec_ok": True},
+                {"action": "NavigateAction", "step": 1, "exec_ok": True},
+            ]
 
 
 # ---------------------------------------------------------------- admission and batches

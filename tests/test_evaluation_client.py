@@ -96,7 +96,26 @@ async def test_evaluate_miner_from_github_as_the_seed_calls_it(dockyard_url: str
         assert isinstance(result, Evaluation)
         assert result.finished and result.ok and result.reason is None
         assert result.commit == commit_of(REPO, "main")
+        # The validator's protocol by default: /step, the page's host as localhost.
+        assert result.protocol == "step" and result.results[0].steps == 2
         assert result.solutions() == [
+            TaskSolution(
+                task_id="task-1",
+                actions=[{"name": "browser.navigate", "arguments": {"url": "https://localhost"}}],
+                web_agent_id="12",
+            )
+        ]
+        legacy = await validator.evaluate_miner_from_github(
+            REPO,
+            "main",
+            "Navigate to homepage",
+            "https://example.com",
+            task_id="task-1",
+            uid=12,
+            protocol="solve_task",
+        )
+        assert legacy.protocol == "solve_task"
+        assert legacy.solutions() == [
             TaskSolution(
                 task_id="task-1",
                 actions=[{"type": "NavigateAction", "url": "https://example.com"}],
@@ -104,7 +123,7 @@ async def test_evaluate_miner_from_github_as_the_seed_calls_it(dockyard_url: str
                 recording="rec-task-1",
             )
         ]
-        assert result.results[0].raw[0]["echo"]["prompt"] == "Navigate to homepage"
+        assert legacy.results[0].raw[0]["echo"]["prompt"] == "Navigate to homepage"
 
         bad = await validator.evaluate_miner_from_github(
             "https://github.com/acme/agent", "missing", "p", "https://example.com"

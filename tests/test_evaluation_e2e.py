@@ -195,7 +195,11 @@ def dockyard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockyard]:
 
 
 def validator(dockyard: Dockyard) -> ValidatorIntegration:
-    return ValidatorIntegration(client=dockyard.client(), timeouts=TIMEOUTS, poll_s=0.2)
+    # The busybox agents prove the relay and its cleanup with the one-shot protocol (its
+    # answers echo the task); the step wire format is test_evaluation_wire_e2e.py's.
+    return ValidatorIntegration(
+        client=dockyard.client(), timeouts=TIMEOUTS, poll_s=0.2, protocol="solve_task"
+    )
 
 
 TASKS = [

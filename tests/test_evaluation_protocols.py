@@ -17,10 +17,15 @@ from dockyard.plugins.protocols import (
     AgentProtocol,
     Step,
     TaskAnswer,
+    action_type,
+    executed_call,
+    history_item,
     legacy_tool_name,
+    localhost_url,
     normalize_solution,
     normalize_step,
 )
+from dockyard.plugins.validator_tools import VALIDATOR_TOOLS
 
 NAV = {"name": "browser.navigate", "arguments": {"url": "http://a.test/"}}
 
@@ -71,11 +76,69 @@ def test_solve_task_answers() -> None:
             normalize_solution(bad)
 
 
-def test_step_requests_carry_the_new_and_the_old_field_names() -> None:
-    body = Step.request({"id": "t1", "prompt": "p", "url": "u", "html": "<b>", "x": 1}, 2, [])
-    assert body["protocol_version"] == "1.0" and body["task_id"] == "t1"
-    assert body["html"] == body["snapshot_html"] == "<b>"
-    assert body["step_index"] == 2 and body["history"] == [] and body["x"] == 1
+#: The keys of IWA's StepRequest dump, in its order.
+STEP_KEYS = ["protocol_version", "task_id", "prompt", "url", "html", "screenshot",
+             "step_index", "history", "tools", "include_reasoning"]  # fmt: skip
+
+
+def test_a_step_request_is_the_validators_body() -> None:
+    task = {
+        **{"id": "t1", "prompt": "p {x}", "url": "https://u:pw@demo.test:8001/a?b=1"},
+        **{"html": "<b>", "x": 1, "tests": [], "snapshot_html": "<i>", "screenshot": None},
+    }
+    body = Step.request(task, 2, [{"action": "NOOP", "step": 0, "exec_ok": True}])
+    keys = [k for k in STEP_KEYS if k != "screenshot"]
+    assert list(body) == keys  # no task field beyond task_id and prompt, no null
+    assert body["url"] == "https://localhost:8001/a?b=1" and body["html"] == "<b>"
+    assert body["prompt"] == "p {x}" and body["step_index"] == 2
+    assert body["tools"] == VALIDATOR_TOOLS and body["include_reasoning"] is False
+    # a screenshot only when there is one; no html: ""; snapshot_html is an older input name
+    body = Step.request({"id": "t", "screenshot": "iVBO", "snapshot_html": "<i>"}, 0, [], tools=[])
+    assert list(body) == [k for k in STEP_KEYS if k not in ("prompt", "url")]
+    assert (body["screenshot"], body["html"], body["tools"]) == ("iVBO", "<i>", [])
+    assert Step.request({"id": "t"}, 0, [])["html"] == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "rewritten"),
+    [
+        ("http://foo.com/page", "http://localhost/page"),
+        ("https://example.com:8080/path?q=1", "https://localhost:8080/path?q=1"),
+        ("http://[::1]:8013/", "http://localhost:8013/"),
+        ("", ""),
+    ],
+)
+def test_the_page_url_reaches_the_agent_on_localhost(url: str, rewritten: str) -> None:
+    assert localhost_url(url) == rewritten
+
+
+def test_the_validators_tools_and_history_items() -> None:
+    names = [tool["name"] for tool in VALIDATOR_TOOLS]
+    assert len(names) == len(set(names)) == 31
+    assert {"browser.click", "browser.input", "browser.navigate", "browser.scroll",
+            "browser.select_dropdown", "browser.wait", "user.request_input",
+            } <= set(names)  # fmt: skip
+    assert not {"browser.done", "browser.evaluate"} & set(names)
+    for tool in VALIDATOR_TOOLS:
+        assert set(tool) == {"name", "description", "parameters"} and tool["description"]
+        assert tool["parameters"]["type"] == "object" and "type" not in tool["parameters"].get(
+            "properties", {}
+        )
+    navigate = next(t for t in VALIDATOR_TOOLS if t["name"] == "browser.navigate")
+    assert set(navigate["parameters"]["properties"]) == {"url", "go_back", "go_forward", "selector"}
+    # what each name executes under the validator, and its history item
+    for name, kind in [("browser.input", "TypeAction"), ("browser.type", "TypeAction"),
+                       ("browser.dblclick", "DoubleClickAction"),
+                       ("browser.double_click", "DoubleClickAction"),
+                       ("user.request_input", "RequestUserInputAction"),
+                       ("browser.nope", None), ("click", None)]:  # fmt: skip
+        assert action_type({"name": name, "arguments": {}}) == kind, name
+    typed = {"name": "browser.input", "arguments": {"text": "hi", "selector": None}}
+    assert history_item(3, typed) == {"action": "TypeAction", "step": 3, "text": "hi",
+                                      "exec_ok": True}  # fmt: skip
+    assert history_item(4, None) == {"action": "NOOP", "step": 4, "exec_ok": True}
+    nope = {"name": "browser.nope", "arguments": {}}
+    assert executed_call([nope, typed]) is typed and executed_call([nope]) is None
 
 
 async def test_the_endpoint_maps_http_failures_to_reasons(unused_tcp_port: int) -> None:
@@ -134,3 +197,19 @@ def test_protocols_register_like_any_plugin() -> None:
     assert {"solve_task", "step", "act", "echo"} <= set(protocols.names())
     assert protocols.owner("step") == "protocols" and protocols.owner("echo") == "echo"
     assert protocols.get("act")(None).step_path == "/act"
+
+
+def test_the_defaults_are_the_validators(tmp_path: Any) -> None:
+    """step in the API and the client; 25 s a step, 180 s a task, 12 steps, 5 tasks at once."""
+    from dockyard.client import ValidatorIntegration
+    from dockyard.client.models import Evaluation as EvaluationView
+    from dockyard.core.config import Settings
+    from dockyard.plugins.evaluation.models import EvaluationOptions
+
+    assert EvaluationOptions().protocol == "step" and EvaluationOptions().path_fallback is False
+    assert EvaluationOptions().tools is None and EvaluationOptions().include_reasoning is False
+    assert ValidatorIntegration("http://127.0.0.1:1").protocol == "step"
+    assert EvaluationView(id="ev-1", state="queued").protocol == "step"
+    settings = Settings(data_dir=str(tmp_path))
+    assert (settings.eval_request_timeout_s, settings.eval_task_timeout_s) == (25.0, 180.0)
+    assert (settings.eval_max_steps, settings.eval_tasks_per_agent) == (12, 5)

@@ -94,7 +94,7 @@ class Evaluation(View):
     batch_id: str | None = None
     queue_position: int | None = None
     miner: MinerView | None = None
-    protocol: str = "solve_task"
+    protocol: str = "step"
     mode: str = "relay"
     commit: str | None = None
     resolved_ref: str | None = None

@@ -11,7 +11,9 @@
         if result.reason: ...            # a stable zero-score reason, e.g. "ref_not_found"
 
 dockyard deploys the miner's code, relays the task(s), records the answers and the exact
-commit, and cleans up, whatever happens.
+commit, and cleans up, whatever happens. It speaks the validator's protocol, ``step``
+(``POST /step`` with the validator's exact body), unless ``protocol`` says otherwise
+(``act`` for agents that serve only ``/act``; ``solve_task`` for the oldest ones).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class ValidatorIntegration:
         *,
         token: str | None = None,
         client: DockyardClient | None = None,
-        protocol: str = "solve_task",
+        protocol: str = "step",
         timeouts: dict[str, float] | None = None,
         wait_timeout_s: float = 3600,
         poll_s: float = 1.0,

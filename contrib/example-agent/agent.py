@@ -2,7 +2,13 @@
 
 Routes: GET /health; POST /step and its older name /act (one step: tool calls for the
 validator's browser); POST /solve_task (the oldest one-shot protocol). It answers with a
-fixed, harmless plan: navigate to the task's URL, then finish. Copy it as a template.
+fixed, harmless plan: navigate to the step's URL, then finish. Copy it as a template.
+
+A step body is the validator's: ``protocol_version``, ``task_id``, ``prompt``, ``url`` (its
+host is ``localhost``), ``html``, ``screenshot`` (only when there is one), ``step_index``,
+``history``, ``tools`` and ``include_reasoning``; read the page from ``html`` (the validator
+never sends ``snapshot_html``). The port comes from ``SANDBOX_AGENT_PORT`` (as the
+validator's sandbox sets it), else ``PORT``, else 8000; ``--host`` picks the address.
 """
 
 from __future__ import annotations
@@ -22,18 +28,33 @@ def step(task: dict) -> dict:
     url = task.get("url") or ""
     if index == 0 and url:
         calls = [{"name": "browser.navigate", "arguments": {"url": url}}]
-        return {"protocol_version": "1.0", "tool_calls": calls, "content": "navigating",
-                "reasoning": None, "done": False, "error": None}
-    return {"protocol_version": "1.0", "tool_calls": [], "content": "done",
-            "reasoning": None, "done": True, "error": None}
+        return {
+            "protocol_version": "1.0",
+            "tool_calls": calls,
+            "content": "navigating",
+            "reasoning": None,
+            "done": False,
+            "error": None,
+        }
+    return {
+        "protocol_version": "1.0",
+        "tool_calls": [],
+        "content": "done",
+        "reasoning": None,
+        "done": True,
+        "error": None,
+    }
 
 
 def solve_task(task: dict) -> dict:
     """The one-shot protocol: every action at once."""
     url = task.get("url") or ""
     actions = [{"type": "NavigateAction", "url": url}] if url else []
-    return {"actions": actions, "web_agent_id": task.get("web_agent_id") or AGENT_ID,
-            "recording": ""}
+    return {
+        "actions": actions,
+        "web_agent_id": task.get("web_agent_id") or AGENT_ID,
+        "recording": "",
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -73,6 +94,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    port = int(os.environ.get("PORT", "8000"))
-    print(f"{AGENT_ID} v{VERSION} listening on :{port}", flush=True)
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    port = int(os.environ.get("SANDBOX_AGENT_PORT") or os.environ.get("PORT") or "8000")
+    host = sys.argv[sys.argv.index("--host") + 1] if "--host" in sys.argv[:-1] else "0.0.0.0"
+    print(f"{AGENT_ID} v{VERSION} listening on {host}:{port}", flush=True)
+    ThreadingHTTPServer((host, port), Handler).serve_forever()

@@ -40,6 +40,19 @@ Tasks = Annotated[list[Task], Meta(max_length=500)]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=86400)]
 
 
+class Tool(Model):
+    """A tool offered to the agent in every step request (IWA's ``StepAllowedTool``)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    description: Annotated[str, Meta(max_length=4096)] = ""
+    #: The tool's arguments as a JSON schema.
+    parameters: dict[str, Any] = {}
+
+
+#: The ``tools`` of a step request; absent: the validator's browser tools.
+Tools = Annotated[list[Tool], Meta(max_length=256)]
+
+
 class Timeouts(Model):
     """Per-evaluation bounds; an absent one takes the operator's default (``eval_*``)."""
 
@@ -73,8 +86,14 @@ class EvaluationOptions(Model):
     """What every evaluation of a request shares."""
 
     tasks: Tasks = []
-    protocol: Annotated[str, Meta(min_length=1, max_length=64)] = "solve_task"
+    #: ``step`` as the validator speaks it; ``act`` (``/act``) and ``solve_task`` when asked.
+    protocol: Annotated[str, Meta(min_length=1, max_length=64)] = "step"
     mode: Literal["relay", "session"] = "relay"
+    #: The tools a relayed step request offers; absent: the validator's browser tools.
+    tools: Tools | None = None
+    include_reasoning: bool = False
+    #: ``step`` tries ``/act`` (``act`` tries ``/step``) after a 404; the validator never does.
+    path_fallback: bool = False
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     max_parallel_tasks: Annotated[int, Meta(ge=1, le=64)] | None = None
     max_steps: Annotated[int, Meta(ge=1, le=100)] | None = None
@@ -170,8 +189,12 @@ class Evaluation(Model, kw_only=True):
     batch_concurrency: int | None = None
     queue_position: int | None = None
     miner: Miner
-    protocol: str = "solve_task"
+    protocol: str = "step"
     mode: Literal["relay", "session"] = "relay"
+    #: The evaluation's own tools (None: the validator's browser tools).
+    tools: list[Tool] | None = None
+    include_reasoning: bool = False
+    path_fallback: bool = False
     limits: Limits
     resources: Resources = msgspec.field(default_factory=Resources)
     env_names: list[str] = []

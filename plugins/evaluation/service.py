@@ -253,6 +253,9 @@ class EvaluationService:
             miner=msgspec.structs.replace(miner, tasks=None),
             protocol=options.protocol,
             mode=options.mode,
+            tools=options.tools,
+            include_reasoning=options.include_reasoning,
+            path_fallback=options.path_fallback,
             limits=limits,
             tasks=[dict(task) for task in tasks],
             # A session's tasks are the validator's to drive: no results of dockyard's.
@@ -447,7 +450,15 @@ class EvaluationService:
         limits = evaluation.limits
         protocol = self.protocols[evaluation.protocol]
         assert self._http is not None
-        agent = AgentEndpoint(self._http, agent_url, limits.request_s, limits.max_steps)
+        agent = AgentEndpoint(
+            self._http,
+            agent_url,
+            limits.request_s,
+            limits.max_steps,
+            tools=None if evaluation.tools is None else msgspec.to_builtins(evaluation.tools),
+            include_reasoning=evaluation.include_reasoning,
+            path_fallback=evaluation.path_fallback,
+        )
         gate = asyncio.Semaphore(limits.max_parallel_tasks)
 
         async def one(index: int) -> None:

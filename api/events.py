@@ -139,7 +139,7 @@ class EventJournal:
         return int(row[0])
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     """One stream client: its filter and its bounded buffer."""
 

@@ -332,12 +332,16 @@ class EventRoutes(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
         deployment: DeploymentFilter = None,
         evaluation: EvaluationFilter = None,
+        newest: Annotated[
+            bool, QueryParameter(description="the last `limit` entries instead of the first")
+        ] = False,
     ) -> list[StreamEvent]:
         return _hub(state).journal.read(
             after,
             deployment=_check("deployment", deployment),
             evaluation=_check("evaluation", evaluation),
             limit=limit,
+            newest=newest,
         )
 
     @get(

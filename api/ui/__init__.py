@@ -194,12 +194,30 @@ def durations(entries: list[StreamEvent], limit: int = 24) -> list[Bar]:
     return bars[-limit:]
 
 
+#: Build-log lines shown under a failed slot.
+LOG_TAIL = 8
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
+    try:
+        with path.open(errors="replace") as fh:
+            return [line.rstrip("\n")[:500] for line in fh.readlines()[-lines:]]
+    except OSError:
+        return []
+
+
 async def deployments_context(state: State) -> dict[str, Any]:
     controller = state.controller
     views = [
         await render(controller, d) for d in await controller.services.store.list_deployments()
     ]
-    return {"deployments": views}
+    logs = {
+        f"{view.id}/{slot.color}": _log_tail(controller.ops.build_log_path(view.id, slot.color))
+        for view in views
+        for slot in view.slots
+        if slot.state is SlotState.FAILED
+    }
+    return {"deployments": views, "build_logs": logs}
 
 
 async def evaluations_context(state: State) -> dict[str, Any]:
@@ -228,9 +246,11 @@ class UIRoutes(Controller):
     guards = [ui_guard]
     include_in_schema = False
 
-    @get("/", name="ui:index")
+    @get("/", opt={"ui_public": True})
     async def index(self, request: Request[Any, Any, Any], state: State) -> Response[Any]:
         record = current_record(request)
+        if record is None:
+            return Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
         context = {
             **await deployments_context(state),
             **await evaluations_context(state),
@@ -293,8 +313,12 @@ class UIRoutes(Controller):
     async def chart_fragment(self, state: State) -> Response[str]:
         return page("chart.html", **chart_context(state))
 
-    @get("/evaluations/{evaluation_id:str}")
-    async def evaluation(self, state: State, evaluation_id: FromPath[str]) -> Response[str]:
+    @get("/evaluations/{evaluation_id:str}", opt={"ui_public": True})
+    async def evaluation(
+        self, request: Request[Any, Any, Any], state: State, evaluation_id: FromPath[str]
+    ) -> Response[Any]:
+        if current_record(request) is None:
+            return Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
         return page("evaluation.html", **await self._evaluation(state, evaluation_id))
 
     @get("/fragments/evaluation/{evaluation_id:str}")

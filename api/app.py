@@ -30,7 +30,7 @@ from dockyard.api.auth import (
 from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS
 from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
-from dockyard.api.observe import RequestTelemetry, event_hub_lifespan
+from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
@@ -116,6 +116,7 @@ def create_app(
             "tokens": Provide(lambda: tokens, sync_to_thread=False),
         },
         lifespan=[lifespan, event_hub_lifespan],
+        logging_config=LOGGING_CONFIG,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Litestar
+from litestar.logging.config import LoggingConfig
 
 from dockyard.api.events import EventHub, EventRoutes
 from dockyard.api.metrics import MetricsRoutes, RequestTelemetry
@@ -22,9 +23,15 @@ from dockyard.api.ui import UIRoutes
 log = logging.getLogger(__name__)
 
 HANDLERS: list[Any] = [MetricsRoutes, EventRoutes, UIRoutes]
+#: Litestar's own logging set-up would replace the root handlers that
+#: ``dockyard.core.logs.configure_logging`` installed; its logger propagates to them instead.
+LOGGING_CONFIG = LoggingConfig(
+    configure_root_logger=False,
+    loggers={"litestar": {"level": "INFO", "propagate": True, "handlers": []}},
+)
 HUB_PLUGIN = "event-hub"
 
-__all__ = ["HANDLERS", "RequestTelemetry", "event_hub_lifespan"]
+__all__ = ["HANDLERS", "LOGGING_CONFIG", "RequestTelemetry", "event_hub_lifespan"]
 
 
 @contextlib.asynccontextmanager

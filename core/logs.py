@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "dockyard_request_id", default=None
@@ -33,7 +33,12 @@ evaluation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 _VARS = {"request_id": request_id, "deployment_id": deployment_id, "evaluation_id": evaluation_id}
 #: Attributes every LogRecord has; anything else passed as ``extra=`` goes into JSON lines.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+    "ids",  # TextFormatter's
+}
 LogFormat = Literal["text", "json"]
 
 
@@ -114,10 +119,13 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
-def configure_logging(level: str = "INFO", log_format: LogFormat = "text") -> logging.Handler:
-    """Send every log line (dockyard's and uvicorn's, access log included) to stderr in
-    ``log_format``, stamped with the correlation ids. Replaces earlier root handlers."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(
+    level: str = "INFO", log_format: LogFormat = "text", stream: TextIO | None = None
+) -> logging.Handler:
+    """Send every log line (dockyard's and uvicorn's, access log included) to ``stream``
+    (stderr) in ``log_format``, stamped with the correlation ids. Replaces earlier root
+    handlers; run uvicorn with ``log_config=None`` so that it keeps them."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(log_format))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()

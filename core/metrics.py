@@ -46,7 +46,7 @@ FETCH_BYTES = Counter(
 )
 DEPLOYS = Counter(
     "dockyard_deploys",
-    "Deploys (a revision into a slot) by outcome (promoted, healthy, failed) and reason",
+    "Deploys (a revision into a slot) by outcome (promoted, failed) and failure reason",
     ["outcome", "reason"],
     registry=REGISTRY,
 )
@@ -102,7 +102,7 @@ EVALUATIONS_ACTIVE = Gauge(
 )
 EVALUATION_SECONDS = Histogram(
     "dockyard_evaluation_duration_seconds",
-    "Evaluation phases: queued to deployed ('deploy') and created to finished ('total')",
+    "Evaluation phases: deploying to agent ready ('deploy'), created to finished ('total')",
     ["phase"],
     buckets=SLOW_BUCKETS,
     registry=REGISTRY,

@@ -101,15 +101,17 @@ class RequestTelemetry(ASGIMiddleware):
                 done()
             await send(message)
 
-        with logs.bound(request_id=request_id):
-            try:
-                await next_app(scope, receive, send_wrapper)
-            except Exception as exc:
-                status = int(getattr(exc, "status_code", 500))
-                raise
-            finally:
-                done()
-                m.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+        # Not reset on the way out: the server runs each request in a task of its own, and
+        # its access line (and an error response) is written after the app returned.
+        logs.bind(request_id=request_id)
+        try:
+            await next_app(scope, receive, send_wrapper)
+        except Exception as exc:
+            status = int(getattr(exc, "status_code", 500))
+            raise
+        finally:
+            done()
+            m.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
 
 
 def metric_names() -> list[dict[str, Any]]:

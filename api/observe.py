@@ -29,7 +29,7 @@ LOGGING_CONFIG = LoggingConfig(
     configure_root_logger=False,
     loggers={"litestar": {"level": "INFO", "propagate": True, "handlers": []}},
 )
-HUB_PLUGIN = "event-hub"
+HUB_PLUGIN = "event-hub"  # + the hub's id: apps sharing a plugin manager each have one
 
 __all__ = ["HANDLERS", "LOGGING_CONFIG", "RequestTelemetry", "event_hub_lifespan"]
 
@@ -40,10 +40,11 @@ async def event_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     services = app.state.services
     hub = EventHub.open(services.settings.data_path)
     pm = services.pm
-    pm.register(hub, name=HUB_PLUGIN)
+    name = f"{HUB_PLUGIN}-{id(hub):x}"
+    pm.register(hub, name=name)
     app.state.events = hub
     try:
         yield
     finally:
-        pm.unregister(name=HUB_PLUGIN)
+        pm.unregister(name=name)
         hub.close()

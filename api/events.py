@@ -83,6 +83,8 @@ class EventJournal:
         self.keep = keep
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A journal, not the source of truth: survive a crash of dockyard, not of the host.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " deployment_id TEXT NOT NULL, evaluation_id TEXT, body BLOB NOT NULL)"

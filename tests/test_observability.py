@@ -57,6 +57,50 @@ def test_the_readme_lists_every_metric_once() -> None:
     assert sorted(listed) == sorted(exported)
 
 
+def _sample(client: Any, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and set(labels.items()) <= set(sample.labels.items())
+    )
+
+
+def test_failed_builds_deploys_and_refused_evaluations_are_counted_by_reason(
+    fake_client_factory: Any,
+) -> None:
+    names = [
+        ("dockyard_builds_total", {"outcome": "failed", "reason": "build_failed"}),
+        ("dockyard_deploys_total", {"outcome": "failed", "reason": "build_failed"}),
+        ("dockyard_deploys_total", {"outcome": "failed", "reason": "health_check_failed"}),
+        ("dockyard_deploy_duration_seconds_count", {"outcome": "failed"}),
+        ("dockyard_evaluations_total", {"state": "failed", "reason": "invalid_github_url"}),
+        ("dockyard_evaluation_tasks_total", {"outcome": "cancelled"}),
+        ("dockyard_health_probe_duration_seconds_count", {"result": "failed"}),
+    ]
+    with fake_client_factory(port_range_start=47242, port_range_end=47250) as client:
+        before = [_sample(client, name, **labels) for name, labels in names]
+        broken = {**SPEC, "id": "broken", "build_args": {"BUILD": "fail"}}
+        sick = {**SPEC, "id": "sick", "build_args": {"HEALTH": "fail"}}
+        for spec in (broken, sick):
+            assert client.post("/v1/repos?wait=true", json=spec).status_code == 200
+        r = client.post(
+            "/v1/integration/evaluate-miner",
+            json={"miner": {"github_url": "not a url"}, "tasks": [{"id": "t"}]},
+        )
+        assert r.json()["state"] == "failed", r.text
+        after = [_sample(client, name, **labels) for name, labels in names]
+    moved = {
+        f"{n}{sorted(lab.items())}": a - b
+        for (n, lab), a, b in zip(names, after, before, strict=True)
+    }
+    assert list(moved.values())[:5] == [1, 1, 1, 2, 1], moved
+    assert list(moved.values())[5] == 1 and list(moved.values())[6] >= 1, moved
+
+
 # ------------------------------------------------------------------------------ logs
 def test_json_and_text_lines_carry_the_correlation_ids() -> None:
     root = logging.getLogger()

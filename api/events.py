@@ -270,7 +270,8 @@ def _hub(state: State) -> EventHub:
     return hub
 
 
-def _check(name: str, value: str | None) -> str | None:
+def check_id(name: str, value: str | None) -> str | None:
+    """``value`` if it looks like an id (400 naming ``name`` otherwise)."""
     if value is not None and not ID_RE.match(value):
         raise ValidationError(f"{name}: not a valid id")
     return value
@@ -340,8 +341,8 @@ class EventRoutes(Controller):
     ) -> list[StreamEvent]:
         return _hub(state).journal.read(
             after,
-            deployment=_check("deployment", deployment),
-            evaluation=_check("evaluation", evaluation),
+            deployment=check_id("deployment", deployment),
+            evaluation=check_id("evaluation", evaluation),
             limit=limit,
             newest=newest,
         )
@@ -367,8 +368,8 @@ class EventRoutes(Controller):
             sse_messages(
                 hub,
                 start,
-                _check("deployment", deployment),
-                _check("evaluation", evaluation),
+                check_id("deployment", deployment),
+                check_id("evaluation", evaluation),
             ),
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )

@@ -36,7 +36,7 @@ from litestar.status_codes import HTTP_303_SEE_OTHER
 
 from dockyard.api.auth import TokenBook, TokenRecord
 from dockyard.api.deployments import render
-from dockyard.api.events import EventHub, StreamEvent, last_event_id, sse_messages
+from dockyard.api.events import EventHub, StreamEvent, check_id, last_event_id, sse_messages
 from dockyard.core.errors import DockyardError
 from dockyard.core.models import Model, SlotState, now
 
@@ -358,7 +358,9 @@ class UIRoutes(Controller):
     ) -> ServerSentEvent:
         start = last_event_id(request.headers.get("last-event-id"), after)
         return ServerSentEvent(
-            sse_messages(state.events, start, None, evaluation, named=False),
+            sse_messages(
+                state.events, start, None, check_id("evaluation", evaluation), named=False
+            ),
             headers={"Cache-Control": "no-store"},
         )
 

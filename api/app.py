@@ -29,6 +29,8 @@ from dockyard.api.auth import (
 )
 from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS
+from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
+from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
@@ -93,7 +95,7 @@ def create_app(
             if owned:
                 await ours.close()
 
-    handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes]
+    handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes, *OBSERVE_HANDLERS]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
     tokens = TokenBook.from_settings(settings)
     return Litestar(
@@ -101,6 +103,7 @@ def create_app(
         guards=[scope_guard],
         middleware=[
             AuditLog(settings.data_path / "audit.log"),
+            RequestTelemetry(),
             ClientGate(settings),
             *rate_limits(settings),
             BearerAuth(tokens),
@@ -112,7 +115,8 @@ def create_app(
             "evaluations": Provide(_evaluations, sync_to_thread=False),
             "tokens": Provide(lambda: tokens, sync_to_thread=False),
         },
-        lifespan=[lifespan],
+        lifespan=[lifespan, event_hub_lifespan],
+        logging_config=LOGGING_CONFIG,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(

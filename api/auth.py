@@ -48,6 +48,7 @@ IMPLIES: dict[str, frozenset[str]] = {
 }
 OPEN_PATHS = ("/v1/healthz",)
 DOCS_PREFIX = "/docs"
+UI_PREFIX = "/ui"
 TOKEN_RE = re.compile(r"^dy_([0-9a-f]{8})_([A-Za-z0-9_-]{40,64})$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SCOPE_KEY_TOKEN = "dockyard.token"
@@ -248,7 +249,11 @@ def token_identity(request: Any) -> str:
 
 # -------------------------------------------------------------------- authentication
 def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path == DOCS_PREFIX or path.startswith(DOCS_PREFIX + "/")
+    """Routes without a bearer token: health, docs, and the status page (``/ui``, which
+    checks its own session cookie in ``dockyard.api.ui``)."""
+    return any(path == p or path.startswith(p + "/") for p in (DOCS_PREFIX, UI_PREFIX)) or (
+        path in OPEN_PATHS
+    )
 
 
 class BearerAuth(ASGIMiddleware):

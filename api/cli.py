@@ -22,13 +22,16 @@ import aiohttp
 import msgspec
 
 from dockyard.api.auth import TokenBook
+from dockyard.api.cli_events import follow_operation, print_events
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
+from dockyard.client.events import last_event_id
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import DockyardError
+from dockyard.core.logs import configure_logging
 from dockyard.core.plugins import build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
-API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token"}
+API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token", "events"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--podman-socket", dest="podman_socket", help="Podman API socket")
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+    serve.add_argument(
+        "--log-format", dest="log_format", choices=["text", "json"], help="log lines (text)"
+    )
     serve.add_argument(
         "--allow-local-repo",
         dest="local_repos",
@@ -104,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, default=200)
     logs.add_argument("--build", action="store_true", help="the build log instead")
     logs.add_argument("--raw", action="store_true", help="keep ANSI colour codes")
+    events = sub.add_parser("events", parents=[api], help="a deployment's or evaluation's events")
+    events.add_argument("id", nargs="?", help="deployment or evaluation id (default: all)")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
     token = sub.add_parser("token", help="create, list and revoke API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     for name, text in [
@@ -220,26 +230,20 @@ async def _api(args: argparse.Namespace) -> int:
     async with DockyardClient(args.url, token=args.token) as client:
         follow = getattr(args, "wait", False)
         if args.command in ("deploy", "redeploy", "switch"):
-            after = 0
+            target = args.id or _default_id(args.repo)
+            # Where the event stream resumes: after everything this deployment already had.
+            journal_after = await last_event_id(client, target) if follow else 0
             if args.command == "deploy":
-                spec = {
-                    "id": args.id or _default_id(args.repo),
-                    "repo": args.repo,
-                    **_spec_changes(args),
-                }
+                spec = {"id": target, "repo": args.repo, **_spec_changes(args)}
                 view = await client.deploy(spec)
             elif args.command == "redeploy":
-                existing = await client.events(args.id)
-                after = max((e.get("seq") or 0 for e in existing), default=0)
                 view = await client.redeploy(args.id, _spec_changes(args))
             else:
-                existing = await client.events(args.id)
-                after = max((e.get("seq") or 0 for e in existing), default=0)
                 view = await client.switch(args.id)
             if follow:
                 print(f"{view['id']}: {args.command} started", flush=True)
-                view = await client.wait_for(
-                    view["id"], timeout_s=args.timeout, on_event=_show_event, after=after
+                view = await follow_operation(
+                    client, view["id"], after=journal_after, timeout_s=args.timeout
                 )
             _show(view)
             op = view.get("operation") or {}
@@ -266,6 +270,8 @@ async def _api(args: argparse.Namespace) -> int:
             return 0
         if args.command == "token":
             return await _tokens(args, client)
+        if args.command == "events":
+            return await print_events(client, args.id, follow=args.follow, as_json=args.json)
     raise AssertionError(args.command)
 
 
@@ -338,6 +344,8 @@ async def _serve(settings: Settings) -> None:
             # not rewrite it from X-Forwarded-For (by default it trusts 127.0.0.1).
             proxy_headers=False,
             server_header=False,
+            log_config=None,  # uvicorn's lines (access log too) go through configure_logging
+            timeout_graceful_shutdown=5,  # open event streams must not hold a stop forever
         )
         await uvicorn.Server(config).serve()
     finally:
@@ -383,15 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "router",
         "podman_socket",
         "log_level",
+        "log_format",
         "local_repos",
     }
     overrides = {k: v for k, v in vars(args).items() if k in serve_fields and v is not None}
     try:
         settings = load_settings(args.config, **overrides)
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(settings.log_level, settings.log_format)
         if args.command == "serve":
             asyncio.run(_serve(settings))
         elif args.command == "plugins":

@@ -57,6 +57,7 @@ HINT
   test)
     as_root bash contrib/ci/setup-podman.sh
     as_root bash contrib/ci/setup-docker.sh
+    as_root bash contrib/ci/setup-browser.sh
     ensure_python
     ensure_venv test,docker
     exec "$venv/bin/pytest" "$@"

@@ -87,6 +87,8 @@ class Settings(Model):
     )
     disable_plugins: list[str] = []
     log_level: str = "INFO"
+    #: ``text`` for people, ``json`` for one JSON object per line (``core/logs.py``).
+    log_format: Literal["text", "json"] = "text"
     plugins: dict[str, dict[str, Any]] = {}
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ import msgspec
 from dockyard.core.deployer import SWITCH_TIMEOUT_S, SlotOps, container_name, lease_owner
 from dockyard.core.errors import Conflict, DockyardError, NotFound
 from dockyard.core.health import probe_once
+from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import (
     Color,
     Deployment,
@@ -206,6 +207,7 @@ class Controller:
         lock = self._lock(deployment_id)
 
         async def run() -> None:
+            bind_log_ids(deployment_id=deployment_id)
             async with lock:
                 try:
                     await body(deployment_id)

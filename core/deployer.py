@@ -387,7 +387,11 @@ class SlotOps:
         target = await self.move(
             await self.store.get_slot(deployment.id, target.color),
             S.PROMOTED,
-            data={"url": router.url_for(deployment.id), "switch_ms": switch_ms},
+            data={
+                "url": router.url_for(deployment.id),
+                "switch_ms": switch_ms,
+                "router": router.name,
+            },
         )
         return target
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from dockyard.core.metrics import observe_probe
 from dockyard.core.models import HealthCheck, Model
 
 
@@ -32,6 +33,14 @@ class HealthOutcome(Model):
 async def probe_once(session: aiohttp.ClientSession, url: str, timeout_s: float) -> ProbeResult:
     """One GET; healthy means a status below 400 within ``timeout_s``."""
     started = time.monotonic()
+    result = await _probe(session, url, timeout_s, started)
+    observe_probe(result.ok, time.monotonic() - started)
+    return result
+
+
+async def _probe(
+    session: aiohttp.ClientSession, url: str, timeout_s: float, started: float
+) -> ProbeResult:
     try:
         async with session.get(
             url, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False

@@ -107,7 +107,9 @@ def dockyard_register_sources(register: Registrar) -> None:
 def dockyard_event(event: Event) -> Any:
     """Observe every event (slot transitions, builds, probes, switches) as it is stored.
 
-    :param event: the stored :class:`dockyard.core.models.Event`, with its sequence number.
+    :param event: the stored :class:`dockyard.core.models.Event`, with its sequence number;
+        also the evaluation service's ``kind="evaluation"`` events (state, queue position,
+        progress, task outcomes in ``data``), which the store does not keep (``seq`` None).
     :return: nothing, or an awaitable that dockyard awaits. Exceptions are logged, never
         propagated: an observer cannot break a deployment.
 

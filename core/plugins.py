@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("bluegreen", "dockyard.plugins.bluegreen"),
     ("protocols", "dockyard.plugins.protocols"),
     ("evaluation", "dockyard.plugins.evaluation"),
+    ("telemetry", "dockyard.plugins.telemetry"),
     ("none-router", "dockyard.routers.none"),
     ("traefik-router", "dockyard.routers.traefik"),
     ("caddy-router", "dockyard.routers.caddy"),

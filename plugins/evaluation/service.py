@@ -26,10 +26,12 @@ import msgspec
 
 from dockyard.core.controller import Controller
 from dockyard.core.errors import Conflict, DockyardError, NotFound, SourceError, ValidationError
+from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState, now
 from dockyard.core.plugins import check_spec
 from dockyard.core.runtime import LABEL_DEPLOYMENT
 from dockyard.core.store import StoredEvaluation
+from dockyard.plugins.evaluation.events import announce
 from dockyard.plugins.evaluation.models import (
     FINAL_STATES,
     Batch,
@@ -334,6 +336,7 @@ class EvaluationService:
     # -- one evaluation ------------------------------------------------------------------
     async def _run(self, run: Run) -> None:
         evaluation = run.evaluation
+        bind_log_ids(evaluation_id=evaluation.id, deployment_id=evaluation.deployment_id)
         try:
             async with asyncio.timeout(evaluation.limits.lifetime_s):
                 agent_url = await self._deploy(run)
@@ -681,6 +684,7 @@ class EvaluationService:
                 body=msgspec.to_builtins(evaluation),
             )
         )
+        await announce(self.services.pm, evaluation)
 
     # -- queries and commands ------------------------------------------------------------
     async def get(self, evaluation_id: str) -> Evaluation:

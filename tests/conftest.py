@@ -19,12 +19,22 @@ ON_CI = os.environ.get("CI", "").lower() == "true"
 
 #: An admin token the test apps are configured with (as a hash, like an operator would).
 TEST_TOKEN = "dy_7e570000_" + "t" * 43
-TEST_TOKENS = [{"id": "7e570000", "name": "tests", "scopes": ["admin"],
-                "sha256": hashlib.sha256(TEST_TOKEN.encode()).hexdigest()}]
+TEST_TOKENS = [
+    {
+        "id": "7e570000",
+        "name": "tests",
+        "scopes": ["admin"],
+        "sha256": hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
+    }
+]
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 #: Settings every test app shares: the test token, no rate limits (tests poll a lot).
-TEST_SETTINGS: dict[str, Any] = {"api_tokens": TEST_TOKENS, "rate_limit_per_ip": 0,
-                                 "rate_limit_per_token": 0, "monitor_interval_s": 0}
+TEST_SETTINGS: dict[str, Any] = {
+    "api_tokens": TEST_TOKENS,
+    "rate_limit_per_ip": 0,
+    "rate_limit_per_token": 0,
+    "monitor_interval_s": 0,
+}
 
 
 @pytest.fixture(scope="session")

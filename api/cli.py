@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from dockyard.api import cli_evaluation
 from dockyard.api.auth import TokenBook
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.core.config import Settings, load_settings
@@ -29,6 +30,7 @@ from dockyard.core.plugins import build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
 API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token"}
+API_COMMANDS |= cli_evaluation.API_COMMANDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "revoke":
             cmd.add_argument("id")
+    cli_evaluation.add_commands(sub, api, wait)
 
     return parser
 
@@ -266,6 +269,8 @@ async def _api(args: argparse.Namespace) -> int:
             return 0
         if args.command == "token":
             return await _tokens(args, client)
+    if args.command == "evaluate":
+        return await cli_evaluation.run_evaluate(args)
     raise AssertionError(args.command)
 
 
@@ -398,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plugins(settings)
         elif args.command == "config":
             print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
+        elif args.command == "sandbox-image":
+            return cli_evaluation.main_sandbox_image(args, settings)
     except DockyardError as exc:
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2

@@ -109,3 +109,35 @@ def fake_client_factory(tmp_path: Path) -> Any:
             yield client
 
     return make
+
+
+#: The requirements of the sandbox image the tests build (FastAPI + uvicorn).
+SANDBOX_REQUIREMENTS = ROOT / "tests" / "sandbox-requirements.txt"
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The agent sandbox image, built once per session by the command itself
+    (``dockyard sandbox-image build``) on rootful Podman; removed at the end."""
+    import shutil
+    import subprocess
+    import uuid
+
+    if shutil.which("podman") is None:
+        if ON_CI:
+            pytest.fail("podman is not installed (CI=true: never skipped)")
+        pytest.skip("podman is not installed")
+    tag = f"localhost/dockyard-test/agent-sandbox:{uuid.uuid4().hex[:12]}"
+    data = tmp_path_factory.mktemp("sandbox-image")
+    done = subprocess.run(
+        [sys.executable, "-m", "dockyard.api.cli", "sandbox-image", "build",
+         "--requirements", str(SANDBOX_REQUIREMENTS), "--tag", tag],
+        env={**os.environ, "DOCKYARD_DATA_DIR": str(data)},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{tag} ready: Python 3.11" in done.stdout, done.stdout
+    try:
+        yield tag
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False, timeout=120)

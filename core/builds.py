@@ -158,8 +158,10 @@ class BuiltRevision:
 
 def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: list[str]) -> Path:
     """A read-only-by-convention copy of a cached checkout's ``context`` for a bind mount:
-    ``.git`` left out, directories 0755 and files 0644 (0755 when executable), plus an
-    empty directory for each of ``mountpoints`` (relative paths) that the source lacks.
+    ``.git`` left out, directories 0755 and files 0644 (0755 when executable), and each of
+    ``mountpoints`` (relative paths) an empty directory of mode 1777: Podman copies a
+    mountpoint's mode (and content) up into the tmpfs mounted over it, and the agent may run
+    as any uid. The views directory is 0700.
 
     Views are content-addressed by the context's path (the cache never changes a
     checkout) and the mountpoints, made once in a temporary directory and renamed into
@@ -171,7 +173,7 @@ def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: l
     if final.is_dir():
         return final
     views_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(views_dir, 0o755)  # the engine (maybe another uid) reaches the view through it
+    os.chmod(views_dir, 0o700)  # only the engine (root, or rootless this user) goes in
     tmp = views_dir / f".tmp-{uuid.uuid4().hex}"
     try:
         shutil.copytree(
@@ -183,6 +185,8 @@ def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: l
         )
         for point in mountpoints:
             target = tmp / point
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # hidden by the mount anyway (never copied up)
             if not target.exists() and not target.is_symlink():
                 target.mkdir(parents=True)
         for root, _dirs, files in os.walk(tmp):
@@ -192,6 +196,10 @@ def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: l
                 mode = path.lstat().st_mode
                 if stat.S_ISREG(mode):
                     os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+        for point in mountpoints:
+            # Podman copies a mountpoint's mode up into the tmpfs over it: any uid may write.
+            if (tmp / point).is_dir() and not (tmp / point).is_symlink():
+                os.chmod(tmp / point, 0o1777)
         try:
             os.rename(tmp, final)
         except OSError:

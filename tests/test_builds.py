@@ -146,6 +146,8 @@ async def test_image_mode_mounts_a_view_and_never_writes_into_the_cache(tmp_path
     (checkout / "agent" / "secret.txt").write_text("x")
     (checkout / "agent" / "secret.txt").chmod(0o600)
     (checkout / "agent" / "link").symlink_to("main.py")
+    (checkout / "agent" / "logs").mkdir()  # the repository's own: hidden by the tmpfs
+    (checkout / "agent" / "logs" / "old.log").write_text("x")
     for path in (checkout, checkout / "agent"):
         path.chmod(0o700)
     before = _tree(checkout)
@@ -175,9 +177,10 @@ async def test_image_mode_mounts_a_view_and_never_writes_into_the_cache(tmp_path
     ]
     assert (view / "logs").is_dir() and not any((view / "logs").iterdir())
     assert (view / "link").is_symlink() and (view / "link").read_text() == "app = None\n"
-    modes = {p.name: p.stat().st_mode & 0o777 for p in view.iterdir() if not p.is_symlink()}
-    assert modes == {"logs": 0o755, "main.py": 0o644, "run.sh": 0o755, "secret.txt": 0o644}
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in view.iterdir() if not p.is_symlink()}
+    assert modes == {"logs": 0o1777, "main.py": 0o644, "run.sh": 0o755, "secret.txt": 0o644}
     assert view.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "views").stat().st_mode & 0o777 == 0o700
     assert _tree(checkout) == before  # the cache is untouched
     assert not [p for p in (tmp_path / "views").iterdir() if p.name.startswith(".tmp-")]
 
@@ -185,5 +188,6 @@ async def test_image_mode_mounts_a_view_and_never_writes_into_the_cache(tmp_path
         id="x", repo=source.repo, build_mode="image", image="localhost/base:1", logs_tmpfs_mb=0
     )
     plain = await builder.build(none, source)
-    assert plain.tmpfs == {} and not (Path(plain.mounts[0][0]) / "logs").exists()
+    assert plain.tmpfs == {}  # no mount: the repository's own logs/ is left as it is
+    assert (Path(plain.mounts[0][0]) / "logs" / "old.log").read_text() == "x"
     assert _tree(checkout) == before

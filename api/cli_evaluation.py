@@ -202,6 +202,14 @@ class Progress:
         self.done: set[str] = set()
 
     def show(self, view: Evaluation) -> None:
+        if view.finished:  # the tasks' lines, then the end
+            self._tasks(view)
+            self._state(view)
+        else:
+            self._state(view)
+            self._tasks(view)
+
+    def _state(self, view: Evaluation) -> None:
         if view.state != self.state:
             extra = ""
             if view.state == "running" and view.agent_url:
@@ -216,13 +224,15 @@ class Progress:
         if view.state == "queued" and view.queue_position != self.queue:
             print(f"  {_clock()} queued at position {view.queue_position}", flush=True)
         self.queue = view.queue_position
+
+    def _tasks(self, view: Evaluation) -> None:
         for result in view.results:
             if result.outcome in ("pending", "running") or result.task_id in self.done:
                 continue
             self.done.add(result.task_id)
             took = f" in {result.duration_s:.1f} s" if result.duration_s is not None else ""
             why = f" ({result.reason})" if result.reason and result.outcome != "ok" else ""
-            count = f"{view.progress.tasks_done}/{view.progress.tasks_total}"
+            count = f"{len(self.done)}/{view.progress.tasks_total}"
             print(
                 f"  {_clock()} task {result.task_id} {result.outcome}{why}{took} [{count}]",
                 flush=True,

@@ -116,17 +116,31 @@ SANDBOX_REQUIREMENTS = ROOT / "tests" / "sandbox-requirements.txt"
 
 
 @pytest.fixture(scope="session")
-def sandbox_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The agent sandbox image, built once per session by the command itself
-    (``dockyard sandbox-image build``) on rootful Podman; removed at the end."""
+def offline_base_image() -> str:
+    """Podman's copy of dockyard's offline Python base (``contrib/base-image/build.sh``,
+    idempotent: about a minute once per host), the sandbox image's base on a host without
+    ``python:3.11-slim``."""
     import shutil
     import subprocess
-    import uuid
 
     if shutil.which("podman") is None:
         if ON_CI:
             pytest.fail("podman is not installed (CI=true: never skipped)")
         pytest.skip("podman is not installed")
+    command = ["bash", str(ROOT / "contrib" / "base-image" / "build.sh")]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    return "localhost/dockyard/base-python:bookworm"
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(
+    offline_base_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The agent sandbox image, built once per session by the command itself
+    (``dockyard sandbox-image build``) on rootful Podman; removed at the end."""
+    import subprocess
+    import uuid
+
     tag = f"localhost/dockyard-test/agent-sandbox:{uuid.uuid4().hex[:12]}"
     data = tmp_path_factory.mktemp("sandbox-image")
     done = subprocess.run(

@@ -723,3 +723,13 @@ def test_every_integration_route_needs_the_evaluate_scope(make_client: Any) -> N
             headers={"Authorization": f"Bearer {evaluator}"},
         )
         assert wait.status_code == 200
+
+
+def test_image_mode_without_an_image_needs_the_operators_sandbox_image(make_client: Any) -> None:
+    miner = {"github_url": REPO, "ref": "v1", "build_mode": "image"}
+    with make_client(eval_sandbox_image=None) as client:
+        r = client.post(
+            "/v1/integration/evaluate-miner", json={"miner": miner, "tasks": tasks("t")}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == "miner.image: required when build_mode is 'image'"

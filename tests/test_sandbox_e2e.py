@@ -207,45 +207,54 @@ async def test_a_fastapi_agent_in_a_session_sees_the_validators_sandbox(box: San
             url, "main", protocol="step", mode="session", uid=36, miner_fields=image_miner(box)
         )
         assert opened.state == "session" and opened.session is not None, opened
-        assert opened.image == box.image and opened.commit == box.commits["fastapi-agent"]
-        session = opened.session
-        async with aiohttp.ClientSession() as http:
-            async with http.get(session.url.rstrip("/") + "/sandbox") as response:
-                if response.status != 200:
-                    await asyncio.sleep(1)  # the traceback follows the access line
-                    async with box.client() as client:
-                        logs = await client.logs(opened.id, tail=60)
-                    pytest.fail("\n".join(logs["lines"]))
-                inside = await response.json()
-            # The step protocol as a client, several steps through the router.
-            agent = AgentEndpoint(http, session.url, request_timeout_s=10, max_steps=6)
-            task = {"id": "session-task", "prompt": "open the page", "url": "http://site.test/"}
-            answer = await Step().solve(agent, task)
-        assert inside["cwd"] == "/app" and inside["uid"] == 10001, inside
-        env = inside["env"]
-        gateway = env["SANDBOX_GATEWAY_URL"]
-        assert re.fullmatch(rf"http://\d+\.\d+\.\d+\.\d+:{box.gateway.port}", gateway), env
-        assert not gateway.startswith("http://127."), env  # the address the container reaches
-        assert env["OPENAI_BASE_URL"] == gateway + "/openai/v1"
-        assert env["CHUTES_BASE_URL"] == gateway + "/chutes/v1"
-        assert (env["SANDBOX_AGENT_PORT"], env["SANDBOX_AGENT_UID"]) == ("8000", "36")
-        assert (env["HOME"], env["PYTHONUNBUFFERED"]) == ("/tmp", "1")
-        assert inside["logs"] == "written" and inside["app_writable"] is False
-        logs = next(line for line in inside["mounts"] if " /app/logs " in line)
-        assert logs.split()[2] == "tmpfs" and "noexec" in logs.split()[3].split(","), logs
-        app = next(line for line in inside["mounts"] if " /app " in line)
-        assert "ro" in app.split()[3].split(","), app
-
-        assert answer.steps == 3 and answer.done and not answer.error, answer
-        assert [a["name"] for a in answer.actions] == ["browser.navigate"] * 2
-        assert answer.content == "gw:session-task"  # the agent reached its gateway
-        assert box.gateway.calls.count(("/openai/v1/chat/completions", "session-task")) == 3
-
-        done = await vi.client.finish_session(opened.id, [{"task_id": "session-task"}])
-        assert (done.state, done.ok) == ("finished", True), done
-        await box.assert_nothing_left(done)
+        try:
+            await drive_the_session(box, vi, opened)
+        finally:  # a failed check must not leave the agent to the next test
+            await vi.client.cancel_evaluation(opened.id)
     checkout = cached_checkout(box, box.commits["fastapi-agent"])
     assert sorted(p.name for p in checkout.iterdir()) == [".git", "main.py", "requirements.txt"]
+
+
+async def drive_the_session(box: Sandbox, vi: ValidatorIntegration, opened: Evaluation) -> None:
+    """Look at the sandbox from inside, drive several steps, finish."""
+    assert opened.image == box.image and opened.commit == box.commits["fastapi-agent"]
+    assert opened.session is not None
+    session = opened.session
+    async with aiohttp.ClientSession() as http:
+        async with http.get(session.url.rstrip("/") + "/sandbox") as response:
+            if response.status != 200:
+                await asyncio.sleep(1)  # the traceback follows the access line
+                async with box.client() as client:
+                    logs = await client.logs(opened.id, tail=60)
+                pytest.fail("\n".join(logs["lines"]))
+            inside = await response.json()
+        # The step protocol as a client, several steps through the router.
+        agent = AgentEndpoint(http, session.url, request_timeout_s=10, max_steps=6)
+        task = {"id": "session-task", "prompt": "open the page", "url": "http://site.test/"}
+        answer = await Step().solve(agent, task)
+    assert inside["cwd"] == "/app" and inside["uid"] == 10001, inside
+    env = inside["env"]
+    gateway = env["SANDBOX_GATEWAY_URL"]
+    assert re.fullmatch(rf"http://\d+\.\d+\.\d+\.\d+:{box.gateway.port}", gateway), env
+    assert not gateway.startswith("http://127."), env  # the address the container reaches
+    assert env["OPENAI_BASE_URL"] == gateway + "/openai/v1"
+    assert env["CHUTES_BASE_URL"] == gateway + "/chutes/v1"
+    assert (env["SANDBOX_AGENT_PORT"], env["SANDBOX_AGENT_UID"]) == ("8000", "36")
+    assert (env["HOME"], env["PYTHONUNBUFFERED"]) == ("/tmp", "1")
+    assert inside["logs"] == "written" and inside["app_writable"] is False
+    logs = next(line for line in inside["mounts"] if " /app/logs " in line)
+    assert logs.split()[2] == "tmpfs" and "noexec" in logs.split()[3].split(","), logs
+    app = next(line for line in inside["mounts"] if " /app " in line)
+    assert "ro" in app.split()[3].split(","), app
+
+    assert answer.steps == 3 and answer.done and not answer.error, answer
+    assert [a["name"] for a in answer.actions] == ["browser.navigate"] * 2
+    assert answer.content == "gw:session-task"  # the agent reached its gateway
+    assert box.gateway.calls.count(("/openai/v1/chat/completions", "session-task")) == 3
+
+    done = await vi.client.finish_session(opened.id, [{"task_id": "session-task"}])
+    assert (done.state, done.ok) == ("finished", True), done
+    await box.assert_nothing_left(done)
 
 
 async def test_a_fastapi_agent_relayed_step_by_step(box: Sandbox) -> None:

@@ -120,3 +120,34 @@ def test_evaluate_opens_a_session(served: tuple[str, AgentRuntime]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "POST steps to http://127.0.0.1:" in done.stdout and "/step" in done.stdout
     assert "/finish" in done.stdout
+
+
+def test_ctrl_c_cancels_the_evaluation(served: tuple[str, AgentRuntime]) -> None:
+    """An interrupted ``--wait`` cancels the evaluation (cleaned up) and says so."""
+    import signal
+    import time
+
+    url, runtime = served
+    runtime.images[SANDBOX] = {"AGENT": "slow", "DELAY": "60"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dockyard.api.cli", "evaluate", "--url", url, REPO,
+         "--prompt", "p", "--protocol", "solve_task", "--wait", "--poll", "0.1"],
+        env={**os.environ, "DOCKYARD_TOKEN": TEST_TOKEN},
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not runtime.specs and time.monotonic() < deadline:  # the agent is running
+            time.sleep(0.1)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    assert "interrupted: cancelling ev-" in out, out
+    summary = [line for line in out.splitlines() if line.startswith("ev-")][-1]
+    assert " cancelled cancelled " in summary, out

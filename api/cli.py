@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from dockyard.api import cli_evaluation
 from dockyard.api.auth import TokenBook
 from dockyard.api.cli_events import follow_operation, print_events
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
@@ -32,6 +33,7 @@ from dockyard.core.plugins import build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
 API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token", "events"}
+API_COMMANDS |= cli_evaluation.API_COMMANDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "revoke":
             cmd.add_argument("id")
+    cli_evaluation.add_commands(sub, api, wait)
 
     return parser
 
@@ -272,6 +275,8 @@ async def _api(args: argparse.Namespace) -> int:
             return await _tokens(args, client)
         if args.command == "events":
             return await print_events(client, args.id, follow=args.follow, as_json=args.json)
+    if args.command == "evaluate":
+        return await cli_evaluation.run_evaluate(args)
     raise AssertionError(args.command)
 
 
@@ -404,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plugins(settings)
         elif args.command == "config":
             print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
+        elif args.command == "sandbox-image":
+            return cli_evaluation.main_sandbox_image(args, settings)
     except DockyardError as exc:
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2

@@ -42,6 +42,11 @@ case "$cmd" in
     ensure_python
     ensure_venv routers
     bash contrib/base-image/build.sh
+    # The image evaluated agents run in (build_mode "image"), once: wheels through this
+    # host's pip, then an offline build. Without it dockyard still serves.
+    "$venv/bin/dockyard" sandbox-image build --if-missing \
+        --requirements contrib/sandbox/requirements.txt ||
+      echo "== the agent sandbox image was not built (see above); image-mode evaluations need it" >&2
     cat <<HINT
 == dockyard is starting, behind the Caddy it runs itself on 127.0.0.1:8880 (--router traefik
    or --router none to change). On its first start it prints an admin token once: export it

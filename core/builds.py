@@ -6,7 +6,11 @@ Two build modes:
   with the runtime, network ``none`` unless the deployment opts in and the operator allows
   it. Parser directives (``# syntax=``) and ``RUN --security=insecure`` are refused.
 - ``image``: nothing is built; an operator-chosen base image runs the source mounted
-  read-only (default at ``/app``) with a start command, as Autoppia's validator does today.
+  read-only at ``/app`` with a start command, working directory ``/app`` and a tmpfs at
+  ``/app/logs``, as Autoppia's validator does today. What is mounted is a *view* of the
+  cached checkout (:func:`source_view`): a world-readable copy that has the ``logs``
+  mountpoint, so the engine never writes into the cache (a tmpfs inside a read-only bind
+  needs its mountpoint to exist) and an agent running as any uid can read its code.
 
 Images are tagged from the repository and commit plus a hash of every build input, and
 labelled with their provenance, so the same inputs never build twice (an evaluation of a
@@ -18,7 +22,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
+import shutil
+import stat
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +50,8 @@ LABEL_ARGS_HASH = "io.dockyard.build.args-hash"
 
 #: Where ``image`` mode mounts the source inside the container.
 SOURCE_MOUNT = "/app"
+#: ``image`` mode's scratch directory (a tmpfs) inside the source mount.
+LOGS_DIR = "logs"
 
 _SYNTAX_DIRECTIVE = re.compile(r"^\s*#\s*syntax\s*=", re.I)
 _DIRECTIVE = re.compile(r"^\s*#\s*[a-z]+\s*=", re.I)
@@ -140,6 +151,63 @@ class BuiltRevision:
     log: list[str] = field(default_factory=list)
     mounts: list[tuple[str, str]] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
+    #: Scratch tmpfs mounts the container gets (path -> MiB, before the operator's cap).
+    tmpfs: dict[str, int] = field(default_factory=dict)
+    workdir: str | None = None
+
+
+def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: list[str]) -> Path:
+    """A read-only-by-convention copy of a cached checkout's ``context`` for a bind mount:
+    ``.git`` left out, directories 0755 and files 0644 (0755 when executable), and each of
+    ``mountpoints`` (relative paths) an empty directory of mode 1777: Podman copies a
+    mountpoint's mode (and content) up into the tmpfs mounted over it, and the agent may run
+    as any uid. The views directory is 0700.
+
+    Views are content-addressed by the context's path (the cache never changes a
+    checkout) and the mountpoints, made once in a temporary directory and renamed into
+    place, so concurrent deploys of one commit share one view and never see a partial one.
+    """
+    src = Path(context).resolve()
+    key = hashlib.sha256(json.dumps([str(src), sorted(mountpoints)]).encode()).hexdigest()[:32]
+    final = views_dir / key
+    if final.is_dir():
+        return final
+    views_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(views_dir, 0o700)  # only the engine (root, or rootless this user) goes in
+    tmp = views_dir / f".tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(
+            src,
+            tmp,
+            symlinks=True,
+            ignore=shutil.ignore_patterns(".git"),
+            copy_function=shutil.copy,
+        )
+        for point in mountpoints:
+            target = tmp / point
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # hidden by the mount anyway (never copied up)
+            if not target.exists() and not target.is_symlink():
+                target.mkdir(parents=True)
+        for root, _dirs, files in os.walk(tmp):
+            os.chmod(root, 0o755)
+            for name in files:
+                path = Path(root) / name
+                mode = path.lstat().st_mode
+                if stat.S_ISREG(mode):
+                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+        for point in mountpoints:
+            # Podman copies a mountpoint's mode up into the tmpfs over it: any uid may write.
+            if (tmp / point).is_dir() and not (tmp / point).is_symlink():
+                os.chmod(tmp / point, 0o1777)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 @dataclass
@@ -152,6 +220,9 @@ class Builder:
     cpus: float = 2.0
     timeout_s: float = 900.0
     allowed_base_images: list[str] = field(default_factory=list)
+    #: Where ``image`` mode's source views live (:func:`source_view`); ``Services`` sets
+    #: ``<data_dir>/views``; None: ``dockyard-views`` in the temporary directory.
+    views_dir: Path | None = None
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def build(
@@ -213,12 +284,19 @@ class Builder:
             raise ValidationError(
                 f"image: {spec.image!r} does not exist on this host (images are never pulled)"
             )
+        logs = f"{SOURCE_MOUNT}/{LOGS_DIR}"
+        tmpfs = {logs: spec.logs_tmpfs_mb} if spec.logs_tmpfs_mb else {}
+        views_dir = self.views_dir or Path(tempfile.gettempdir()) / "dockyard-views"
+        mountpoints = [LOGS_DIR] if tmpfs else []
+        view = await asyncio.to_thread(source_view, source.context, views_dir, mountpoints)
         return BuiltRevision(
             image=spec.image,
             image_id=None,
             inputs_hash=inputs_hash,
             build_args_hash=args_hash,
             reused=True,
-            mounts=[(source.context, SOURCE_MOUNT)],
+            mounts=[(str(view), SOURCE_MOUNT)],
             command=list(spec.command),
+            tmpfs=tmpfs,
+            workdir=spec.workdir or SOURCE_MOUNT,
         )

@@ -19,6 +19,15 @@ from msgspec import Meta
 from dockyard.core.errors import ConfigError
 from dockyard.core.models import Model
 
+#: The validator's sandbox: its gateway variables and their URL suffixes.
+VALIDATOR_GATEWAY_VARS = {
+    "SANDBOX_GATEWAY_URL": "",
+    "OPENAI_BASE_URL": "/openai/v1",
+    "CHUTES_BASE_URL": "/chutes/v1",
+}
+#: The tag ``dockyard sandbox-image build`` gives the agent sandbox image by default.
+SANDBOX_IMAGE = "localhost/dockyard/agent-sandbox:latest"
+
 
 def default_data_dir() -> str:
     """Where state lives when nothing says otherwise."""
@@ -85,6 +94,16 @@ class Settings(Model):
     eval_gateway_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] = (
         "OPENAI_BASE_URL"
     )
+    # The variables an evaluated agent finds its gateway in (name -> suffix of the gateway's
+    # URL), as Autoppia's validator sets them; ``eval_gateway_env`` is added (suffix "")
+    # when it is not one of them. Each holds the address the container really reaches.
+    eval_gateway_vars: dict[
+        Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")],
+        Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")],
+    ] = msgspec.field(default_factory=lambda: dict(VALIDATOR_GATEWAY_VARS))
+    # The image ``build_mode: "image"`` evaluations run when the miner names none
+    # (``dockyard sandbox-image build`` makes it).
+    eval_sandbox_image: Annotated[str, Meta(max_length=255)] | None = SANDBOX_IMAGE
     disable_plugins: list[str] = []
     log_level: str = "INFO"
     #: ``text`` for people, ``json`` for one JSON object per line (``core/logs.py``).
@@ -98,6 +117,11 @@ class Settings(Model):
             from dockyard.core.policy import parse_gateway
 
             parse_gateway(self.agent_gateway)
+
+    def eval_gateway_variables(self) -> dict[str, str]:
+        """The gateway variables of evaluated agents: ``eval_gateway_vars`` plus
+        ``eval_gateway_env`` (suffix ``""``) when it is not one of them."""
+        return {self.eval_gateway_env: "", **self.eval_gateway_vars}
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         """The ``[plugins.<name>]`` table, empty when absent."""
@@ -136,6 +160,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             "trusted_proxies",
         ):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
+        elif name == "eval_gateway_vars":  # NAME=suffix,NAME2=/openai/v1
+            pairs = (p.strip().partition("=") for p in raw.split(",") if p.strip())
+            values[name] = {key.strip(): suffix.strip() for key, _, suffix in pairs}
         else:
             values[name] = raw
     return values

@@ -29,9 +29,10 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.plugins import emit_event
-from dockyard.core.policy import effective_limits, network_policy
+from dockyard.core.policy import effective_limits, effective_scratch, network_policy
 from dockyard.core.router import Route, Upstream, route_prefix
 from dockyard.core.runtime import (
+    GATEWAY_ENV,
     LABEL_COLOR,
     LABEL_DEPLOYMENT,
     LABEL_REVISION,
@@ -246,7 +247,8 @@ class SlotOps:
         await self.runtime.remove(slot.container_name)  # a leftover of a crash: ours by name
         mounts = built.mounts if built else []
         command = built.command if built else list(spec.command)
-        egress, gateway = network_policy(self.services.settings)
+        settings = self.services.settings
+        egress, gateway = network_policy(settings)
         info = await self.runtime.run(
             ContainerSpec(
                 name=slot.container_name,
@@ -269,6 +271,9 @@ class SlotOps:
                 limits=self.limits(spec),
                 egress=egress,
                 gateway=gateway,
+                gateway_env=dict(spec.gateway_env or {GATEWAY_ENV: ""}),
+                tmpfs=effective_scratch(built.tmpfs if built else {}, settings),
+                workdir=spec.workdir or (built.workdir if built else None),
             )
         )
         await self._note_unenforced(slot)

@@ -44,6 +44,14 @@ EnvMap = Annotated[dict[EnvName, EnvValue], Meta(max_length=64)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(gt=0, le=3600)]
 HttpPath = Annotated[str, Meta(pattern=r"^/[A-Za-z0-9._~/%?=&+-]{0,255}$")]
+ContainerPath = Annotated[
+    str,
+    Meta(pattern=r"^/[A-Za-z0-9._/+-]{0,255}$", description="absolute path inside the container"),
+]
+#: What a gateway variable appends to the gateway's URL (``""`` or ``/openai/v1``).
+UrlSuffix = Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")]
+#: Variables that carry the LLM gateway's address: name -> suffix appended to its URL.
+GatewayEnv = Annotated[dict[EnvName, UrlSuffix], Meta(max_length=16)]
 
 
 def now() -> float:
@@ -100,8 +108,19 @@ class DeploymentSpec(Model):
     #: Seconds a container may run before it is stopped (slot FAILED, ``lifetime_exceeded``);
     #: can only lower the operator's ``max_container_lifetime_s``.
     max_lifetime_s: Annotated[float, Meta(gt=0, le=30 * 86400)] | None = None
+    #: The container's working directory; None: the image's (``build_mode: "image"``: the
+    #: source mount, ``/app``).
+    workdir: ContainerPath | None = None
+    #: ``build_mode: "image"``: MiB of the tmpfs at ``/app/logs`` (rw, noexec; 0: none), as
+    #: the validator's sandbox gives agents. Counts against ``max_tmpfs_mb``.
+    logs_tmpfs_mb: Annotated[int, Meta(ge=0, le=4096)] = 64
+    #: Variables that carry the operator's gateway (``agent_gateway``) when there is one:
+    #: name -> suffix of its URL; None: ``{"OPENAI_BASE_URL": ""}``.
+    gateway_env: GatewayEnv | None = None
 
     def __post_init__(self) -> None:
+        if self.workdir is not None and ".." in self.workdir.split("/"):
+            raise ValueError("workdir must be an absolute path without '..'")
         for name in ("subdir", "dockerfile"):
             value: str = getattr(self, name)
             parts = value.split("/")

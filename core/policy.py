@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+import msgspec
+
 from dockyard.core.errors import ConfigError, ValidationError
 from dockyard.core.models import DeploymentSpec, Resources
 from dockyard.core.runtime import Limits
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from dockyard.core.config import Settings
 
 _DEFAULTS = Resources()
+_SPEC_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(DeploymentSpec)}
 
 
 def _caps(settings: Settings) -> dict[str, float]:
@@ -50,6 +53,12 @@ def check_spec(spec: DeploymentSpec, settings: Settings) -> None:
                 f"resources.{name}: {value:g} exceeds the operator's cap of {cap:g}",
                 field=f"resources.{name}",
             )
+    logs_mb, default_logs = spec.logs_tmpfs_mb, _SPEC_DEFAULTS["logs_tmpfs_mb"]
+    if logs_mb > settings.max_tmpfs_mb and logs_mb != default_logs:
+        raise ValidationError(
+            f"logs_tmpfs_mb: {logs_mb} exceeds the operator's cap of {settings.max_tmpfs_mb}",
+            field="logs_tmpfs_mb",
+        )
     cap_s = settings.max_container_lifetime_s
     if spec.max_lifetime_s is not None and cap_s is not None and spec.max_lifetime_s > cap_s:
         raise ValidationError(
@@ -67,6 +76,11 @@ def effective_limits(spec: DeploymentSpec, settings: Settings) -> Limits:
         pids=int(min(r.pids, caps["pids"])),
         tmpfs_mb=int(min(r.tmpfs_mb, caps["tmpfs_mb"])),
     )
+
+
+def effective_scratch(sizes: dict[str, int], settings: Settings) -> dict[str, int]:
+    """Scratch tmpfs mounts (path -> MiB), each lowered to ``max_tmpfs_mb``."""
+    return {path: min(mb, settings.max_tmpfs_mb) for path, mb in sizes.items() if mb > 0}
 
 
 def effective_lifetime(spec: DeploymentSpec, settings: Settings) -> float | None:
@@ -117,6 +131,7 @@ __all__ = [
     "check_spec",
     "effective_lifetime",
     "effective_limits",
+    "effective_scratch",
     "network_policy",
     "parse_gateway",
 ]

@@ -67,6 +67,7 @@ class Services:
             cpus=settings.build_cpus,
             timeout_s=settings.build_timeout_s,
             allowed_base_images=list(settings.allowed_base_images),
+            views_dir=settings.data_path / "views",
         )
         return cls(
             settings=settings,

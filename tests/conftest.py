@@ -19,12 +19,22 @@ ON_CI = os.environ.get("CI", "").lower() == "true"
 
 #: An admin token the test apps are configured with (as a hash, like an operator would).
 TEST_TOKEN = "dy_7e570000_" + "t" * 43
-TEST_TOKENS = [{"id": "7e570000", "name": "tests", "scopes": ["admin"],
-                "sha256": hashlib.sha256(TEST_TOKEN.encode()).hexdigest()}]
+TEST_TOKENS = [
+    {
+        "id": "7e570000",
+        "name": "tests",
+        "scopes": ["admin"],
+        "sha256": hashlib.sha256(TEST_TOKEN.encode()).hexdigest(),
+    }
+]
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 #: Settings every test app shares: the test token, no rate limits (tests poll a lot).
-TEST_SETTINGS: dict[str, Any] = {"api_tokens": TEST_TOKENS, "rate_limit_per_ip": 0,
-                                 "rate_limit_per_token": 0, "monitor_interval_s": 0}
+TEST_SETTINGS: dict[str, Any] = {
+    "api_tokens": TEST_TOKENS,
+    "rate_limit_per_ip": 0,
+    "rate_limit_per_token": 0,
+    "monitor_interval_s": 0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +109,49 @@ def fake_client_factory(tmp_path: Path) -> Any:
             yield client
 
     return make
+
+
+#: The requirements of the sandbox image the tests build (FastAPI + uvicorn).
+SANDBOX_REQUIREMENTS = ROOT / "tests" / "sandbox-requirements.txt"
+
+
+@pytest.fixture(scope="session")
+def offline_base_image() -> str:
+    """Podman's copy of dockyard's offline Python base (``contrib/base-image/build.sh``,
+    idempotent: about a minute once per host), the sandbox image's base on a host without
+    ``python:3.11-slim``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("podman") is None:
+        if ON_CI:
+            pytest.fail("podman is not installed (CI=true: never skipped)")
+        pytest.skip("podman is not installed")
+    command = ["bash", str(ROOT / "contrib" / "base-image" / "build.sh")]
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    return "localhost/dockyard/base-python:bookworm"
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(
+    offline_base_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The agent sandbox image, built once per session by the command itself
+    (``dockyard sandbox-image build``) on rootful Podman; removed at the end."""
+    import subprocess
+    import uuid
+
+    tag = f"localhost/dockyard-test/agent-sandbox:{uuid.uuid4().hex[:12]}"
+    data = tmp_path_factory.mktemp("sandbox-image")
+    done = subprocess.run(
+        [sys.executable, "-m", "dockyard.api.cli", "sandbox-image", "build",
+         "--requirements", str(SANDBOX_REQUIREMENTS), "--tag", tag],
+        env={**os.environ, "DOCKYARD_DATA_DIR": str(data)},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{tag} ready: Python 3.11" in done.stdout, done.stdout
+    try:
+        yield tag
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False, timeout=120)

@@ -100,7 +100,8 @@ async def test_build_network_needs_the_operator(tmp_path: Path) -> None:
 async def test_image_mode_checks_the_allowlist_and_the_image(tmp_path: Path) -> None:
     runtime = FakeRuntime()
     runtime.images["localhost/base:1"] = {}
-    source = _source(tmp_path)
+    (tmp_path / "src").mkdir()
+    source = _source(tmp_path / "src")
     spec = DeploymentSpec(
         id="x",
         repo=source.repo,
@@ -108,8 +109,12 @@ async def test_image_mode_checks_the_allowlist_and_the_image(tmp_path: Path) -> 
         image="localhost/base:1",
         command=["python3", "main.py"],
     )
-    built = await Builder(runtime=runtime).build(spec, source)
-    assert built.image == "localhost/base:1" and built.mounts == [(source.context, "/app")]
+    builder = Builder(runtime=runtime, views_dir=tmp_path / "views")
+    built = await builder.build(spec, source)
+    [(view, target)] = built.mounts
+    assert built.image == "localhost/base:1" and target == "/app"
+    assert Path(view).parent == tmp_path / "views" and (Path(view) / "Dockerfile").is_file()
+    assert built.tmpfs == {"/app/logs": 64} and built.workdir == "/app"
     assert built.command == ["python3", "main.py"] and runtime.builds == 0
     with pytest.raises(ValidationError, match="not an allowed base image"):
         await Builder(runtime=runtime, allowed_base_images=["localhost/other:1"]).build(
@@ -118,3 +123,71 @@ async def test_image_mode_checks_the_allowlist_and_the_image(tmp_path: Path) -> 
     missing = DeploymentSpec(id="x", repo=source.repo, build_mode="image", image="nope:1")
     with pytest.raises(ValidationError, match="never pulled"):
         await Builder(runtime=runtime).build(missing, source)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, None if p.is_dir() else p.read_bytes())
+        for p in sorted(root.rglob("*"))
+    }
+
+
+async def test_image_mode_mounts_a_view_and_never_writes_into_the_cache(tmp_path: Path) -> None:
+    """The source is mounted through a view: a world-readable copy without ``.git`` that has
+    the ``logs`` mountpoint the ``/app/logs`` tmpfs needs, so the engine never creates it in
+    the cached checkout (nor fails on a read-only one). Concurrent deploys share one view."""
+    checkout = tmp_path / "cache" / "commit"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / ".git" / "HEAD").write_text("a" * 40)
+    (checkout / "agent").mkdir()
+    (checkout / "agent" / "main.py").write_text("app = None\n")
+    (checkout / "agent" / "run.sh").write_text("#!/bin/sh\n")
+    (checkout / "agent" / "run.sh").chmod(0o700)
+    (checkout / "agent" / "secret.txt").write_text("x")
+    (checkout / "agent" / "secret.txt").chmod(0o600)
+    (checkout / "agent" / "link").symlink_to("main.py")
+    (checkout / "agent" / "logs").mkdir()  # the repository's own: hidden by the tmpfs
+    (checkout / "agent" / "logs" / "old.log").write_text("x")
+    for path in (checkout, checkout / "agent"):
+        path.chmod(0o700)
+    before = _tree(checkout)
+    source = FetchedSource(
+        repo="https://github.com/a/b",
+        ref=None,
+        resolved_ref=None,
+        commit="a" * 40,
+        checkout=str(checkout),
+        context=str(checkout / "agent"),
+        dockerfile=None,
+    )
+    runtime = FakeRuntime()
+    runtime.images["localhost/base:1"] = {}
+    spec = DeploymentSpec(id="x", repo=source.repo, build_mode="image", image="localhost/base:1")
+    builder = Builder(runtime=runtime, views_dir=tmp_path / "views")
+    built = await asyncio.gather(*(builder.build(spec, source) for _ in range(4)))
+    views = {b.mounts[0][0] for b in built}
+    assert len(views) == 1, views
+    view = Path(views.pop())
+    assert sorted(p.name for p in view.iterdir()) == [
+        "link",
+        "logs",
+        "main.py",
+        "run.sh",
+        "secret.txt",
+    ]
+    assert (view / "logs").is_dir() and not any((view / "logs").iterdir())
+    assert (view / "link").is_symlink() and (view / "link").read_text() == "app = None\n"
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in view.iterdir() if not p.is_symlink()}
+    assert modes == {"logs": 0o1777, "main.py": 0o644, "run.sh": 0o755, "secret.txt": 0o644}
+    assert view.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "views").stat().st_mode & 0o777 == 0o700
+    assert _tree(checkout) == before  # the cache is untouched
+    assert not [p for p in (tmp_path / "views").iterdir() if p.name.startswith(".tmp-")]
+
+    none = DeploymentSpec(
+        id="x", repo=source.repo, build_mode="image", image="localhost/base:1", logs_tmpfs_mb=0
+    )
+    plain = await builder.build(none, source)
+    assert plain.tmpfs == {}  # no mount: the repository's own logs/ is left as it is
+    assert (Path(plain.mounts[0][0]) / "logs" / "old.log").read_text() == "x"
+    assert _tree(checkout) == before

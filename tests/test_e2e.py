@@ -333,15 +333,32 @@ def test_image_mode_serves_the_mounted_source(
         repo=f"{daemon.url}/plain.git",
         build_mode="image",
         image="localhost/dockyard-test/busybox:e2e",
-        command=["httpd", "-f", "-p", "8000", "-h", "/app/www"],
+        # As the validator's sandbox: cwd /app, a writable noexec tmpfs at /app/logs.
+        command=[
+            "sh",
+            "-c",
+            "mkdir /tmp/www && cp /app/www/* /tmp/www/ && pwd > /tmp/www/pwd && "
+            "echo written > logs/probe && cp logs/probe /tmp/www/logs && "
+            "grep ' /app/logs ' /proc/mounts > /tmp/www/mounts; "
+            "exec httpd -f -p 8000 -h /tmp/www",
+        ],
     )
     blue = _slots(body)["blue"]
     assert blue["state"] == "PROMOTED", body
     assert blue["commit"] == sha
     assert _get(blue["host_port"]) == "mounted"
+    assert _get(blue["host_port"], "/pwd") == "/app"
+    assert _get(blue["host_port"], "/logs") == "written"
+    options = _get(blue["host_port"], "/mounts").split()[3].split(",")
+    assert {"rw", "nosuid", "nodev", "noexec"} <= set(options), options
     mounts = engine.container_mounts(blue["container_name"])
     app = next(m for m in mounts if m["Destination"] == "/app")
     assert app["RW"] is False
+    # The engine wrote nothing into the cached checkout (the mount is a view of it).
+    data = Path(client.app.state.services.settings.data_dir)
+    [checkout] = (data / "sources").glob(f"*/{sha}")
+    assert sorted(p.name for p in checkout.iterdir()) == [".git", "www"]
+    assert app["Source"] != str(checkout) and Path(app["Source"]).parent == data / "views"
     assert client.delete("/v1/repos/mounted").status_code == 200
 
 

@@ -363,15 +363,47 @@ def test_bad_requests_are_400(make_client: Any) -> None:
 
 
 def test_the_gateway_is_passed_as_env_and_never_a_key(make_client: Any) -> None:
+    """The validator's sandbox environment: the gateway in SANDBOX_GATEWAY_URL,
+    OPENAI_BASE_URL (+ /openai/v1) and CHUTES_BASE_URL (+ /chutes/v1), named to the runtime
+    as ``gateway_env`` so it puts the address the container reaches there; the agent's port
+    and the miner's uid; never a key; the request cannot override them."""
     with make_client(agent_gateway="10.0.0.1:4000") as client:
         runtime: AgentRuntime = client.app.state.services.runtime
-        body = wait_final(client, evaluate(client, {}, env={"AGENT_MODE": "fast"})["id"])
-        assert body["ok"] and body["env_names"] == ["AGENT_MODE"]
-        env = runtime.specs[-1].env
-        assert env["OPENAI_BASE_URL"] == "http://10.0.0.1:4000"
+        env_in = {"AGENT_MODE": "fast", "SANDBOX_AGENT_PORT": "1"}
+        body = wait_final(client, evaluate(client, {"uid": 36}, env=env_in)["id"])
+        assert body["ok"] and body["env_names"] == ["AGENT_MODE", "SANDBOX_AGENT_PORT"]
+        spec = runtime.specs[-1]
+        env = spec.env
+        assert env["SANDBOX_GATEWAY_URL"] == "http://10.0.0.1:4000"
+        assert env["OPENAI_BASE_URL"] == "http://10.0.0.1:4000/openai/v1"
+        assert env["CHUTES_BASE_URL"] == "http://10.0.0.1:4000/chutes/v1"
+        assert spec.gateway_env == {
+            "SANDBOX_GATEWAY_URL": "",
+            "OPENAI_BASE_URL": "/openai/v1",
+            "CHUTES_BASE_URL": "/chutes/v1",
+        }
+        assert (env["SANDBOX_AGENT_PORT"], env["SANDBOX_AGENT_UID"]) == ("8000", "36")
+        assert env["PYTHONUNBUFFERED"] == "1"
         assert env["AGENT_MODE"] == "fast"
         assert not [k for k in env if "KEY" in k]
-        assert runtime.specs[-1].labels[EVALUATION_LABEL] == body["id"]
+        assert spec.labels[EVALUATION_LABEL] == body["id"]
+
+
+def test_gateway_variables_are_the_operators(make_client: Any) -> None:
+    """``eval_gateway_vars`` names the variables and suffixes; ``eval_gateway_env`` still
+    adds its one name (suffix "")."""
+    custom = {"LLM_URL": "/v1"}
+    with make_client(
+        agent_gateway="http://10.0.0.1:4000/gw", eval_gateway_vars=custom, eval_gateway_env="GW"
+    ) as client:
+        runtime: AgentRuntime = client.app.state.services.runtime
+        body = wait_final(client, evaluate(client, {})["id"])
+        assert body["ok"], body
+        spec = runtime.specs[-1]
+        assert spec.gateway_env == {"GW": "", "LLM_URL": "/v1"}
+        assert spec.env["LLM_URL"] == "http://10.0.0.1:4000/gw/v1"
+        assert spec.env["GW"] == "http://10.0.0.1:4000/gw"
+        assert "OPENAI_BASE_URL" not in spec.env and "SANDBOX_AGENT_UID" not in spec.env
 
 
 def test_images_are_removed_when_the_policy_says_so(make_client: Any) -> None:
@@ -734,3 +766,13 @@ def test_every_integration_route_needs_the_evaluate_scope(make_client: Any) -> N
             headers={"Authorization": f"Bearer {evaluator}"},
         )
         assert wait.status_code == 200
+
+
+def test_image_mode_without_an_image_needs_the_operators_sandbox_image(make_client: Any) -> None:
+    miner = {"github_url": REPO, "ref": "v1", "build_mode": "image"}
+    with make_client(eval_sandbox_image=None) as client:
+        r = client.post(
+            "/v1/integration/evaluate-miner", json={"miner": miner, "tasks": tasks("t")}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == "miner.image: required when build_mode is 'image'"

@@ -35,6 +35,11 @@ def test_good_spec_has_defaults() -> None:
         ({"resources": {"memory_mb": 1}}, "$.resources.memory_mb"),
         ({"unknown": 1}, "unknown"),
         ({"ref": "bad ref with spaces"}, "$.ref"),
+        ({"workdir": "relative"}, "$.workdir"),
+        ({"workdir": "/app/../etc"}, "workdir"),
+        ({"logs_tmpfs_mb": -1}, "$.logs_tmpfs_mb"),
+        ({"gateway_env": {"OPENAI_BASE_URL": "openai"}}, "$.gateway_env"),
+        ({"gateway_env": {"BAD-NAME": ""}}, "$.gateway_env"),
     ],
 )
 def test_bad_spec_names_the_field(patch: dict[str, object], field: str) -> None:

@@ -89,6 +89,33 @@ def test_lifetime_can_only_lower_the_operators() -> None:
         msgspec.convert({"id": "a", "repo": "x", "max_lifetime_s": 0}, DeploymentSpec)
 
 
+def test_the_logs_tmpfs_is_capped_like_any_tmpfs() -> None:
+    from dockyard.core.policy import effective_scratch
+
+    tight = Settings(max_tmpfs_mb=16)
+    check_spec(spec(), tight)  # the default 64 MiB is lowered, not refused
+    assert effective_scratch({"/app/logs": 64}, tight) == {"/app/logs": 16}
+    assert effective_scratch({"/app/logs": 0}, tight) == {}
+    with pytest.raises(ValidationError, match="logs_tmpfs_mb: 32 exceeds the operator's cap of 16"):
+        check_spec(spec(logs_tmpfs_mb=32), tight)
+
+
+def test_sandbox_settings_come_from_the_environment() -> None:
+    settings = load_settings(
+        environ={"DOCKYARD_EVAL_GATEWAY_VARS": "SANDBOX_GATEWAY_URL=, LLM=/v1"}
+    )
+    assert settings.eval_gateway_vars == {"SANDBOX_GATEWAY_URL": "", "LLM": "/v1"}
+    assert Settings().eval_gateway_variables() == {
+        "SANDBOX_GATEWAY_URL": "",
+        "OPENAI_BASE_URL": "/openai/v1",
+        "CHUTES_BASE_URL": "/chutes/v1",
+    }
+    with pytest.raises(ConfigError, match="eval_gateway_vars"):
+        load_settings(environ={"DOCKYARD_EVAL_GATEWAY_VARS": "BAD NAME=/x"})
+    with pytest.raises(ConfigError, match="eval_gateway_vars"):
+        load_settings(environ={"DOCKYARD_EVAL_GATEWAY_VARS": "OK=no-slash"})
+
+
 def test_caps_come_from_the_environment_and_are_validated() -> None:
     settings = load_settings(
         environ={"DOCKYARD_MAX_MEMORY_MB": "1024", "DOCKYARD_MAX_CONTAINER_LIFETIME_S": "60"}

@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from dockyard.core.models import (
     BuildMode,
+    ContainerPath,
     EnvMap,
     GitRef,
     HttpPath,
@@ -75,6 +76,10 @@ class Miner(Model):
     command: Annotated[list[Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)] = []
     container_port: Port = 8000
     health_path: HttpPath = "/health"
+    #: The agent's working directory (``image`` mode: ``/app``, the source).
+    workdir: ContainerPath | None = None
+    #: ``image`` mode: MiB of the ``/app/logs`` tmpfs (0: none; default 64).
+    logs_tmpfs_mb: Annotated[int, Meta(ge=0, le=4096)] | None = None
     uid: Annotated[int, Meta(ge=0)] | None = None
     hotkey: Annotated[str, Meta(max_length=128)] | None = None
     web_agent_id: Annotated[str, Meta(max_length=128)] | None = None

@@ -232,7 +232,7 @@ class EvaluationService:
                 f"env: {', '.join(bad)}: keys and secrets are never passed to agents "
                 "(agents reach LLMs through the operator's gateway)"
             )
-        if miner.build_mode == "image" and not miner.image:
+        if miner.build_mode == "image" and not (miner.image or self.settings.eval_sandbox_image):
             raise ValidationError("miner.image: required when build_mode is 'image'")
         s, t = self.settings, options.timeouts
         limits = Limits(
@@ -416,14 +416,16 @@ class EvaluationService:
     def _spec(self, run: Run) -> DeploymentSpec:
         evaluation = run.evaluation
         miner = evaluation.miner
-        env = dict(run.env)
+        env = {**run.env, **self.sandbox_env(miner)}
+        gateway_vars = self.settings.eval_gateway_variables()
         gateway = (self.settings.agent_gateway or "").strip()
         if gateway:
             # The gateway as the host sees it; a runtime that enforces the network policy
-            # replaces it with the address the container reaches it at.
-            url = gateway if "://" in gateway else f"http://{gateway}"
-            env[self.settings.eval_gateway_env] = url
+            # replaces each with the address the container reaches it at.
+            url = (gateway if "://" in gateway else f"http://{gateway}").rstrip("/")
+            env.update({name: url + suffix for name, suffix in gateway_vars.items()})
         limits = evaluation.limits
+        logs = {} if miner.logs_tmpfs_mb is None else {"logs_tmpfs_mb": miner.logs_tmpfs_mb}
         return DeploymentSpec(
             id=evaluation.deployment_id,
             repo=miner.github_url,
@@ -431,7 +433,8 @@ class EvaluationService:
             subdir=miner.subdir,
             build_mode=miner.build_mode,
             dockerfile=miner.dockerfile,
-            image=miner.image,
+            image=miner.image
+            or (self.settings.eval_sandbox_image if miner.build_mode == "image" else None),
             command=list(miner.command),
             env=env,
             container_port=miner.container_port,
@@ -445,7 +448,20 @@ class EvaluationService:
             grace_period_s=0,
             auto_promote=True,
             labels={EVALUATION_LABEL: evaluation.id},
+            workdir=miner.workdir,
+            gateway_env=gateway_vars,
+            **logs,
         )
+
+    @staticmethod
+    def sandbox_env(miner: Miner) -> dict[str, str]:
+        """What the validator's sandbox tells every agent besides its gateway: its port, the
+        miner's uid (when known) and unbuffered Python output. These override the request's
+        ``env``."""
+        env = {"SANDBOX_AGENT_PORT": str(miner.container_port), "PYTHONUNBUFFERED": "1"}
+        if miner.uid is not None:
+            env["SANDBOX_AGENT_UID"] = str(miner.uid)
+        return env
 
     async def _relay(self, run: Run, agent_url: str) -> None:
         """Every task to the agent, at most ``max_parallel_tasks`` at once."""

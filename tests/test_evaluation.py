@@ -129,7 +129,7 @@ class AgentRuntime(FakeRuntime):
 @pytest.fixture
 def make_client(tmp_path: Path) -> Any:
     @contextlib.contextmanager
-    def make(**settings: Any) -> Iterator[TestClient[Any]]:
+    def make(sources: dict[str, Any] | None = None, **settings: Any) -> Iterator[TestClient[Any]]:
         values = {**TEST_SETTINGS, "port_range_start": 48400, "port_range_end": 48440}
         values.update(settings)
         cfg = Settings(data_dir=str(tmp_path / "data"), **values)
@@ -137,7 +137,7 @@ def make_client(tmp_path: Path) -> Any:
             cfg,
             build_plugin_manager(load_entry_points=False),
             runtime=AgentRuntime(),
-            sources={"fake": FakeSource(tmp_path / "src")},
+            sources=sources or {"fake": FakeSource(tmp_path / "src")},
         )
         with TestClient(create_app(cfg, services=services)) as client:
             client.headers.update(AUTH)
@@ -307,6 +307,27 @@ def test_refused_sources_get_their_zero_score_reason(
         if detail:
             assert body["detail_reason"] == detail
         assert_nothing_left(client, body["id"])
+
+
+def test_a_short_sha_ends_at_admission_without_a_fetch(make_client: Any, tmp_path: Path) -> None:
+    """The git source refuses an abbreviated commit before the evaluation is queued: the
+    202 already carries the final state (its repository does not even answer)."""
+    from dockyard.plugins.git_source import GitSource
+    from tests.gitserver import StallServer
+
+    with StallServer() as closed:
+        port = closed.port
+    git = GitSource(tmp_path / "git", insecure=True)
+    with make_client(sources={"git": git}) as client:
+        url = f"git://127.0.0.1:{port}/acme/agent.git"
+        body = evaluate(client, {"github_url": url, "ref": "3f9c2a1"})
+        assert (body["state"], body["reason"]) == ("failed", "invalid_github_url"), body
+        assert body["detail_reason"] == "invalid_repo_url"
+        assert "abbreviated commit" in body["message"]
+        assert body["queue_position"] is None and body["cleaned_up"] is True
+        assert body["commit"] is None
+        assert_nothing_left(client, body["id"])
+    assert not (tmp_path / "git").exists() or not any((tmp_path / "git").rglob("*"))
 
 
 def test_a_missing_ref_is_refused_when_required(make_client: Any) -> None:

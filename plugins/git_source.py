@@ -56,7 +56,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -518,9 +518,10 @@ class GitSource(Source):
                     return await self._result(parsed, request, ref, meta, final, True)
                 raise SourceError(f"cached checkout of {commit} vanished", reason=FAILED)
             # Paths are checked before publishing: a refused request leaves nothing behind.
-            await asyncio.to_thread(
-                resolve_paths, str(tmp / "checkout"), request.subdir, request.dockerfile
-            )
+            with _recording_commit(commit):
+                await asyncio.to_thread(
+                    resolve_paths, str(tmp / "checkout"), request.subdir, request.dockerfile
+                )
             await asyncio.to_thread(_publish, tmp / "checkout", final, commit)
             return await self._result(parsed, request, ref, outcome, final, False)
         finally:
@@ -535,9 +536,10 @@ class GitSource(Source):
         checkout: Path,
         cached: bool,
     ) -> FetchedSource:
-        context, dockerfile = await asyncio.to_thread(
-            resolve_paths, str(checkout), request.subdir, request.dockerfile
-        )
+        with _recording_commit(meta["commit"]):
+            context, dockerfile = await asyncio.to_thread(
+                resolve_paths, str(checkout), request.subdir, request.dockerfile
+            )
         return FetchedSource(
             repo=parsed.normalized,
             ref=ref,
@@ -550,6 +552,17 @@ class GitSource(Source):
             files=int(meta.get("files", 0)),
             cached=cached,
         )
+
+
+@contextlib.contextmanager
+def _recording_commit(commit: str) -> Iterator[None]:
+    """A SourceError raised once ``commit`` is known carries it (``detail['commit']``):
+    a refusal after the fetch still says which commit was refused."""
+    try:
+        yield
+    except SourceError as exc:
+        exc.detail.setdefault("commit", commit)
+        raise
 
 
 # ---------------------------------------------------------------------------- cache helpers
@@ -879,14 +892,15 @@ def _worker_fetch(job: Mapping[str, Any]) -> dict[str, Any]:
         )
     commit = str(commit_obj.id)
 
-    files, links = _scan_tree(repo, commit_obj.tree, max_files, max_bytes)
-    repo.checkout_tree(commit_obj.tree, strategy=CheckoutStrategy.FORCE)  # type: ignore[no-untyped-call]
-    repo.set_head(commit_obj.id)
-    for name in list(repo.references):  # only the detached HEAD stays
-        repo.references.delete(name)
-    _check_symlinks(repo, commit_obj.tree, str(checkout), links)
-    if not repo.head_is_detached or str(repo.head.target) != commit:
-        raise SourceError(f"checked-out HEAD is not {commit}", reason=FAILED)
+    with _recording_commit(commit):
+        files, links = _scan_tree(repo, commit_obj.tree, max_files, max_bytes)
+        repo.checkout_tree(commit_obj.tree, strategy=CheckoutStrategy.FORCE)  # type: ignore[no-untyped-call]
+        repo.set_head(commit_obj.id)
+        for name in list(repo.references):  # only the detached HEAD stays
+            repo.references.delete(name)
+        _check_symlinks(repo, commit_obj.tree, str(checkout), links)
+        if not repo.head_is_detached or str(repo.head.target) != commit:
+            raise SourceError(f"checked-out HEAD is not {commit}", reason=FAILED)
     meta = {"commit": commit, "resolved_ref": resolved_ref, "files": files}
     (checkout / ".git" / META_FILE).write_text(json.dumps(meta))
     return {**meta, "bytes_received": received, "cached": False}

@@ -352,7 +352,46 @@ def test_deploy_failures_are_deploy_failed_with_the_dockyard_reason(
             detail,
         ), body
         assert body["commit"] == commit_of(REPO, "v1")  # what was tried is still recorded
+        if detail == "build_failed":  # the cause outlives the build log cleanup removes
+            assert body["build_log_tail"] == [
+                "boom",
+                "dockyard: build_failed: build failed on request",
+            ]
+        else:
+            assert body["build_log_tail"] == []
         assert_nothing_left(client, body["id"])
+
+
+def test_the_build_log_tail_is_bounded_and_masks_secrets() -> None:
+    from dockyard.plugins.evaluation.service import (
+        BUILD_LOG_LINE_CHARS,
+        BUILD_LOG_TAIL_BYTES,
+        BUILD_LOG_TAIL_LINES,
+        build_log_tail,
+    )
+
+    lines = [f"step {i}" for i in range(5000)]
+    tail = build_log_tail(lines, [])
+    assert tail == lines[-BUILD_LOG_TAIL_LINES:]
+    long = build_log_tail(["x" * 10_000] * 100, [])
+    assert all(len(line) <= BUILD_LOG_LINE_CHARS for line in long)
+    assert sum(len(line) + 1 for line in long) <= BUILD_LOG_TAIL_BYTES
+    assert long[-1].endswith("...")
+    secret = build_log_tail(
+        [
+            "RUN curl -H 'Authorization: Bearer abc.def' http://x",
+            "OPENAI_API_KEY=sk-live-123 pip install",
+            'password: "hunter2 two"',
+            "token dy_ab12cd_SeCrEt-value in use",
+            "the env value s3cr3t-from-env leaked",
+            "ordinary line",
+        ],
+        ["s3cr3t-from-env"],
+    )
+    joined = "\n".join(secret)
+    for leaked in ("abc.def", "sk-live-123", "hunter2", "SeCrEt-value", "s3cr3t-from-env"):
+        assert leaked not in joined, secret
+    assert secret[-1] == "ordinary line" and "OPENAI_API_KEY=***" in secret[1]
 
 
 def test_bad_requests_are_400(make_client: Any) -> None:

@@ -326,8 +326,14 @@ async def test_missing_paths(
     world: World, cache: Path, subdir: str, dockerfile: str | None, reason: str
 ) -> None:
     repo = world.url("http", "app")
-    await refused(make_source(cache), reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    source = make_source(cache)
+    err = await refused(source, reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    assert err.detail["commit"] == world.main  # refused after the fetch: the commit is known
     assert_nothing_left(cache)  # checked before the checkout is published
+    # The same refusal of a cached checkout says its commit too.
+    await source.fetch(SourceRequest(repo=repo, subdir="", dockerfile=None))
+    err = await refused(source, reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    assert err.detail["commit"] == world.main
 
 
 @pytest.mark.parametrize(
@@ -365,6 +371,7 @@ async def test_escaping_symlinks_refuse_the_repository(
 ) -> None:
     err = await refused(make_source(cache), "path_escapes_repo", repo=world.url("git", name))
     assert "symlink" in err.message
+    assert len(err.detail["commit"]) == 40  # the commit that was refused
     assert_nothing_left(cache)
 
 

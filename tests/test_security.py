@@ -131,6 +131,15 @@ def test_rate_limits_trigger_and_recover(fake_client_factory: Any) -> None:
         assert client.get("/v1/status").status_code == 200
 
 
+def test_the_per_ip_limit_honours_its_window(fake_client_factory: Any) -> None:
+    """``rate_limit_window`` applies to the per-IP budget too (it was always a minute)."""
+    with fake_client_factory(rate_limit_per_ip=3, rate_limit_window="second") as client:
+        codes = [client.get("/v1/status").status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        time.sleep(1.2)
+        assert client.get("/v1/status").status_code == 200
+
+
 def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
     import ipaddress
 

@@ -134,9 +134,14 @@ def test_rate_limits_trigger_and_recover(fake_client_factory: Any) -> None:
 def test_the_per_ip_limit_honours_its_window(fake_client_factory: Any) -> None:
     """``rate_limit_window`` applies to the per-IP budget too (it was always a minute)."""
     with fake_client_factory(rate_limit_per_ip=3, rate_limit_window="second") as client:
-        codes = [client.get("/v1/status").status_code for _ in range(4)]
+        for _ in range(3):  # a loaded host may spread four requests over a second: again
+            time.sleep(1.2)
+            started = time.monotonic()
+            codes = [client.get("/v1/status").status_code for _ in range(4)]
+            if time.monotonic() - started < 0.8:
+                break
         assert codes == [200, 200, 200, 429]
-        time.sleep(1.2)
+        time.sleep(1.2)  # a minute-long window would still refuse this one
         assert client.get("/v1/status").status_code == 200
 
 

@@ -74,7 +74,8 @@ BUILD_LOG_LINE_CHARS = 400
 BUILD_LOG_TAIL_BYTES = 8 * 1024
 #: ``name=value`` / ``name: value`` where the name says secret, and dockyard's own tokens.
 _SECRET_ASSIGNMENT = re.compile(
-    r"((?<![A-Za-z0-9_.-])(?:[A-Za-z0-9_.-]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_.-]*)"
+    r"((?<![A-Za-z0-9_.-])"  # a whole name (bounds the backtracking on long words)
+    r"[A-Za-z0-9_.-]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_.-]*"
     r"[\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)",
     re.I,
 )

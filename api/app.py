@@ -8,11 +8,12 @@ Handlers reach the services through dependency injection (``services: Services``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -35,6 +36,7 @@ from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
+from dockyard.core.errors import ValidationError
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation import PLUGIN_NAME as EVALUATION_PLUGIN
@@ -44,6 +46,41 @@ log = logging.getLogger(__name__)
 
 #: Request bodies above this many bytes get 413.
 MAX_BODY_BYTES = 1024 * 1024
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+async def refuse_duplicate_keys(request: Request[Any, Any, Any]) -> None:
+    """A JSON body that names a key twice is a 400 naming the key: decoders keep the last
+    value silently, so what was validated and logged could differ from what was meant.
+    Bodies that are not JSON are left to the handler's own decoding (and its errors)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    body = await request.body()  # cached: the handler decodes the same bytes
+    if not body.strip():
+        return
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as duplicate:
+        raise ValidationError(
+            f"{duplicate.key}: this key appears more than once in the JSON body",
+            field=duplicate.key,
+        ) from None
+    except (ValueError, RecursionError):
+        return
 
 
 def _services(state: State) -> Services:
@@ -117,6 +154,7 @@ def create_app(
         },
         lifespan=[lifespan, event_hub_lifespan],
         logging_config=LOGGING_CONFIG,
+        before_request=refuse_duplicate_keys,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(

@@ -295,12 +295,13 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
 
 
 def rate_limits(settings: Settings) -> list[Any]:
-    """Litestar's sliding-window limiter, once per client address and once per token."""
+    """Litestar's sliding-window limiter per client address, over ``rate_limit_window``
+    (the per-token one is :func:`token_rate_limits`)."""
     out = []
     if settings.rate_limit_per_ip > 0:
         out.append(
             RateLimitConfig(
-                rate_limit=("minute", settings.rate_limit_per_ip),
+                rate_limit=(settings.rate_limit_window, settings.rate_limit_per_ip),
                 identifier_for_request=real_client,
                 store="rate_limit_ip",
             ).middleware

@@ -64,7 +64,7 @@ def local_nft(nft: str = "nft", timeout_s: float = 20.0) -> NftRunner:
     def run(args: Sequence[str], stdin: str | None) -> tuple[int, str, str]:
         binary = shutil.which(nft)
         if binary is None:
-            return 127, "", f"{nft}: not found (apt-get install nftables)"
+            return 127, "", f"{nft}: not found (install nftables: contrib/ci/setup-podman.sh)"
         proc = subprocess.run(
             [binary, *args], input=stdin, capture_output=True, text=True, timeout=timeout_s
         )

@@ -47,8 +47,10 @@ class Settings(Model):
     store: str = "sqlite"
     router: str = "none"
     strategy: str = "bluegreen"
-    port_range_start: Annotated[int, Meta(ge=1024, le=65535)] = 40000
-    port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 41000
+    # Above Linux's default ephemeral range (32768-60999), where the kernel picks the local
+    # ports of outgoing connections: a lease there can find its port taken.
+    port_range_start: Annotated[int, Meta(ge=1024, le=65535)] = 61000
+    port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 61999
     podman_socket: str | None = None
     require_limits: bool = False
     api_tokens: list[dict[str, Any]] = []
@@ -136,6 +138,48 @@ class Settings(Model):
         """Names this dockyard among others on the host: a hash of its data directory."""
         real = os.path.realpath(self.data_path)
         return hashlib.sha256(real.encode()).hexdigest()[:12]
+
+
+#: Where Linux says which local ports it picks for outgoing connections.
+IPV4_SYSCTL = Path("/proc/sys/net/ipv4")
+
+
+def _port_set(text: str) -> set[int]:
+    """``ip_local_reserved_ports`` (``8080,9000-9009``) as a set of ports."""
+    ports: set[int] = set()
+    for part in text.replace("\n", ",").split(","):
+        low, _, high = part.strip().partition("-")
+        if low.isdigit():
+            ports.update(range(int(low), int(high if high.isdigit() else low) + 1))
+    return ports
+
+
+def ephemeral_overlap(start: int, end: int, sysctl: Path = IPV4_SYSCTL) -> str | None:
+    """Why the lease range ``start``-``end`` can meet "address already in use", or None.
+
+    The kernel gives outgoing connections local ports from ``ip_local_port_range``
+    (except ``ip_local_reserved_ports``); a leased port in there may be taken by any
+    connection at the moment a container is published on it.
+    """
+    try:
+        low, high = (int(x) for x in (sysctl / "ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    overlap = range(max(start, low), min(end, high) + 1)
+    if not overlap:
+        return None
+    try:
+        reserved = _port_set((sysctl / "ip_local_reserved_ports").read_text())
+    except OSError:
+        reserved = set()
+    if all(port in reserved for port in overlap):
+        return None
+    return (
+        f"port_range {start}-{end} overlaps the kernel's ephemeral port range {low}-{high} "
+        f"(net.ipv4.ip_local_port_range): a deploy can fail with 'address already in use'; "
+        f"choose a range outside it, or reserve {overlap.start}-{overlap.stop - 1} in "
+        f"net.ipv4.ip_local_reserved_ports"
+    )
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}

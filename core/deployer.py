@@ -129,8 +129,25 @@ class SlotOps:
         return self.services.settings.data_path / "builds" / deployment_id / f"{color}.log"
 
     async def build(self, slot: Slot, spec: DeploymentSpec) -> tuple[Revision, BuiltRevision]:
-        """Fetch and build ``spec`` for a slot in BUILDING; store the revision."""
-        source = await self.fetch(spec)
+        """Fetch and build ``spec`` for a slot in BUILDING; store the revision.
+
+        A source refused after its commit was known (``dockerfile_not_found``, a symlink
+        leaving the checkout, ...) still records that commit: event ``source_refused``.
+        """
+        try:
+            source = await self.fetch(spec)
+        except SourceError as exc:
+            commit = exc.detail.get("commit")
+            if isinstance(commit, str) and commit:
+                await self.event(
+                    spec.id,
+                    "source_refused",
+                    color=slot.color,
+                    reason=exc.reason,
+                    message=exc.message,
+                    data={"commit": commit},
+                )
+            raise
         await self.event(
             spec.id,
             "source_fetched",

@@ -134,7 +134,8 @@ class SourceError(DockyardError):
     """Fetching source failed or was refused. ``reason`` is one of the stable codes:
     ``invalid_repo_url``, ``repo_unreachable``, ``ref_not_found``, ``repo_too_large``,
     ``fetch_timeout``, ``subdir_not_found``, ``path_escapes_repo``, ``dockerfile_not_found``,
-    and ``source_error`` for an unexpected failure (a crashed fetch worker)."""
+    and ``source_error`` for an unexpected failure (a crashed fetch worker). A refusal once
+    the commit is known (after the fetch) carries it in ``detail['commit']``."""
 
     reason = "source_error"
     status_code = 422

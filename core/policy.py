@@ -3,9 +3,11 @@
 A deployment's ``resources`` and ``max_lifetime_s`` can only LOWER the operator's caps
 (``Settings.max_memory_mb``, ``max_cpus``, ``max_pids``, ``max_tmpfs_mb``,
 ``max_container_lifetime_s``): a request above a cap is refused by :func:`check_spec` (called
-from ``Controller._admit``) with an error naming the field; a value left at its default that
-is above a cap is lowered to the cap by :func:`effective_limits` (a default is
-indistinguishable from an explicit request of the same value, so both are lowered).
+from ``Controller._admit``, before anything is fetched) with an error naming the field, and
+so is ``build_network`` unless the operator sets ``allow_build_network``; a value left at
+its default that is above a cap is lowered to the cap by :func:`effective_limits` (a
+default is indistinguishable from an explicit request of the same value, so both are
+lowered).
 
 The network policy is the operator's alone: agents reach nothing but their own answers
 (egress ``none``), or, when ``Settings.agent_gateway`` is set, that one upstream too
@@ -44,7 +46,8 @@ def check_spec(spec: DeploymentSpec, settings: Settings) -> None:
     """Refuse a spec that asks for more than the operator allows.
 
     :raises ValidationError: ``resources.<field>: <value> exceeds the operator's cap of
-        <cap>`` or ``max_lifetime_s: ...``.
+        <cap>``, ``max_lifetime_s: ...``, or ``build_network: ...`` when the operator does
+        not set ``allow_build_network``.
     """
     for name, cap in _caps(settings).items():
         value = getattr(spec.resources, name)
@@ -58,6 +61,12 @@ def check_spec(spec: DeploymentSpec, settings: Settings) -> None:
         raise ValidationError(
             f"logs_tmpfs_mb: {logs_mb} exceeds the operator's cap of {settings.max_tmpfs_mb}",
             field="logs_tmpfs_mb",
+        )
+    if spec.build_network and not settings.allow_build_network:
+        raise ValidationError(
+            "build_network: the operator does not allow network access during builds "
+            "(allow_build_network)",
+            field="build_network",
         )
     cap_s = settings.max_container_lifetime_s
     if spec.max_lifetime_s is not None and cap_s is not None and spec.max_lifetime_s > cap_s:

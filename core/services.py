@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dockyard.core.builds import Builder
-from dockyard.core.config import Settings
+from dockyard.core.config import Settings, ephemeral_overlap
 from dockyard.core.errors import DockyardError, LimitsNotEnforceable
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
 from dockyard.core.router import Router
@@ -100,6 +100,10 @@ class Services:
         :raises DockyardError: an unreachable runtime, a store that cannot open, or limits
             that cannot be enforced while ``require_limits`` is set.
         """
+        settings = self.settings
+        overlap = ephemeral_overlap(settings.port_range_start, settings.port_range_end)
+        if overlap:
+            log.warning("%s", overlap)
         try:
             await self.store.open()
             self._opened.append(self.store)

@@ -17,7 +17,10 @@ What it enforces (see ``docs/SECURITY.md``, "Fetching"):
   ignored.
 - **Refs**: resolved against the remote every time (branch first, then tag; annotated tags
   peeled; ``None`` is the remote's default branch). A 40-hex commit is fetched directly by
-  SHA. An abbreviated SHA is refused (``ref_not_found``: a full commit is required).
+  SHA. An abbreviated SHA (4 to 39 hex digits, both digits and letters) is refused before
+  anything is fetched (``invalid_repo_url``: a full commit is required); a hex-looking name
+  of digits only or letters only (``20240101``, ``deadbeef``) is looked up as a branch or
+  tag, and ends ``ref_not_found`` when the remote has none.
 - **Fetch**: shallow (depth 1) of exactly that commit, no tags, no submodules (gitlinks are
   left as empty directories, nothing is contacted), no hooks and no filters beyond libgit2's
   built-in ones (libgit2 cannot run external programs: no LFS smudge, no filter drivers).
@@ -53,7 +56,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -92,6 +95,8 @@ _LOOPBACK = re.compile(r"127\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HEX40 = re.compile(r"[0-9a-fA-F]{40}")
 _SHORT_HEX = re.compile(r"[0-9a-fA-F]{4,39}")
+#: An abbreviated commit as people write them: hex with both digits and letters.
+_ABBREVIATED = re.compile(r"(?=[0-9a-fA-F]*[0-9])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{4,39}")
 _REF_CHARS = re.compile(r"[A-Za-z0-9._/+-]{1,255}")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _SCP_LIKE = re.compile(r"[^/:@]+@[^/:]+:")
@@ -128,7 +133,8 @@ def validate_ref(ref: str, *, reason: str = REF_NOT_FOUND) -> str:
 
     Accepts ``main``, ``feature/x``, ``v1.2``, ``refs/heads/main``, ``refs/tags/v1`` and
     full SHAs: the rules of ``git check-ref-format`` on the character set
-    ``[A-Za-z0-9._/+-]``.
+    ``[A-Za-z0-9._/+-]``. An abbreviated commit (``3f9c2a1``) is refused with
+    ``invalid_repo_url`` whatever ``reason`` says: nothing is fetched to find out.
     """
     why = None
     if not isinstance(ref, str) or not _REF_CHARS.fullmatch(ref):
@@ -141,6 +147,13 @@ def validate_ref(ref: str, *, reason: str = REF_NOT_FOUND) -> str:
         why = "no component may start with '.' or end with '.lock'"
     if why is not None:
         raise SourceError(f"invalid ref {ref!r}: {why}", reason=reason, ref=str(ref)[:300])
+    if _ABBREVIATED.fullmatch(ref):
+        raise SourceError(
+            f"ref {ref!r} looks like an abbreviated commit; give the full 40-hex commit "
+            "(or a branch or tag name)",
+            reason=INVALID_URL,
+            ref=ref,
+        )
     return ref.lower() if _HEX40.fullmatch(ref) else ref
 
 
@@ -505,9 +518,10 @@ class GitSource(Source):
                     return await self._result(parsed, request, ref, meta, final, True)
                 raise SourceError(f"cached checkout of {commit} vanished", reason=FAILED)
             # Paths are checked before publishing: a refused request leaves nothing behind.
-            await asyncio.to_thread(
-                resolve_paths, str(tmp / "checkout"), request.subdir, request.dockerfile
-            )
+            with _recording_commit(commit):
+                await asyncio.to_thread(
+                    resolve_paths, str(tmp / "checkout"), request.subdir, request.dockerfile
+                )
             await asyncio.to_thread(_publish, tmp / "checkout", final, commit)
             return await self._result(parsed, request, ref, outcome, final, False)
         finally:
@@ -522,9 +536,10 @@ class GitSource(Source):
         checkout: Path,
         cached: bool,
     ) -> FetchedSource:
-        context, dockerfile = await asyncio.to_thread(
-            resolve_paths, str(checkout), request.subdir, request.dockerfile
-        )
+        with _recording_commit(meta["commit"]):
+            context, dockerfile = await asyncio.to_thread(
+                resolve_paths, str(checkout), request.subdir, request.dockerfile
+            )
         return FetchedSource(
             repo=parsed.normalized,
             ref=ref,
@@ -537,6 +552,17 @@ class GitSource(Source):
             files=int(meta.get("files", 0)),
             cached=cached,
         )
+
+
+@contextlib.contextmanager
+def _recording_commit(commit: str) -> Iterator[None]:
+    """A SourceError raised once ``commit`` is known carries it (``detail['commit']``):
+    a refusal after the fetch still says which commit was refused."""
+    try:
+        yield
+    except SourceError as exc:
+        exc.detail.setdefault("commit", commit)
+        raise
 
 
 # ---------------------------------------------------------------------------- cache helpers
@@ -866,14 +892,15 @@ def _worker_fetch(job: Mapping[str, Any]) -> dict[str, Any]:
         )
     commit = str(commit_obj.id)
 
-    files, links = _scan_tree(repo, commit_obj.tree, max_files, max_bytes)
-    repo.checkout_tree(commit_obj.tree, strategy=CheckoutStrategy.FORCE)  # type: ignore[no-untyped-call]
-    repo.set_head(commit_obj.id)
-    for name in list(repo.references):  # only the detached HEAD stays
-        repo.references.delete(name)
-    _check_symlinks(repo, commit_obj.tree, str(checkout), links)
-    if not repo.head_is_detached or str(repo.head.target) != commit:
-        raise SourceError(f"checked-out HEAD is not {commit}", reason=FAILED)
+    with _recording_commit(commit):
+        files, links = _scan_tree(repo, commit_obj.tree, max_files, max_bytes)
+        repo.checkout_tree(commit_obj.tree, strategy=CheckoutStrategy.FORCE)  # type: ignore[no-untyped-call]
+        repo.set_head(commit_obj.id)
+        for name in list(repo.references):  # only the detached HEAD stays
+            repo.references.delete(name)
+        _check_symlinks(repo, commit_obj.tree, str(checkout), links)
+        if not repo.head_is_detached or str(repo.head.target) != commit:
+            raise SourceError(f"checked-out HEAD is not {commit}", reason=FAILED)
     meta = {"commit": commit, "resolved_ref": resolved_ref, "files": files}
     (checkout / ".git" / META_FILE).write_text(json.dumps(meta))
     return {**meta, "bytes_received": received, "cached": False}

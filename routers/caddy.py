@@ -420,6 +420,7 @@ class CaddyRouter(Router):
                 log_path=self.home / "caddy.log",
                 pid_path=self.home / "caddy.pid",
                 env=env,
+                listens=[self.opts.listen, self.admin],
             )
         await self.process.start(self._answers)
 

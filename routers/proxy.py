@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,6 +69,47 @@ def loopback_url(listen: str) -> str:
     return f"http://{host}:{port}" if port else f"http://{host}"
 
 
+def tcp_address(listen: str) -> tuple[str, int] | None:
+    """``host:port``, ``:port``, ``[v6]:port`` or ``http://host:port`` as (host, port) to
+    bind; None for a unix socket or an address without a port."""
+    text = listen.split("://", 1)[-1].split("/", 1)[0]
+    if listen.startswith("unix") or ":" not in text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def refuse_busy_ports(name: str, listens: Sequence[str]) -> None:
+    """Refuse to start proxy ``name`` on an address another process holds.
+
+    Caddy and Traefik bind with ``SO_REUSEPORT``: started on a port another process holds
+    with that option (another Caddy, say), they share it silently and the kernel hands them
+    only part of the connections. A plain bind (no ``SO_REUSEPORT``) fails on a port anyone
+    listens on, whatever options they used.
+
+    :raises RouterError: naming the address and what to do.
+    """
+    for listen in listens:
+        address = tcp_address(listen)
+        if address is None:
+            continue
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue  # the proxy reports what else is wrong with the address
+                raise RouterError(
+                    f"{name} cannot listen on {listen}: another process already uses that "
+                    f"port (a proxy started there would silently share it); stop it or set "
+                    f"another address in [plugins.{name}]"
+                ) from None
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``path`` so a reader sees the old file or the new one, never a part: a
     temporary file in the same directory (a name that watchers ignore), fsync, rename,
@@ -121,7 +164,8 @@ class ProxyProcess:
     """A proxy dockyard runs itself: started, watched and stopped by its router.
 
     Its output goes to ``log_path``; its pid to ``pid_path``, so a proxy left behind by a
-    dockyard that died is stopped before a new one takes its ports.
+    dockyard that died is stopped before a new one takes its ports. Any other process on
+    one of ``listens`` (TCP addresses) makes :meth:`start` fail instead of sharing it.
     """
 
     def __init__(
@@ -132,9 +176,11 @@ class ProxyProcess:
         log_path: Path,
         pid_path: Path,
         env: Mapping[str, str] | None = None,
+        listens: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.listens = list(listens)
         self.log_path = log_path
         self.pid_path = pid_path
         self.env = dict(env) if env is not None else None
@@ -152,9 +198,11 @@ class ProxyProcess:
     async def start(self, ready: Callable[[], Awaitable[bool]], *, timeout_s: float = 20) -> None:
         """Start the proxy and wait until ``ready()`` is true.
 
-        :raises RouterError: it exited or did not get ready in time (with its log's tail).
+        :raises RouterError: one of its ``listens`` addresses is taken by another process;
+            it exited or did not get ready in time (with its log's tail).
         """
         self._stop_leftover()
+        refuse_busy_ports(self.name, self.listens)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = await asyncio.create_subprocess_exec(

@@ -103,7 +103,11 @@ class TraefikRouter(Router):
             "--log.noColor=true",
         ]
         self.process = ProxyProcess(
-            "traefik", argv, log_path=self.home / "traefik.log", pid_path=self.home / "traefik.pid"
+            "traefik",
+            argv,
+            log_path=self.home / "traefik.log",
+            pid_path=self.home / "traefik.pid",
+            listens=[o.listen, o.api_listen],
         )
         try:
             await self.process.start(self._pings)

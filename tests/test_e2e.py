@@ -364,10 +364,7 @@ def test_image_mode_serves_the_mounted_source(
 
 @pytest.mark.parametrize(
     ("name", "ref", "reason"),
-    [
-        ("missing-ref", "no-such-branch", "ref_not_found"),
-        ("short-sha", "abc1234", "ref_not_found"),
-    ],
+    [("missing-ref", "no-such-branch", "ref_not_found")],
 )
 def test_refused_sources_end_failed_with_their_reason(
     client: TestClient[Any], engine: Engine, git_server: Any, name: str, ref: str, reason: str
@@ -384,6 +381,24 @@ def test_refused_sources_end_failed_with_their_reason(
     assert (blue["state"], blue["reason"]) == ("FAILED", reason), body
     assert _containers(engine, name) == []
     assert client.delete(f"/v1/repos/{name}").status_code == 200
+
+
+def test_a_short_sha_is_refused_at_admission(
+    client: TestClient[Any], engine: Engine, git_server: Any
+) -> None:
+    """As the README says: no fetch, no deployment, a 422 naming the ref."""
+    daemon, builder = git_server
+    repo = builder.new("short-sha")
+    _agent(repo, "x")
+    r = client.post(
+        "/v1/repos?wait=true",
+        json={"id": "short-sha", "repo": f"{daemon.url}/short-sha.git", "ref": "abc1234"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["reason"] == "invalid_repo_url"
+    assert "abc1234" in r.json()["message"] and "40-hex" in r.json()["message"]
+    assert client.get("/v1/repos/short-sha").status_code == 404
+    assert _containers(engine, "short-sha") == []
 
 
 def test_builds_without_network_and_with_a_timeout_leave_nothing(

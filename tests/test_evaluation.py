@@ -130,7 +130,7 @@ class AgentRuntime(FakeRuntime):
 @pytest.fixture
 def make_client(tmp_path: Path) -> Any:
     @contextlib.contextmanager
-    def make(**settings: Any) -> Iterator[TestClient[Any]]:
+    def make(sources: dict[str, Any] | None = None, **settings: Any) -> Iterator[TestClient[Any]]:
         values = {**TEST_SETTINGS, "port_range_start": 48400, "port_range_end": 48440}
         values.update(settings)
         cfg = Settings(data_dir=str(tmp_path / "data"), **values)
@@ -138,7 +138,7 @@ def make_client(tmp_path: Path) -> Any:
             cfg,
             build_plugin_manager(load_entry_points=False),
             runtime=AgentRuntime(),
-            sources={"fake": FakeSource(tmp_path / "src")},
+            sources=sources or {"fake": FakeSource(tmp_path / "src")},
         )
         with TestClient(create_app(cfg, services=services)) as client:
             client.headers.update(AUTH)
@@ -315,6 +315,27 @@ def test_refused_sources_get_their_zero_score_reason(
         assert_nothing_left(client, body["id"])
 
 
+def test_a_short_sha_ends_at_admission_without_a_fetch(make_client: Any, tmp_path: Path) -> None:
+    """The git source refuses an abbreviated commit before the evaluation is queued: the
+    202 already carries the final state (its repository does not even answer)."""
+    from dockyard.plugins.git_source import GitSource
+    from tests.gitserver import StallServer
+
+    with StallServer() as closed:
+        port = closed.port
+    git = GitSource(tmp_path / "git", insecure=True)
+    with make_client(sources={"git": git}) as client:
+        url = f"git://127.0.0.1:{port}/acme/agent.git"
+        body = evaluate(client, {"github_url": url, "ref": "3f9c2a1"})
+        assert (body["state"], body["reason"]) == ("failed", "invalid_github_url"), body
+        assert body["detail_reason"] == "invalid_repo_url"
+        assert "abbreviated commit" in body["message"]
+        assert body["queue_position"] is None and body["cleaned_up"] is True
+        assert body["commit"] is None
+        assert_nothing_left(client, body["id"])
+    assert not (tmp_path / "git").exists() or not any((tmp_path / "git").rglob("*"))
+
+
 def test_a_missing_ref_is_refused_when_required(make_client: Any) -> None:
     with make_client() as client:
         body = evaluate(client, {"ref": None}, require_ref=True)
@@ -337,7 +358,46 @@ def test_deploy_failures_are_deploy_failed_with_the_dockyard_reason(
             detail,
         ), body
         assert body["commit"] == commit_of(REPO, "v1")  # what was tried is still recorded
+        if detail == "build_failed":  # the cause outlives the build log cleanup removes
+            assert body["build_log_tail"] == [
+                "boom",
+                "dockyard: build_failed: build failed on request",
+            ]
+        else:
+            assert body["build_log_tail"] == []
         assert_nothing_left(client, body["id"])
+
+
+def test_the_build_log_tail_is_bounded_and_masks_secrets() -> None:
+    from dockyard.plugins.evaluation.service import (
+        BUILD_LOG_LINE_CHARS,
+        BUILD_LOG_TAIL_BYTES,
+        BUILD_LOG_TAIL_LINES,
+        build_log_tail,
+    )
+
+    lines = [f"step {i}" for i in range(5000)]
+    tail = build_log_tail(lines, [])
+    assert tail == lines[-BUILD_LOG_TAIL_LINES:]
+    long = build_log_tail(["x" * 10_000] * 100, [])
+    assert all(len(line) <= BUILD_LOG_LINE_CHARS for line in long)
+    assert sum(len(line) + 1 for line in long) <= BUILD_LOG_TAIL_BYTES
+    assert long[-1].endswith("...")
+    secret = build_log_tail(
+        [
+            "RUN curl -H 'Authorization: Bearer abc.def' http://x",
+            "OPENAI_API_KEY=sk-live-123 pip install",
+            'password: "hunter2 two"',
+            "token dy_ab12cd_SeCrEt-value in use",
+            "the env value s3cr3t-from-env leaked",
+            "ordinary line",
+        ],
+        ["s3cr3t-from-env"],
+    )
+    joined = "\n".join(secret)
+    for leaked in ("abc.def", "sk-live-123", "hunter2", "SeCrEt-value", "s3cr3t-from-env"):
+        assert leaked not in joined, secret
+    assert secret[-1] == "ordinary line" and "OPENAI_API_KEY=***" in secret[1]
 
 
 def test_bad_requests_are_400(make_client: Any) -> None:

@@ -268,6 +268,45 @@ async def test_slow_crashing_and_missing_agents_get_their_reasons(dockyard: Dock
         await dockyard.assert_nothing_left(slow, crash, missing)
 
 
+async def test_a_failed_build_keeps_its_cause_and_a_refused_source_its_commit(
+    dockyard: Dockyard,
+) -> None:
+    """Issue 11: the build log goes with cleanup, so the evaluation keeps its tail; a
+    Dockerfile missing from the fetched commit still records that commit."""
+    broken = dockyard.repos.new("broken-build")
+    broken.write("busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
+    broken.write(
+        "Dockerfile",
+        "FROM scratch\nCOPY busybox /bin/busybox\n"
+        'RUN ["/bin/busybox", "sh", "-c", "echo compiler said: missing semicolon; exit 3"]\n',
+    )
+    broken_commit = broken.commit("a build that fails")
+    bare = dockyard.repos.new("no-dockerfile")
+    bare.write("README", "no Dockerfile here\n")
+    bare_commit = bare.commit("nothing to build")
+    async with validator(dockyard) as vi:
+        failed = await vi.evaluate_miner_from_github(
+            f"{dockyard.git.url}/broken-build.git", "main", "p", "http://site.test/"
+        )
+        assert (failed.state, failed.reason, failed.detail_reason) == (
+            "failed",
+            "deploy_failed",
+            "build_failed",
+        ), failed
+        assert failed.commit == broken_commit
+        assert any("compiler said: missing semicolon" in line for line in failed.build_log_tail)
+        assert failed.build_log_tail[-1].startswith("dockyard: build_failed: ")
+        assert len(failed.build_log_tail) <= 40
+
+        missing = await vi.evaluate_miner_from_github(
+            f"{dockyard.git.url}/no-dockerfile.git", "main", "p", "http://site.test/"
+        )
+        assert (missing.state, missing.detail_reason) == ("failed", "dockerfile_not_found")
+        assert missing.commit == bare_commit, missing
+        assert missing.build_log_tail == []
+        await dockyard.assert_nothing_left(failed, missing)
+
+
 async def test_a_batch_of_five_with_concurrency_two(dockyard: Dockyard) -> None:
     kinds: dict[str, dict[str, Any]] = {
         "batch-a": {},

@@ -220,7 +220,11 @@ async def test_missing_refs_are_refused(world: World, cache: Path, transport: st
     url = world.url(transport, "app")
     err = await refused(source, "ref_not_found", repo=url, ref="no-such-branch")
     assert "no-such-branch" in err.message
-    err = await refused(source, "ref_not_found", repo=url, ref=world.main[:7])
+    short = world.main[:7]
+    mixed = any(c.isdigit() for c in short) and any(c.isalpha() for c in short)
+    err = await refused(
+        source, "invalid_repo_url" if mixed else "ref_not_found", repo=url, ref=short
+    )
     assert "40-hex" in err.message
     err = await refused(source, "ref_not_found", repo=url, ref=world.unreachable)
     assert world.unreachable in err.message
@@ -228,6 +232,37 @@ async def test_missing_refs_are_refused(world: World, cache: Path, transport: st
     await refused(source, "ref_not_found", repo=url, ref="bad..ref")
     await refused(source, "ref_not_found", repo=world.url(transport, "empty"))
     assert_nothing_left(cache)
+
+
+@pytest.mark.parametrize("ref", ["3f9c2a1", "ABC1234", "3f9c2a1b7d4e", "0a1b" + "2" * 35])
+async def test_abbreviated_commits_are_refused_before_any_fetch(cache: Path, ref: str) -> None:
+    """The README's promise: a short SHA is refused at admission, nothing fetched (the
+    repository here does not even answer: a fetch would end ``repo_unreachable``)."""
+    source = make_source(cache)
+    with StallServer() as closed:
+        port = closed.port
+    url = f"git://127.0.0.1:{port}/acme/agent.git"
+    with pytest.raises(SourceError) as info:
+        source.validate(url, ref)
+    assert info.value.reason == "invalid_repo_url"
+    assert "abbreviated commit" in info.value.message and "40-hex" in info.value.message
+    err = await refused(source, "invalid_repo_url", repo=url, ref=ref)
+    assert err.detail == {"ref": ref}
+    with pytest.raises(SourceError) as info:
+        source.validate(f"https://github.com/acme/agent/tree/{ref}", None)
+    assert info.value.reason == "invalid_repo_url"
+    assert_nothing_left(cache)
+
+
+@pytest.mark.parametrize("ref", ["deadbeef", "20240101", "cafe", "v1.2", "a" * 40])
+async def test_hex_looking_names_are_still_looked_up(cache: Path, ref: str) -> None:
+    """Digits only or letters only is a plausible branch or tag name: it is looked up on
+    the remote (which does not answer here)."""
+    source = make_source(cache)
+    source.validate("https://github.com/acme/agent", ref)
+    with StallServer() as closed:
+        port = closed.port
+    await refused(source, "repo_unreachable", repo=f"git://127.0.0.1:{port}/a.git", ref=ref)
 
 
 @TRANSPORTS
@@ -291,8 +326,14 @@ async def test_missing_paths(
     world: World, cache: Path, subdir: str, dockerfile: str | None, reason: str
 ) -> None:
     repo = world.url("http", "app")
-    await refused(make_source(cache), reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    source = make_source(cache)
+    err = await refused(source, reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    assert err.detail["commit"] == world.main  # refused after the fetch: the commit is known
     assert_nothing_left(cache)  # checked before the checkout is published
+    # The same refusal of a cached checkout says its commit too.
+    await source.fetch(SourceRequest(repo=repo, subdir="", dockerfile=None))
+    err = await refused(source, reason, repo=repo, subdir=subdir, dockerfile=dockerfile)
+    assert err.detail["commit"] == world.main
 
 
 @pytest.mark.parametrize(
@@ -330,6 +371,7 @@ async def test_escaping_symlinks_refuse_the_repository(
 ) -> None:
     err = await refused(make_source(cache), "path_escapes_repo", repo=world.url("git", name))
     assert "symlink" in err.message
+    assert len(err.detail["commit"]) == 40  # the commit that was refused
     assert_nothing_left(cache)
 
 

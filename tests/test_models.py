@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from pathlib import Path
+
 import msgspec
 import pytest
 
-from dockyard.core.config import load_settings
+from dockyard.core.config import Settings, ephemeral_overlap, load_settings
 from dockyard.core.errors import ConfigError, ValidationError
 from dockyard.core.models import Color, Event, Slot, SlotState, decode_spec
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.services import Services
+from tests.fakes import FakeRuntime
 
 GOOD = {"id": "agent-1", "repo": "https://github.com/acme/agent"}
 
@@ -103,3 +110,47 @@ def test_settings_from_env_file_and_overrides(tmp_path) -> None:  # type: ignore
 def test_bad_settings_are_clear(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ=environ)
+
+
+def test_the_default_lease_range_avoids_this_hosts_ephemeral_ports() -> None:
+    """The kernel picks outgoing connections' local ports from ip_local_port_range; a
+    leased port in there can be taken when its container is published."""
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    s = Settings()
+    assert s.port_range_end < low or s.port_range_start > high, (low, high, s)
+    assert ephemeral_overlap(s.port_range_start, s.port_range_end) is None
+
+
+def test_a_lease_range_inside_the_ephemeral_range_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sysctl = tmp_path / "ipv4"
+    sysctl.mkdir()
+    (sysctl / "ip_local_port_range").write_text("32768\t60999\n")
+    (sysctl / "ip_local_reserved_ports").write_text("\n")
+    note = ephemeral_overlap(40000, 41000, sysctl)
+    assert note is not None
+    assert "port_range 40000-41000 overlaps the kernel's ephemeral port range 32768-60999" in note
+    assert "ip_local_reserved_ports" in note
+    assert ephemeral_overlap(61000, 61999, sysctl) is None
+    assert ephemeral_overlap(30000, 32767, sysctl) is None
+    (sysctl / "ip_local_reserved_ports").write_text("8080,40000-41000\n")
+    assert ephemeral_overlap(40000, 41000, sysctl) is None  # reserved: the kernel avoids them
+    assert ephemeral_overlap(40000, 41001, sysctl) is not None
+
+    # What `dockyard serve` logs on this host with a range inside its ephemeral ports.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    services = Services.build(
+        Settings(data_dir=str(tmp_path / "data"), port_range_start=low, port_range_end=low + 10),
+        build_plugin_manager(load_entry_points=False),
+        runtime=FakeRuntime(),
+        sources={},
+    )
+    with caplog.at_level(logging.WARNING, logger="dockyard.core.services"):
+        asyncio.run(_start_and_close(services))
+    assert any("overlaps the kernel's ephemeral port range" in r.message for r in caplog.records)
+
+
+async def _start_and_close(services: Services) -> None:
+    await services.start()
+    await services.close()

@@ -311,6 +311,24 @@ def test_hardening_and_caps_through_the_api(fake_client_factory: Any) -> None:
         assert client.get("/v1/repos/app").status_code == 404
 
 
+def test_build_network_is_refused_at_admission_unless_allowed(fake_client_factory: Any) -> None:
+    """Refused before the fetch (it used to fail the slot after fetching), on create and on
+    redeploy; the operator's allow_build_network lets it through."""
+    base = {"id": "app", "repo": "https://github.com/acme/agent", "ref": "v1"}
+    with fake_client_factory(port_range_start=47736, port_range_end=47739) as client:
+        source = client.app.state.services.sources["fake"]
+        r = client.post("/v1/repos", json={**base, "build_network": True})
+        assert r.status_code == 400, r.text
+        assert r.json()["message"].startswith("build_network: the operator does not allow")
+        assert source.fetches == 0
+        assert client.get("/v1/repos/app").status_code == 404
+    with fake_client_factory(
+        port_range_start=47736, port_range_end=47739, allow_build_network=True
+    ) as client:
+        r = client.post("/v1/repos", json={**base, "build_network": True})
+        assert r.status_code == 202, r.text
+
+
 # --------------------------------------------------------------------- the firewall
 class FakeNft:
     def __init__(self, fail: str = "") -> None:

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
 from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState
 from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.router import Route, Router, Upstream
+from dockyard.core.router import Route, Router, RouterError, Upstream
 from dockyard.core.services import Services
 from dockyard.routers.none import NoRouter
 from tests.fakes import FakeRuntime, FakeSource
@@ -360,6 +361,58 @@ async def test_two_writers_on_one_caddy_never_lose_a_route(tmp_path: Path) -> No
 
 
 # -- choosing a router -------------------------------------------------------------------
+def _held_port(reuse_port: bool) -> socket.socket:
+    """A loopback port another process would hold: listening, with SO_REUSEPORT when
+    ``reuse_port`` (how a second Caddy silently shared one with the first)."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuse_port:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    held.listen(8)
+    return held
+
+
+@pytest.mark.parametrize("name", ["caddy", "traefik"])
+@pytest.mark.parametrize("which", ["listen", "api_listen"])
+async def test_a_managed_proxy_refuses_a_port_another_process_holds(
+    tmp_path: Path, name: str, which: str
+) -> None:
+    require(name)
+    if name == "caddy" and which == "api_listen":
+        which = "admin"
+    with _held_port(reuse_port=True) as held:
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        settings = proxy_settings(name, tmp_path / "data", **PORTS)
+        settings.plugins[name][which] = address
+        router = build_plugin_manager(load_entry_points=False).registries.routers.get(name)(
+            settings
+        )
+        try:
+            with pytest.raises(RouterError) as info:
+                await router.open()
+            assert router.process is None or not router.process.running
+        finally:
+            await router.close()  # stops a proxy that did start (the bug this catches)
+        message = str(info.value)
+        assert f"{name} cannot listen on {address}: another process already uses" in message
+        # The holder kept its port: nothing else listens beside it.
+        held.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            held.accept()
+    pid_file = tmp_path / "data" / name / f"{name}.pid"
+    assert not pid_file.exists()
+
+
+def test_a_plain_listener_is_refused_too(tmp_path: Path) -> None:
+    from dockyard.routers.proxy import refuse_busy_ports
+
+    with _held_port(reuse_port=False) as held:
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(RouterError, match="another process already uses that port"):
+            refuse_busy_ports("caddy", [f"http://{address}"])
+    refuse_busy_ports("caddy", [address, "unix//tmp/x.sock", ":0"])  # free now: no error
+
+
 def test_router_is_chosen_by_configuration(tmp_path: Path) -> None:
     pm = build_plugin_manager(load_entry_points=False)
     assert {"none", "traefik", "caddy"} <= set(pm.registries.routers.names())

@@ -131,6 +131,48 @@ def test_rate_limits_trigger_and_recover(fake_client_factory: Any) -> None:
         assert client.get("/v1/status").status_code == 200
 
 
+def test_the_per_ip_limit_honours_its_window(fake_client_factory: Any) -> None:
+    """``rate_limit_window`` applies to the per-IP budget too (it was always a minute)."""
+    with fake_client_factory(rate_limit_per_ip=3, rate_limit_window="second") as client:
+        for _ in range(3):  # a loaded host may spread four requests over a second: again
+            time.sleep(1.2)
+            started = time.monotonic()
+            codes = [client.get("/v1/status").status_code for _ in range(4)]
+            if time.monotonic() - started < 0.8:
+                break
+        assert codes == [200, 200, 200, 429]
+        time.sleep(1.2)  # a minute-long window would still refuse this one
+        assert client.get("/v1/status").status_code == 200
+
+
+def test_duplicate_json_keys_are_a_400_naming_the_key(fake_client_factory: Any) -> None:
+    """A decoder keeps the last of two values silently; dockyard refuses the body instead,
+    on every route (the deployments API and the evaluation plugin's)."""
+    json_type = {"content-type": "application/json"}
+    with fake_client_factory() as client:
+        cases = [
+            ("/v1/repos", b'{"id": "a", "id": "b", "repo": "https://github.com/a/b"}', "id"),
+            (
+                "/v1/repos",
+                b'{"id": "a", "repo": "https://github.com/a/b", "env": {"X": "1", "X": "2"}}',
+                "X",
+            ),
+            (
+                "/v1/integration/evaluate-miner",
+                b'{"miner": {"github_url": "https://github.com/a/b"}, "tasks": [], "tasks": []}',
+                "tasks",
+            ),
+        ]
+        for path, body, key in cases:
+            r = client.post(path, content=body, headers=json_type)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["reason"] == "invalid_input"
+            assert r.json()["message"] == f"{key}: this key appears more than once in the JSON body"
+        assert client.get("/v1/repos/a").status_code == 404
+        ok = b'{"id": "a", "repo": "https://github.com/a/b", "env": {"X": "1", "Y": "1"}}'
+        assert client.post("/v1/repos", content=ok, headers=json_type).status_code == 202
+
+
 def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
     import ipaddress
 

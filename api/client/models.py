@@ -98,6 +98,7 @@ class Evaluation(View):
     mode: str = "relay"
     commit: str | None = None
     resolved_ref: str | None = None
+    build_log_tail: list[str] = []
     image: str | None = None
     image_reused: bool | None = None
     image_kept: bool | None = None

@@ -3,8 +3,11 @@
 #
 # Run as root. Idempotent: every step checks before it changes anything, so running it
 # again is cheap and harmless. It
-#   1. installs podman, runc, uidmap, slirp4netns, fuse-overlayfs, catatonit and
-#      busybox-static (apt is skipped when they are all installed already);
+#   1. installs podman, runc, uidmap, slirp4netns, fuse-overlayfs, catatonit, busybox-static
+#      and nftables (the agent firewall, backends/firewall.py), plus what only the tests
+#      run: git (their git servers), iproute2 and mount (apt is skipped when they are all
+#      installed already; tests/test_host_packages.py fails when the code runs an
+#      executable no setup script installs);
 #   2. configures the engine for hosts where crun and systemd are unusable (runc, the
 #      cgroupfs manager, file events, ulimits below the host's hard limits);
 #   3. opens /dev/net/tun to everyone, which slirp4netns needs for rootless networking;
@@ -23,6 +26,7 @@ case "${1:-}" in
     *) echo "usage: $0 [--host-only]" >&2; exit 2 ;;
 esac
 PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static nftables)
+TEST_PACKAGES=(git iproute2 mount)  # tests only: git daemon/http-backend, ip netns, umount
 MARKER="# managed by dockyard contrib/ci/setup-podman.sh"
 
 log() { printf 'setup-podman: %s\n' "$*"; }
@@ -33,6 +37,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # ------------------------------------------------------------------ 1. packages
+if [[ $HOST_ONLY == 0 ]]; then
+    PACKAGES+=("${TEST_PACKAGES[@]}")
+fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -96,6 +103,9 @@ if [[ -c /dev/net/tun ]]; then
 else
     log "warning: /dev/net/tun is missing; rootless containers will have no network"
 fi
+
+# Every agent container start applies the nftables rules first; without nft none starts.
+command -v nft >/dev/null || { echo "setup-podman: nft is missing (nftables)" >&2; exit 1; }
 
 if [[ $HOST_ONLY == 1 ]]; then
     podman info --format '{{.Host.OCIRuntime.Name}}' >/dev/null

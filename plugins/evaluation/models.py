@@ -209,6 +209,8 @@ class Evaluation(Model, kw_only=True):
     progress: Progress = msgspec.field(default_factory=Progress)
     commit: str | None = None
     resolved_ref: str | None = None
+    #: A failed build's last log lines (bounded, secrets masked); the log goes with cleanup.
+    build_log_tail: list[str] = []
     image: str | None = None
     image_reused: bool | None = None
     image_kept: bool | None = None

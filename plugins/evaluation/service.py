@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +29,7 @@ import msgspec
 from dockyard.core.controller import Controller
 from dockyard.core.errors import Conflict, DockyardError, NotFound, SourceError, ValidationError
 from dockyard.core.logs import bind as bind_log_ids
-from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState, now
+from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState, now
 from dockyard.core.plugins import check_spec
 from dockyard.core.runtime import LABEL_DEPLOYMENT
 from dockyard.core.store import StoredEvaluation
@@ -66,6 +68,21 @@ SOURCE_REASONS = {
 }
 #: How long a cancel waits for the evaluation's cleanup before answering.
 CANCEL_WAIT_S = 60.0
+#: Failures whose build log tail the evaluation keeps (the log itself goes with cleanup).
+BUILD_FAILURES = frozenset({"build_failed", "build_timeout", "dockerfile_refused"})
+#: Bounds of ``Evaluation.build_log_tail``: lines, characters per line, bytes in all.
+BUILD_LOG_TAIL_LINES = 40
+BUILD_LOG_LINE_CHARS = 400
+BUILD_LOG_TAIL_BYTES = 8 * 1024
+#: ``name=value`` / ``name: value`` where the name says secret, and dockyard's own tokens.
+_SECRET_ASSIGNMENT = re.compile(
+    r"((?<![A-Za-z0-9_.-])"  # a whole name (bounds the backtracking on long words)
+    r"[A-Za-z0-9_.-]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)[A-Za-z0-9_.-]*"
+    r"[\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|\S+)",
+    re.I,
+)
+_BEARER = re.compile(r"(bearer\s+)\S+", re.I)
+_DOCKYARD_TOKEN = re.compile(r"\bdy_[A-Za-z0-9]+_[A-Za-z0-9_-]+")
 
 
 class Refused(Exception):
@@ -91,6 +108,44 @@ class Run:
     cancel_reason: str | None = None
     #: Env for the agent; kept here only, never stored or shown.
     env: dict[str, str] = field(default_factory=dict)
+
+
+def build_log_tail(lines: list[str], masked_values: list[str]) -> list[str]:
+    """The last lines of a build log, bounded (:data:`BUILD_LOG_TAIL_LINES` lines of at most
+    :data:`BUILD_LOG_LINE_CHARS` characters, :data:`BUILD_LOG_TAIL_BYTES` in all) and with
+    secrets masked: the given values (the evaluation's env), values assigned to names that
+    say KEY/TOKEN/SECRET/PASSWORD/CREDENTIAL, bearer credentials, dockyard tokens."""
+    masked = sorted((v for v in masked_values if len(v) >= 4), key=len, reverse=True)
+    out: list[str] = []
+    size = 0
+    for raw in reversed(lines[-BUILD_LOG_TAIL_LINES:]):
+        line = raw.rstrip("\r\n")[: 2 * BUILD_LOG_LINE_CHARS]  # bounds the masking's work
+        for value in masked:
+            line = line.replace(value, "***")
+        line = _SECRET_ASSIGNMENT.sub(r"\1***", line)
+        line = _BEARER.sub(r"\1***", line)
+        line = _DOCKYARD_TOKEN.sub("dy_***", line)
+        if len(line) > BUILD_LOG_LINE_CHARS:
+            line = line[: BUILD_LOG_LINE_CHARS - 3] + "..."
+        size += len(line.encode()) + 1
+        if size > BUILD_LOG_TAIL_BYTES:
+            break
+        out.append(line)
+    return out[::-1]
+
+
+def _read_tail(path: Path, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last lines of a file, reading at most ``max_bytes`` (a partial first line goes)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return []
+    lines = data.decode(errors="replace").splitlines()
+    return lines[1:] if size > max_bytes else lines
 
 
 def new_id(prefix: str) -> str:
@@ -607,6 +662,7 @@ class EvaluationService:
         evaluation = run.evaluation
         with contextlib.suppress(DockyardError):
             await self._capture_provenance(evaluation)
+        self._capture_build_log(run)
         await self._remove_deployment(evaluation.deployment_id)
         evaluation.image_kept = await self._apply_image_policy(evaluation)
         evaluation.cleaned_up = True
@@ -649,15 +705,29 @@ class EvaluationService:
         return False
 
     async def _capture_provenance(self, evaluation: Evaluation) -> None:
-        """The exact commit and image from the deployment's events, while they exist."""
+        """The exact commit (fetched, or refused after the fetch) and image from the
+        deployment's events, while they exist."""
         events = await self.services.store.list_events(evaluation.deployment_id)
         for event in events:
-            if event.kind == "source_fetched":
+            if event.kind in ("source_fetched", "source_refused"):
                 evaluation.commit = event.data.get("commit") or evaluation.commit
                 evaluation.resolved_ref = event.data.get("ref") or evaluation.resolved_ref
             elif event.kind == "image_ready":
                 evaluation.image = event.data.get("image") or evaluation.image
                 evaluation.image_reused = bool(event.data.get("reused"))
+
+    def _capture_build_log(self, run: Run) -> None:
+        """Keep the tail of a failed build's log: removing the deployment removes the log."""
+        outcome = run.outcome
+        if outcome is None or outcome[3] not in BUILD_FAILURES:
+            return
+        deployment_id = run.evaluation.deployment_id
+        paths = [self.controller.ops.build_log_path(deployment_id, c) for c in Color]
+        found = [p for p in paths if p.is_file()]
+        if not found:
+            return
+        latest = max(found, key=lambda p: p.stat().st_mtime)
+        run.evaluation.build_log_tail = build_log_tail(_read_tail(latest), list(run.env.values()))
 
     # -- bookkeeping ---------------------------------------------------------------------
     @staticmethod

@@ -51,12 +51,21 @@ class SlotView(Model):
     updated_at: float
 
 
+class DrainWaitView(Model):
+    """The draining slot a running operation waits for before it deploys into it."""
+
+    color: Color
+    since: float
+    until: float
+
+
 class OperationView(Model):
     kind: str
     running: bool
     started_at: float
     finished_at: float | None
     error: dict[str, Any] | None
+    waiting_for_drain: DrainWaitView | None = None
 
 
 class DeploymentView(Model):
@@ -154,6 +163,7 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
             f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
         )
     op = controller.operation(deployment.id)
+    wait = controller.ops.waiting.get(deployment.id) if op and op.running else None
     return DeploymentView(
         id=deployment.id,
         spec=_redact(deployment.spec),
@@ -169,6 +179,9 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
             started_at=op.started_at,
             finished_at=op.finished_at,
             error=op.error,
+            waiting_for_drain=DrainWaitView(color=wait.color, since=wait.since, until=wait.until)
+            if wait
+            else None,
         )
         if op
         else None,

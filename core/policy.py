@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-from dockyard.core.errors import ConfigError, ValidationError
+from dockyard.core.errors import ConfigError, Unprocessable
 from dockyard.core.models import DeploymentSpec, Resources
 from dockyard.core.runtime import Limits
 
@@ -40,19 +40,19 @@ def _caps(settings: Settings) -> dict[str, float]:
 def check_spec(spec: DeploymentSpec, settings: Settings) -> None:
     """Refuse a spec that asks for more than the operator allows.
 
-    :raises ValidationError: ``resources.<field>: <value> exceeds the operator's cap of
-        <cap>`` or ``max_lifetime_s: ...``.
+    :raises Unprocessable: (HTTP 422) ``resources.<field>: <value> exceeds the operator's
+        cap of <cap>`` or ``max_lifetime_s: ...``.
     """
     for name, cap in _caps(settings).items():
         value = getattr(spec.resources, name)
         if value > cap and value != getattr(_DEFAULTS, name):
-            raise ValidationError(
+            raise Unprocessable(
                 f"resources.{name}: {value:g} exceeds the operator's cap of {cap:g}",
                 field=f"resources.{name}",
             )
     cap_s = settings.max_container_lifetime_s
     if spec.max_lifetime_s is not None and cap_s is not None and spec.max_lifetime_s > cap_s:
-        raise ValidationError(
+        raise Unprocessable(
             f"max_lifetime_s: {spec.max_lifetime_s:g} exceeds the operator's cap of {cap_s:g}",
             field="max_lifetime_s",
         )

@@ -17,7 +17,6 @@ One status per kind of error, on every route:
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from litestar import Litestar, Request, Response
@@ -27,7 +26,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from dockyard.core.errors import DockyardError
-from dockyard.core.models import Model
+from dockyard.core.models import REFUSED, Model
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +109,6 @@ def dockyard_error_handler(_: Request[Any, Any, Any], exc: DockyardError) -> Res
     return _json(exc.status_code, exc.to_dict())
 
 
-#: How msgspec and Litestar word a value that does not fit its type or constraints (the
-#: request does not match the schema: 400). Other messages come from a model's own checks
-#: across fields (``__post_init__``, e.g. ``image`` required when ``build_mode`` is
-#: ``image``): the request matches the schema but contradicts itself (422).
-_SCHEMA_MISMATCH = re.compile(
-    r"^(Expected |Object contains unknown field|Object missing required field|Invalid |"
-    r"JSON is malformed|Input data was truncated|Missing required|Unknown |Unsupported )"
-)
-
-
 def validation_error_handler(_: Request[Any, Any, Any], exc: ValidationException) -> Response:
     problems = exc.extra if isinstance(exc.extra, list) else []
     parts = []
@@ -129,7 +118,8 @@ def validation_error_handler(_: Request[Any, Any, Any], exc: ValidationException
             key = item.get("key")
             msg = str(item.get("message", ""))
             parts.append(f"{key}: {msg}" if key else msg)
-            contradictions = contradictions and not _SCHEMA_MISMATCH.match(msg)
+            # A model's own check (REFUSED): the request matches the schema (422).
+            contradictions = contradictions and msg.startswith(REFUSED)
         else:
             contradictions = False
     message = "; ".join(parts) or str(exc.detail)

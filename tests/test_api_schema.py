@@ -217,3 +217,14 @@ def test_options_lists_every_method_of_a_path(fake_client_factory: Any) -> None:
         assert set(r.headers["allow"].split(", ")) == {"GET", "DELETE", "OPTIONS"}
         r = client.options("/v1/tokens")
         assert set(r.headers["allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+
+
+def test_a_redeploy_that_contradicts_itself_is_422(fake_client_factory: Any) -> None:
+    with fake_client_factory(port_range_start=47720, port_range_end=47730) as client:
+        spec = {"id": "app", "repo": "https://github.com/acme/agent", "grace_period_s": 0}
+        assert client.post("/v1/repos?wait=true", json=spec).status_code == 200
+        r = client.post("/v1/repos/app/redeploy", json={"build_mode": "image"})
+        assert r.status_code == 422, r.text
+        assert "image is required" in r.json()["message"]
+        r = client.post("/v1/tokens")  # no body at all: does not match the schema
+        assert r.status_code == 400, r.text

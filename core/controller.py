@@ -74,7 +74,7 @@ class Controller:
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _operations: dict[str, Operation] = field(default_factory=dict)
     _admitting: dict[str, str] = field(default_factory=dict)  # id -> kind being admitted
-    _deleting: set[str] = field(default_factory=set)
+    _deleting: dict[str, asyncio.Event] = field(default_factory=dict)  # set once deleted
     _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
     _router_watch: asyncio.Task[None] | None = None
@@ -181,11 +181,13 @@ class Controller:
         """Cancel what runs, remove every container, route, port lease and record.
 
         From the moment a delete starts, new operations on the deployment get Conflict and
-        an operation admitted meanwhile ends before it touches anything."""
+        an operation admitted meanwhile ends before it touches anything. A second delete
+        meanwhile waits for the first, then finds nothing (NotFound)."""
         await self.get(deployment_id)
-        if deployment_id in self._deleting:
-            raise Conflict(f"deployment {deployment_id!r} is being deleted", operation="delete")
-        self._deleting.add(deployment_id)
+        while (running := self._deleting.get(deployment_id)) is not None:
+            await running.wait()
+        await self.get(deployment_id)
+        done = self._deleting[deployment_id] = asyncio.Event()
         try:
             op = self._operations.get(deployment_id)
             if op and op.running:
@@ -199,7 +201,8 @@ class Controller:
             self._operations.pop(deployment_id, None)
             self._locks.pop(deployment_id, None)
         finally:
-            self._deleting.discard(deployment_id)
+            del self._deleting[deployment_id]
+            done.set()
 
     async def wait(self, deployment_id: str, timeout_s: float) -> bool:
         """Wait (bounded) for the current operation; True when it has finished."""

@@ -246,3 +246,18 @@ async def _until(client: Served, check: Any, timeout: float = 10) -> Any:
             return body
         assert time.monotonic() < deadline, body
         await asyncio.sleep(0.02)
+
+
+async def test_concurrent_deletes_remove_once_and_refuse_new_operations(tmp_path: Path) -> None:
+    async with api(tmp_path, (47420, 47430)) as client:
+        await client.post("/v1/repos?wait=true", json=SPEC)
+        first, second, redeploy = await asyncio.gather(
+            client.delete("/v1/repos/app"),
+            client.delete("/v1/repos/app"),
+            _later(0.001, client.post("/v1/repos/app/redeploy", json={"ref": "v1"})),
+        )
+        assert sorted([first.status_code, second.status_code]) == [200, 404]
+        assert redeploy.status_code in (404, 409), redeploy.text
+        assert (await client.get("/v1/repos/app")).status_code == 404
+        assert client.app.state.services.runtime.containers == {}
+        assert await client.app.state.services.store.list_leases() == {}

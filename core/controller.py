@@ -260,6 +260,7 @@ class Controller:
         self._ensure_idle(deployment_id)
         self._admitting[deployment_id] = kind
         try:
+            new_lock = deployment_id not in self._locks
             lock = self._lock(deployment_id)
             await lock.acquire()
             handed_over = False
@@ -275,8 +276,17 @@ class Controller:
             finally:
                 if not handed_over:
                     lock.release()
+                    if new_lock and deployment_id not in self._operations:
+                        await self._forget_lock(deployment_id)
         finally:
             self._admitting.pop(deployment_id, None)
+
+    async def _forget_lock(self, deployment_id: str) -> None:
+        """Drop the lock of an id that no deployment has (a refused create): nothing else
+        can be waiting on it, and refused requests must not grow the table."""
+        with contextlib.suppress(DockyardError):
+            if await self.services.store.get_deployment(deployment_id) is None:
+                self._locks.pop(deployment_id, None)
 
     def _start(
         self,

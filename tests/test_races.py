@@ -261,3 +261,14 @@ async def test_concurrent_deletes_remove_once_and_refuse_new_operations(tmp_path
         assert (await client.get("/v1/repos/app")).status_code == 404
         assert client.app.state.services.runtime.containers == {}
         assert await client.app.state.services.store.list_leases() == {}
+
+
+async def test_refused_creates_leave_no_lock_behind(tmp_path: Path) -> None:
+    async with api(tmp_path, (47440, 47450)) as client:
+        for i in range(5):
+            body = {**SPEC, "id": f"bad-{i}", "resources": {"memory_mb": 60000}}
+            r = await client.post("/v1/repos", json=body)
+            assert r.status_code == 422, r.text
+        assert client.app.state.controller._locks == {}
+        assert (await client.post("/v1/repos?wait=true", json=SPEC)).status_code == 200
+        assert set(client.app.state.controller._locks) == {"app"}

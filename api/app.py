@@ -29,9 +29,10 @@ from dockyard.api.auth import (
     token_rate_limits,
 )
 from dockyard.api.deployments import DeploymentRoutes
-from dockyard.api.errors import EXCEPTION_HANDLERS
+from dockyard.api.errors import EXCEPTION_HANDLERS, document_errors
 from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
 from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
+from dockyard.api.schema import fix_options_allow, serve_true_schema
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
@@ -110,6 +111,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        serve_true_schema(app)
         ours = services if services is not None else Services.build(settings, pm)
         owned = not ours.started  # the caller may have opened them (the CLI does, to fail fast)
         if owned:
@@ -135,7 +137,7 @@ def create_app(
     handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes, *OBSERVE_HANDLERS]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
     tokens = TokenBook.from_settings(settings)
-    return Litestar(
+    app = Litestar(
         route_handlers=handlers,
         guards=[scope_guard],
         middleware=[
@@ -164,3 +166,6 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
     )
+    document_errors(app)
+    fix_options_allow(app)
+    return app

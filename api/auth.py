@@ -34,7 +34,7 @@ from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockyard.core.config import Settings
-from dockyard.core.errors import NotFound, ValidationError
+from dockyard.core.errors import Conflict, NotFound, ValidationError
 from dockyard.core.models import Model, now
 
 Scope_ = Literal["read", "deploy", "evaluate", "admin"]
@@ -149,7 +149,7 @@ class TokenBook:
 
     def revoke(self, token_id: str) -> TokenRecord:
         if token_id in self.configured:
-            raise ValidationError(
+            raise Conflict(
                 f"id: token {token_id} is configured by the operator; "
                 "remove it from the configuration instead"
             )

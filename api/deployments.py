@@ -8,10 +8,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from msgspec import UNSET, Meta, UnsetType
 
+from dockyard.api.errors import errors
 from dockyard.core.controller import Controller as DeploymentController
 from dockyard.core.errors import NotFound, ValidationError
 from dockyard.core.models import (
@@ -33,6 +34,15 @@ from dockyard.core.models import (
 )
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+#: A deployment id in a path: the pattern is in the schema, and checked (400 when wrong).
+DeploymentId = Annotated[
+    str,
+    PathParameter(
+        pattern=SLUG.pattern,
+        max_length=40,
+        description="the deployment's id: lower-case letters, digits and '-', 1-40 chars",
+    ),
+]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 REDACTED = "<redacted>"
 MAX_WAIT_S = 900.0
@@ -51,12 +61,21 @@ class SlotView(Model):
     updated_at: float
 
 
+class DrainWaitView(Model):
+    """The draining slot a running operation waits for before it deploys into it."""
+
+    color: Color
+    since: float
+    until: float
+
+
 class OperationView(Model):
     kind: str
     running: bool
     started_at: float
     finished_at: float | None
     error: dict[str, Any] | None
+    waiting_for_drain: DrainWaitView | None = None
 
 
 class DeploymentView(Model):
@@ -154,6 +173,7 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
             f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
         )
     op = controller.operation(deployment.id)
+    wait = controller.ops.waiting.get(deployment.id) if op and op.running else None
     return DeploymentView(
         id=deployment.id,
         spec=_redact(deployment.spec),
@@ -169,6 +189,9 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
             started_at=op.started_at,
             finished_at=op.finished_at,
             error=op.error,
+            waiting_for_drain=DrainWaitView(color=wait.color, since=wait.since, until=wait.until)
+            if wait
+            else None,
         )
         if op
         else None,
@@ -208,6 +231,7 @@ class DeploymentRoutes(Controller):
         operation_id="createDeployment",
         summary="Create and deploy a repository",
         status_code=HTTP_202_ACCEPTED,
+        responses=errors(409, 422, 503),
     )
     async def create(
         self,
@@ -221,7 +245,7 @@ class DeploymentRoutes(Controller):
 
     @get("/repos/{deployment_id:str}", operation_id="getDeployment", summary="One deployment")
     async def show(
-        self, deployment_id: FromPath[str], controller: NamedDependency[DeploymentController]
+        self, deployment_id: DeploymentId, controller: NamedDependency[DeploymentController]
     ) -> DeploymentView:
         return await render(controller, await controller.get(_check_id(deployment_id)))
 
@@ -232,7 +256,7 @@ class DeploymentRoutes(Controller):
     )
     async def events(
         self,
-        deployment_id: FromPath[str],
+        deployment_id: DeploymentId,
         controller: NamedDependency[DeploymentController],
         after: Annotated[int, QueryParameter(ge=0)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
@@ -245,11 +269,14 @@ class DeploymentRoutes(Controller):
         opt={"scope": "deploy"},
         operation_id="redeploy",
         summary="Deploy a new ref and/or arguments into the idle slot",
+        description="A slot still draining is left to finish its grace period first: the "
+        "operation waits for it (`operation.waiting_for_drain`, a `drain_wait` event).",
         status_code=HTTP_202_ACCEPTED,
+        responses=errors(409, 422, 503),
     )
     async def redeploy(
         self,
-        deployment_id: FromPath[str],
+        deployment_id: DeploymentId,
         controller: NamedDependency[DeploymentController],
         data: JSONBody[RedeployRequest | None] = None,
         wait: WaitParam = False,
@@ -268,10 +295,11 @@ class DeploymentRoutes(Controller):
         operation_id="switch",
         summary="Promote the other slot (rollback included)",
         status_code=HTTP_202_ACCEPTED,
+        responses=errors(409, 503),
     )
     async def switch(
         self,
-        deployment_id: FromPath[str],
+        deployment_id: DeploymentId,
         controller: NamedDependency[DeploymentController],
         wait: WaitParam = False,
         timeout: TimeoutParam = 300.0,
@@ -285,9 +313,10 @@ class DeploymentRoutes(Controller):
         operation_id="deleteDeployment",
         summary="Stop and remove everything a deployment owns",
         status_code=HTTP_200_OK,
+        responses=errors(409, 502, 503),
     )
     async def remove(
-        self, deployment_id: FromPath[str], controller: NamedDependency[DeploymentController]
+        self, deployment_id: DeploymentId, controller: NamedDependency[DeploymentController]
     ) -> DeletedView:
         await controller.delete(_check_id(deployment_id))
         return DeletedView(deleted=deployment_id)
@@ -296,10 +325,11 @@ class DeploymentRoutes(Controller):
         "/repos/{deployment_id:str}/logs",
         operation_id="logs",
         summary="Container logs (or the build log) of a deployment",
+        responses=errors(502, 503),
     )
     async def logs(
         self,
-        deployment_id: FromPath[str],
+        deployment_id: DeploymentId,
         controller: NamedDependency[DeploymentController],
         slot: FromQuery[Color | None] = None,
         tail: Annotated[int, QueryParameter(ge=1, le=10000)] = 200,

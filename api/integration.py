@@ -8,13 +8,15 @@ per-task results as they come.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
+from dockyard.api.errors import errors
 from dockyard.core.errors import ValidationError
 from dockyard.plugins.evaluation.models import (
     Batch,
@@ -28,10 +30,20 @@ from dockyard.plugins.evaluation.service import BATCH_PREFIX, EvaluationService
 
 SCOPE = {"scope": "evaluate"}
 MAX_ID = 64
+EVALUATION_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+#: An evaluation (or batch) id in a path: the pattern is in the schema, and checked.
+EvaluationId = Annotated[
+    str,
+    PathParameter(
+        pattern=EVALUATION_ID.pattern,
+        max_length=MAX_ID,
+        description="an evaluation id (`ev-...`) or a batch id (`batch-...`)",
+    ),
+]
 
 
 def _check_id(evaluation_id: str) -> str:
-    if not 1 <= len(evaluation_id) <= MAX_ID or not evaluation_id.replace("-", "").isalnum():
+    if not EVALUATION_ID.match(evaluation_id):
         raise ValidationError(f"id: {evaluation_id[:MAX_ID]!r} is not an evaluation id")
     return evaluation_id
 
@@ -47,6 +59,7 @@ class IntegrationRoutes(Controller):
         operation_id="evaluateMiner",
         summary="Evaluate one miner's agent from its git code",
         status_code=HTTP_202_ACCEPTED,
+        responses=errors(409, 422, 503),
         opt=SCOPE,
     )
     async def evaluate_miner(
@@ -61,6 +74,7 @@ class IntegrationRoutes(Controller):
         operation_id="evaluateMinersBatch",
         summary="Evaluate many miners, at most `concurrency` at once",
         status_code=HTTP_202_ACCEPTED,
+        responses=errors(409, 422, 503),
         opt=SCOPE,
     )
     async def evaluate_batch(
@@ -78,7 +92,7 @@ class IntegrationRoutes(Controller):
     )
     async def show(
         self,
-        evaluation_id: FromPath[str],
+        evaluation_id: EvaluationId,
         evaluations: NamedDependency[EvaluationService],
     ) -> Evaluation | Batch:
         if _check_id(evaluation_id).startswith(BATCH_PREFIX):
@@ -106,11 +120,12 @@ class IntegrationRoutes(Controller):
         operation_id="cancelEvaluation",
         summary="Cancel an evaluation, or every unfinished one of a batch; cleans up",
         status_code=HTTP_200_OK,
+        responses=errors(409, 503),
         opt=SCOPE,
     )
     async def cancel(
         self,
-        evaluation_id: FromPath[str],
+        evaluation_id: EvaluationId,
         evaluations: NamedDependency[EvaluationService],
     ) -> Evaluation | Batch:
         return await evaluations.cancel(_check_id(evaluation_id))
@@ -120,11 +135,12 @@ class IntegrationRoutes(Controller):
         operation_id="finishSession",
         summary="End an evaluation's step session (optionally with the validator's report)",
         status_code=HTTP_200_OK,
+        responses=errors(409, 422, 503),
         opt=SCOPE,
     )
     async def finish(
         self,
-        evaluation_id: FromPath[str],
+        evaluation_id: EvaluationId,
         evaluations: NamedDependency[EvaluationService],
         data: JSONBody[FinishSessionRequest | None] = None,
     ) -> Evaluation:

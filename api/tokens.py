@@ -6,14 +6,19 @@ from typing import Annotated, Literal
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody, PathParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import Meta
 
 from dockyard.api.auth import TokenBook, TokenRecord
+from dockyard.api.errors import errors
 from dockyard.core.models import Model
 
 ScopeName = Literal["read", "deploy", "evaluate", "admin"]
+#: A token id in a path (the 8 hex digits after ``dy_``).
+TokenId = Annotated[
+    str, PathParameter(pattern=r"^[0-9a-f]{8}$", description="a token's id (8 hex digits)")
+]
 
 
 class TokenRequest(Model):
@@ -83,8 +88,7 @@ class TokenRoutes(Controller):
         operation_id="revokeToken",
         summary="Revoke a token",
         status_code=HTTP_200_OK,
+        responses=errors(409),
     )
-    async def revoke(
-        self, token_id: FromPath[str], tokens: NamedDependency[TokenBook]
-    ) -> TokenView:
+    async def revoke(self, token_id: TokenId, tokens: NamedDependency[TokenBook]) -> TokenView:
         return _view(tokens.revoke(token_id))

@@ -2,8 +2,11 @@
 health monitor of promoted slots, and resuming after a restart.
 
 One operation per deployment at a time (a second gets Conflict -> 409); different
-deployments proceed in parallel. Operations run as background tasks owned by the controller
-(and so by the app's lifespan); callers may wait for them with a bound.
+deployments proceed in parallel. An operation is admitted under the deployment's lock:
+validation, the stored spec and the start of its task happen while holding it, and the
+task keeps holding it until it ends, so a request answered 409 has changed nothing.
+Operations run as background tasks owned by the controller (and so by the app's
+lifespan); callers may wait for them with a bound.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -35,13 +38,14 @@ from dockyard.core.models import (
 from dockyard.core.plugins import check_spec
 from dockyard.core.policy import check_spec as check_caps
 from dockyard.core.policy import effective_lifetime
-from dockyard.core.router import Route, Upstream
+from dockyard.core.router import Route
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT
 from dockyard.core.services import Services
 from dockyard.core.strategy import Strategy
 
 log = logging.getLogger(__name__)
 S = SlotState
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Controller:
     ops: SlotOps = field(init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _operations: dict[str, Operation] = field(default_factory=dict)
+    _admitting: dict[str, str] = field(default_factory=dict)  # id -> kind being admitted
+    _deleting: dict[str, asyncio.Event] = field(default_factory=dict)  # set once deleted
     _timers: dict[tuple[str, Color], tuple[asyncio.Task[None], float]] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
     _router_watch: asyncio.Task[None] | None = None
@@ -127,50 +133,77 @@ class Controller:
     # -- operations ----------------------------------------------------------------------
     async def create(self, spec: DeploymentSpec) -> Deployment:
         """Store a new deployment and start deploying it."""
-        await self._admit(spec)
-        deployment = await self.services.store.create_deployment(spec)
-        await self.ops.event(spec.id, "created", data={"repo": spec.repo, "ref": spec.ref})
-        self._start(deployment.id, "deploy", self._deploy)
-        return deployment
+
+        async def admit() -> Deployment:
+            await self._admit(spec)
+            deployment = await self.services.store.create_deployment(spec)
+            await self.ops.event(spec.id, "created", data={"repo": spec.repo, "ref": spec.ref})
+            return deployment
+
+        return await self._operate(spec.id, "deploy", admit, self._deploy)
 
     async def redeploy(self, deployment_id: str, changes: dict[str, Any]) -> Deployment:
-        """Apply ``changes`` to the spec (new ref, args, ...) and deploy into the idle slot."""
-        deployment = await self.get(deployment_id)
-        self._ensure_idle(deployment_id)
-        raw = msgspec.to_builtins(deployment.spec)
-        raw.update(changes)
-        from dockyard.core.models import decode_spec
+        """Apply ``changes`` to the spec (new ref, args, ...) and deploy into the idle slot.
 
-        spec = decode_spec(raw)
-        await self._admit(spec)
-        self._ensure_idle(deployment_id)
-        deployment = await self.services.store.update_deployment(spec)
-        await self.ops.event(deployment_id, "redeploy_requested", data={"changed": sorted(changes)})
-        self._start(deployment_id, "redeploy", self._deploy)
-        return deployment
+        The new spec is validated and stored only once this request holds the deployment:
+        a redeploy refused with Conflict stores nothing and records no event."""
+        await self.get(deployment_id)
+
+        async def admit() -> Deployment:
+            from dockyard.core.models import decode_spec
+
+            current = await self.get(deployment_id)
+            raw = msgspec.to_builtins(current.spec)
+            raw.update(changes)
+            spec = decode_spec(raw)
+            await self._admit(spec)
+            deployment = await self.services.store.update_deployment(spec)
+            await self.ops.event(
+                deployment_id,
+                "redeploy_requested",
+                data={
+                    "changed": sorted(changes),
+                    "generation": deployment.generation,
+                    "ref": spec.ref,
+                },
+            )
+            return deployment
+
+        return await self._operate(deployment_id, "redeploy", admit, self._deploy)
 
     async def switch(self, deployment_id: str) -> Deployment:
         """Promote the other slot (manual rollback)."""
-        deployment = await self.get(deployment_id)
-        self._start(deployment_id, "switch", self._switch)
-        return deployment
+        await self.get(deployment_id)
+        return await self._operate(
+            deployment_id, "switch", lambda: self.get(deployment_id), self._switch
+        )
 
     async def delete(self, deployment_id: str) -> None:
-        """Cancel what runs, remove every container, route, port lease and record."""
+        """Cancel what runs, remove every container, route, port lease and record.
+
+        From the moment a delete starts, new operations on the deployment get Conflict and
+        an operation admitted meanwhile ends before it touches anything. A second delete
+        meanwhile waits for the first, then finds nothing (NotFound)."""
         await self.get(deployment_id)
-        op = self._operations.get(deployment_id)
-        if op and op.running:
-            op.task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(op.task), timeout=60)
-        for color in Color:
-            timer = self._timers.pop((deployment_id, color), None)
-            if timer:
-                timer[0].cancel()
-        async with self._lock(deployment_id):
-            await self._remove_everything(deployment_id)
-        self._operations.pop(deployment_id, None)
-        self._locks.pop(deployment_id, None)
+        while (running := self._deleting.get(deployment_id)) is not None:
+            await running.wait()
+        await self.get(deployment_id)
+        done = self._deleting[deployment_id] = asyncio.Event()
+        try:
+            op = self._operations.get(deployment_id)
+            if op and op.running:
+                op.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(op.task), timeout=60)
+            self._cancel_timers(deployment_id)
+            async with self._lock(deployment_id):
+                await self._remove_everything(deployment_id)
+            self._cancel_timers(deployment_id)
+            self._operations.pop(deployment_id, None)
+            self._locks.pop(deployment_id, None)
+        finally:
+            del self._deleting[deployment_id]
+            done.set()
 
     async def wait(self, deployment_id: str, timeout_s: float) -> bool:
         """Wait (bounded) for the current operation; True when it has finished."""
@@ -193,39 +226,117 @@ class Controller:
             validate(spec.repo, spec.ref)
 
     def _ensure_idle(self, deployment_id: str) -> None:
+        """Refuse (Conflict) while an operation runs, is being admitted, or a delete runs."""
+        if deployment_id in self._deleting:
+            raise Conflict(f"deployment {deployment_id!r} is being deleted", operation="delete")
+        kind = self._admitting.get(deployment_id)
         op = self._operations.get(deployment_id)
-        if op and op.running:
+        if kind is None and op and op.running:
+            kind = op.kind
+        if kind is not None:
             raise Conflict(
-                f"deployment {deployment_id!r} is busy: a {op.kind} is in progress",
-                operation=op.kind,
+                f"deployment {deployment_id!r} is busy: a {kind} is in progress",
+                operation=kind,
             )
 
-    def _start(
-        self, deployment_id: str, kind: str, body: Callable[[str], Awaitable[None]]
-    ) -> Operation:
+    def _cancel_timers(self, deployment_id: str) -> None:
+        for color in Color:
+            timer = self._timers.pop((deployment_id, color), None)
+            if timer:
+                timer[0].cancel()
+
+    async def _operate(
+        self,
+        deployment_id: str,
+        kind: str,
+        admit: Callable[[], Awaitable[T]],
+        body: Callable[[str], Awaitable[None]],
+    ) -> T:
+        """Admit one operation: take the deployment's lock, run ``admit`` (validate, store
+        the spec, record the request), then start ``body`` in a task that inherits the lock.
+
+        A second request meanwhile gets Conflict at once (it never waits behind this one);
+        the lock may briefly be held by a drain ending or a health round, which this waits
+        for. When ``admit`` raises, nothing was started and the lock is released."""
         self._ensure_idle(deployment_id)
-        lock = self._lock(deployment_id)
+        self._admitting[deployment_id] = kind
+        try:
+            new_lock = deployment_id not in self._locks
+            lock = self._lock(deployment_id)
+            await lock.acquire()
+            handed_over = False
+            try:
+                if deployment_id in self._deleting:
+                    raise Conflict(
+                        f"deployment {deployment_id!r} is being deleted", operation="delete"
+                    )
+                result = await admit()
+                self._start(deployment_id, kind, body, held=lock)
+                handed_over = True
+                return result
+            finally:
+                if not handed_over:
+                    lock.release()
+                    if new_lock and deployment_id not in self._operations:
+                        await self._forget_lock(deployment_id)
+        finally:
+            self._admitting.pop(deployment_id, None)
+
+    async def _forget_lock(self, deployment_id: str) -> None:
+        """Drop the lock of an id that no deployment has (a refused create): nothing else
+        can be waiting on it, and refused requests must not grow the table."""
+        with contextlib.suppress(DockyardError):
+            if await self.services.store.get_deployment(deployment_id) is None:
+                self._locks.pop(deployment_id, None)
+
+    def _start(
+        self,
+        deployment_id: str,
+        kind: str,
+        body: Callable[[str], Awaitable[None]],
+        *,
+        held: asyncio.Lock | None = None,
+    ) -> Operation:
+        """Run ``body`` as the deployment's operation, under its lock: ``held`` is the lock
+        the caller holds already (released when the task ends, however it ends), else the
+        task takes it."""
+        lock = held or self._lock(deployment_id)
+
+        async def guarded() -> None:
+            try:
+                if deployment_id in self._deleting:
+                    op.error = {
+                        "reason": "cancelled",
+                        "message": f"{kind} was cancelled: the deployment is being deleted",
+                    }
+                    return
+                await body(deployment_id)
+            except DockyardError as exc:
+                op.error = exc.to_dict()
+                log.info("%s of %s failed: %s", kind, deployment_id, exc.message)
+            except asyncio.CancelledError:
+                op.error = {"reason": "cancelled", "message": f"{kind} was cancelled"}
+                raise
+            except Exception as exc:
+                op.error = {"reason": "internal_error", "message": str(exc)}
+                log.exception("%s of %s crashed", kind, deployment_id)
+            finally:
+                op.finished_at = now()
+                with contextlib.suppress(Exception):
+                    await self._schedule_drains(deployment_id)
 
         async def run() -> None:
             bind_log_ids(deployment_id=deployment_id)
+            if held is not None:
+                await guarded()
+                return
             async with lock:
-                try:
-                    await body(deployment_id)
-                except DockyardError as exc:
-                    op.error = exc.to_dict()
-                    log.info("%s of %s failed: %s", kind, deployment_id, exc.message)
-                except asyncio.CancelledError:
-                    op.error = {"reason": "cancelled", "message": f"{kind} was cancelled"}
-                    raise
-                except Exception as exc:
-                    op.error = {"reason": "internal_error", "message": str(exc)}
-                    log.exception("%s of %s crashed", kind, deployment_id)
-                finally:
-                    op.finished_at = now()
-                    with contextlib.suppress(Exception):
-                        await self._schedule_drains(deployment_id)
+                await guarded()
 
         task = asyncio.create_task(run(), name=f"{kind}:{deployment_id}")
+        if held is not None:
+            # A task cancelled before its first step never runs its body: release here.
+            task.add_done_callback(lambda _: held.release())
         op = Operation(kind=kind, started_at=now(), task=task)
         self._operations[deployment_id] = op
         return op
@@ -262,7 +373,7 @@ class Controller:
         slot promoted again and drained anew gets a new timer, and the stale one is dropped.
         """
         deployment = await self.services.store.get_deployment(deployment_id)
-        if deployment is None:
+        if deployment is None or deployment_id in self._deleting:
             return
         for slot in await self.services.store.list_slots(deployment_id):
             key = (deployment_id, slot.color)
@@ -273,7 +384,8 @@ class Controller:
                 if current[1] == slot.updated_at:
                     continue
                 current[0].cancel()
-            delay = max(0.0, slot.updated_at + deployment.spec.grace_period_s - time.time())
+            until = self.ops.drain_deadline(slot, deployment.spec.grace_period_s)
+            delay = max(0.0, until - time.time())
             task = asyncio.create_task(
                 self._retire_after(deployment_id, slot.color, slot.updated_at, delay),
                 name=f"drain:{deployment_id}:{slot.color}",
@@ -290,15 +402,7 @@ class Controller:
             except NotFound:
                 return
             if slot.state is S.DRAINING and slot.updated_at == drained_at:
-                if slot.host_port:
-                    inflight = await self.services.router.inflight(Upstream(port=slot.host_port))
-                    await self.ops.event(
-                        deployment_id,
-                        "drain_ended",
-                        color=color,
-                        data={"inflight": inflight, "router": self.services.router.name},
-                    )
-                await self.ops.retire(slot, message="grace period over")
+                await self.ops.retire_drained(slot)
 
     # -- monitor -------------------------------------------------------------------------
     async def _monitor_loop(self) -> None:

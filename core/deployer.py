@@ -4,20 +4,25 @@ Each primitive records its intent in the store (a slot transition with its event
 side effect it announces, so a restarted controller knows what may have happened and can
 resume or roll back (``Controller.resume``). Nothing here is engine-specific: containers go
 through the Runtime contract, routes through the Router contract.
+
+A draining slot keeps serving the requests it has until its grace period ends; nothing here
+retires it earlier (a deploy that needs the slot waits for it: ``end_drain``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dockyard.core.builds import BuiltRevision
-from dockyard.core.errors import Conflict, DockyardError, PortPoolExhausted, SourceError
+from dockyard.core.errors import Conflict, DockyardError, NotFound, PortPoolExhausted, SourceError
 from dockyard.core.health import HealthOutcome, wait_healthy
 from dockyard.core.models import (
     Color,
@@ -50,6 +55,8 @@ S = SlotState
 BUILD_LOG_LINES = 2000
 #: How long a switch may take to show through the proxy before it is rolled back.
 SWITCH_TIMEOUT_S = 10.0
+#: The longest a deploy waits for a draining slot (the longest grace period a spec may ask).
+MAX_DRAIN_WAIT_S = 3600.0
 
 
 def container_name(deployment_id: str, color: Color) -> str:
@@ -62,6 +69,15 @@ def lease_owner(deployment_id: str, color: Color) -> str:
     return f"{deployment_id}:{color}"
 
 
+@dataclass(frozen=True)
+class DrainWait:
+    """An operation waiting for a draining slot's grace period to end before using it."""
+
+    color: Color
+    since: float
+    until: float
+
+
 class SlotOps:
     """Intent-first operations on one controller's deployments."""
 
@@ -69,6 +85,10 @@ class SlotOps:
         self.services = services
         self.store = services.store
         self.runtime = services.runtime
+        #: When each drain ends: (deployment, colour) -> (the DRAINING move's time, deadline).
+        self.drains: dict[tuple[str, Color], tuple[float, float]] = {}
+        #: Operations waiting for a drain to end, by deployment (shown in the API).
+        self.waiting: dict[str, DrainWait] = {}
 
     # -- records -------------------------------------------------------------------------
     async def event(self, deployment_id: str, kind: str, **fields: Any) -> Event:
@@ -106,7 +126,11 @@ class SlotOps:
         return saved
 
     async def slots(self, deployment_id: str) -> dict[Color, Slot]:
-        return {s.color: s for s in await self.store.list_slots(deployment_id)}
+        """Both slots; NotFound when the deployment is gone (deleted meanwhile)."""
+        slots = {s.color: s for s in await self.store.list_slots(deployment_id)}
+        if len(slots) != len(Color):
+            raise NotFound(f"deployment {deployment_id!r} does not exist")
+        return slots
 
     # -- source and image ----------------------------------------------------------------
     def source_for(self, url: str) -> Source:
@@ -357,13 +381,72 @@ class SlotOps:
         return await self.store.save_slot(_replace(slot, container_id=None, host_port=None), None)
 
     async def reset(self, slot: Slot) -> Slot:
-        """Make a slot usable: RETIRED/FAILED -> IDLE, a draining or unpromoted healthy one
-        is retired first (a new deploy cuts its grace period short)."""
-        if slot.state in (S.DRAINING, S.HEALTHY):
+        """Make a slot usable: RETIRED/FAILED -> IDLE. A draining slot is first left to
+        finish its grace period (``end_drain``); an unpromoted healthy one (it serves no
+        route) is retired at once."""
+        if slot.state is S.DRAINING:
+            slot = await self.end_drain(slot)
+        if slot.state is S.HEALTHY:
             slot = await self.retire(slot, message="replaced by a new deploy")
         if slot.state in (S.RETIRED, S.FAILED):
             slot = await self.move(slot, S.IDLE, revision_id=slot.revision_id)
         return slot
+
+    # -- drains --------------------------------------------------------------------------
+    def drain_deadline(self, slot: Slot, grace_period_s: float) -> float:
+        """When a DRAINING slot's grace period ends: as recorded when it started draining,
+        else (after a restart) its DRAINING time plus ``grace_period_s``."""
+        recorded = self.drains.get((slot.deployment_id, slot.color))
+        if recorded is not None and recorded[0] == slot.updated_at:
+            return recorded[1]
+        return slot.updated_at + grace_period_s
+
+    async def end_drain(self, slot: Slot) -> Slot:
+        """Wait (bounded by the grace period, at most an hour) until a DRAINING slot's
+        grace period is over, then retire it; return the slot as it is then.
+
+        The wait is recorded as a ``drain_wait`` event and shown on the operation
+        (``waiting``) while it lasts. A slot that stopped draining meanwhile is returned
+        unchanged."""
+        deployment = await self.store.get_deployment(slot.deployment_id)
+        if deployment is None:
+            raise NotFound(f"deployment {slot.deployment_id!r} does not exist")
+        until = self.drain_deadline(slot, deployment.spec.grace_period_s)
+        remaining = min(until - time.time(), MAX_DRAIN_WAIT_S)
+        if remaining > 0:
+            await self.event(
+                slot.deployment_id,
+                "drain_wait",
+                color=slot.color,
+                message=f"waiting {remaining:.1f} s for the {slot.color} slot to finish draining",
+                data={"seconds": round(remaining, 3), "until": until},
+            )
+            self.waiting[slot.deployment_id] = DrainWait(
+                color=slot.color, since=time.time(), until=until
+            )
+            try:
+                await asyncio.sleep(remaining)
+            finally:
+                self.waiting.pop(slot.deployment_id, None)
+        current = await self.store.get_slot(slot.deployment_id, slot.color)
+        if current.state is not S.DRAINING or current.updated_at != slot.updated_at:
+            return current
+        return await self.retire_drained(current)
+
+    async def retire_drained(self, slot: Slot) -> Slot:
+        """Retire a DRAINING slot whose grace period is over (``drain_ended`` says how many
+        requests the proxy still had in flight to it, when it can tell)."""
+        if slot.host_port:
+            router = self.services.router
+            inflight = await router.inflight(Upstream(port=slot.host_port))
+            await self.event(
+                slot.deployment_id,
+                "drain_ended",
+                color=slot.color,
+                data={"inflight": inflight, "router": router.name},
+            )
+        self.drains.pop((slot.deployment_id, slot.color), None)
+        return await self.retire(slot, message="grace period over")
 
     # -- routing -------------------------------------------------------------------------
     def route(self, deployment: Deployment, slot: Slot) -> Route:
@@ -403,9 +486,12 @@ class SlotOps:
         slots = await self.slots(deployment.id)
         old = slots[target.color.other]
         if old.state is S.PROMOTED:
-            await self.move(
-                old, S.DRAINING, data={"grace_period_s": deployment.spec.grace_period_s}
+            grace = deployment.spec.grace_period_s
+            until = time.time() + grace
+            drained = await self.move(
+                old, S.DRAINING, data={"grace_period_s": grace, "until": until}
             )
+            self.drains[(deployment.id, old.color)] = (drained.updated_at, until)
         target = await self.move(
             await self.store.get_slot(deployment.id, target.color),
             S.PROMOTED,

@@ -43,6 +43,15 @@ class ValidationError(DockyardError):
     status_code = 400
 
 
+class Unprocessable(ValidationError):
+    """A request that matches the API schema but cannot be done as asked: fields that
+    contradict each other, a name nobody registered (HTTP 422; the message names the field).
+    """
+
+    reason = "unprocessable"
+    status_code = 422
+
+
 class PolicyRefused(DockyardError):
     """A ``dockyard_check_spec`` implementation refused a deployment."""
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from dockyard.core.errors import ValidationError
+from dockyard.core.errors import Unprocessable, ValidationError
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -52,6 +52,12 @@ ContainerPath = Annotated[
 UrlSuffix = Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")]
 #: Variables that carry the LLM gateway's address: name -> suffix appended to its URL.
 GatewayEnv = Annotated[dict[EnvName, UrlSuffix], Meta(max_length=16)]
+
+
+#: How a model's own checks (``__post_init__``: what a field's type or pattern cannot say)
+#: start their message. msgspec keeps only the message of such an error, and the API tells
+#: these (422: matches the schema, refused as asked) from schema mismatches (400) by it.
+REFUSED = "refused: "
 
 
 def now() -> float:
@@ -125,9 +131,9 @@ class DeploymentSpec(Model):
             value: str = getattr(self, name)
             parts = value.split("/")
             if value.startswith("/") or ".." in parts:
-                raise ValueError(f"{name} must be a relative path inside the repository")
+                raise ValueError(f"{REFUSED}{name} must be a relative path inside the repository")
         if self.build_mode == "image" and not self.image:
-            raise ValueError("image is required when build_mode is 'image'")
+            raise ValueError(f"{REFUSED}image is required when build_mode is 'image'")
 
 
 # ---------------------------------------------------------------- runtime records
@@ -235,6 +241,8 @@ def decode_spec(data: bytes | str | dict[str, Any]) -> DeploymentSpec:
             return msgspec.convert(data, DeploymentSpec)
         return msgspec.json.decode(data, type=DeploymentSpec)
     except msgspec.ValidationError as exc:
+        if str(exc).startswith(REFUSED):
+            raise Unprocessable(f"invalid deployment spec: {exc}") from None
         raise ValidationError(f"invalid deployment spec: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ValidationError(f"deployment spec is not valid JSON: {exc}") from None

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from dockyard.core.errors import ConfigError, ValidationError
+from dockyard.core.errors import ConfigError, Unprocessable
 from dockyard.core.models import DeploymentSpec, Resources
 from dockyard.core.runtime import Limits
 
@@ -45,32 +45,32 @@ def _caps(settings: Settings) -> dict[str, float]:
 def check_spec(spec: DeploymentSpec, settings: Settings) -> None:
     """Refuse a spec that asks for more than the operator allows.
 
-    :raises ValidationError: ``resources.<field>: <value> exceeds the operator's cap of
-        <cap>``, ``max_lifetime_s: ...``, or ``build_network: ...`` when the operator does
-        not set ``allow_build_network``.
+    :raises Unprocessable: (HTTP 422) ``resources.<field>: <value> exceeds the operator's
+        cap of <cap>``, ``logs_tmpfs_mb: ...``, ``max_lifetime_s: ...``, or
+        ``build_network: ...`` when the operator does not set ``allow_build_network``.
     """
     for name, cap in _caps(settings).items():
         value = getattr(spec.resources, name)
         if value > cap and value != getattr(_DEFAULTS, name):
-            raise ValidationError(
+            raise Unprocessable(
                 f"resources.{name}: {value:g} exceeds the operator's cap of {cap:g}",
                 field=f"resources.{name}",
             )
     logs_mb, default_logs = spec.logs_tmpfs_mb, _SPEC_DEFAULTS["logs_tmpfs_mb"]
     if logs_mb > settings.max_tmpfs_mb and logs_mb != default_logs:
-        raise ValidationError(
+        raise Unprocessable(
             f"logs_tmpfs_mb: {logs_mb} exceeds the operator's cap of {settings.max_tmpfs_mb}",
             field="logs_tmpfs_mb",
         )
     if spec.build_network and not settings.allow_build_network:
-        raise ValidationError(
+        raise Unprocessable(
             "build_network: the operator does not allow network access during builds "
             "(allow_build_network)",
             field="build_network",
         )
     cap_s = settings.max_container_lifetime_s
     if spec.max_lifetime_s is not None and cap_s is not None and spec.max_lifetime_s > cap_s:
-        raise ValidationError(
+        raise Unprocessable(
             f"max_lifetime_s: {spec.max_lifetime_s:g} exceeds the operator's cap of {cap_s:g}",
             field="max_lifetime_s",
         )

@@ -144,7 +144,7 @@ def test_switch_rolls_back_to_a_draining_then_a_retired_revision(
 ) -> None:
     with fake_client_factory(port_range_start=47020, port_range_end=47030) as client:
         services = client.app.state.services
-        client.post("/v1/repos?wait=true", json={**SPEC, "grace_period_s": 30})
+        client.post("/v1/repos?wait=true", json={**SPEC, "grace_period_s": 2})
         client.post("/v1/repos/app/redeploy?wait=true", json={"ref": "v2"})
         builds = services.runtime.builds
         # blue (v1) still drains: switch promotes it at once.
@@ -152,8 +152,8 @@ def test_switch_rolls_back_to_a_draining_then_a_retired_revision(
         slots = _slots(r.json())
         assert (slots["blue"]["state"], slots["green"]["state"]) == ("PROMOTED", "DRAINING")
         assert _get(slots["blue"]["host_port"]).startswith("app-")
-        # Cut green's drain short by retiring through a short grace: redeploy v1 again,
-        # then switch back to green's retained revision after it retired.
+        # Redeploy v1 again with a short grace (it first waits out green's drain), then
+        # switch back to the retained revision of the slot that retired.
         client.post("/v1/repos/app/redeploy?wait=true", json={"grace_period_s": 0.1})
         body = _wait_for(client, lambda b: "RETIRED" in {s["state"] for s in b["slots"]})
         retired = next(s for s in body["slots"] if s["state"] == "RETIRED")

@@ -400,22 +400,27 @@ def test_the_build_log_tail_is_bounded_and_masks_secrets() -> None:
     assert secret[-1] == "ordinary line" and "OPENAI_API_KEY=***" in secret[1]
 
 
-def test_bad_requests_are_400(make_client: Any) -> None:
+def test_bad_requests_are_400_or_422(make_client: Any) -> None:
     with make_client() as client:
         miner = {"github_url": REPO}
-        cases = [
+        # Well-formed (they match the schema) but impossible as asked: 422.
+        refused = [
             {"miner": miner, "tasks": tasks("t"), "protocol": "nope"},
             # solve_task is one-shot
             {"miner": miner, "tasks": tasks("t"), "mode": "session", "protocol": "solve_task"},
             {"miner": miner, "tasks": []},
             {"miner": miner, "tasks": [{"prompt": "no id"}]},
             {"miner": miner, "tasks": tasks("t"), "env": {"OPENAI_API_KEY": "sk-x"}},
-            {"miner": miner, "tasks": tasks("t"), "timeouts": {"task_s": -1}},
         ]
-        for body in cases:
+        for body in refused:
             r = client.post("/v1/integration/evaluate-miner", json=body)
-            assert r.status_code == 400, (body, r.text)
-            assert r.json()["reason"] == "invalid_input"
+            assert r.status_code == 422, (body, r.text)
+            assert r.json()["reason"] == "unprocessable"
+        # Not matching the schema: 400.
+        body = {"miner": miner, "tasks": tasks("t"), "timeouts": {"task_s": -1}}
+        r = client.post("/v1/integration/evaluate-miner", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["reason"] == "invalid_input"
         assert client.get("/v1/integration/evaluation/ev-000000000000").status_code == 404
         r = client.post("/v1/integration/evaluation/ev-000000000000/cancel")
         assert r.status_code == 404

@@ -761,12 +761,12 @@ def test_hardening_holds_and_the_host_says_what_it_cannot_enforce(hostile: Hosti
         assert r.status_code == 400, (extra, r.text)
     r = client.post("/v1/repos", json={"id": "big", "repo": hostile.url(repo),
                                        "resources": {"memory_mb": 4096}})  # fmt: skip
-    assert r.status_code == 400
+    assert r.status_code == 422
     assert "resources.memory_mb: 4096 exceeds the operator's cap of 2048" in r.json()["message"]
     r = client.post(
         "/v1/repos", json={"id": "old", "repo": hostile.url(repo), "max_lifetime_s": 601}
     )
-    assert r.status_code == 400 and "max_lifetime_s: 601 exceeds" in r.json()["message"]
+    assert r.status_code == 422 and "max_lifetime_s: 601 exceeds" in r.json()["message"]
 
     body = hostile.deploy("hard", repo)
     assert slots(body)["blue"]["state"] == "PROMOTED", body

@@ -57,7 +57,7 @@ def test_a_request_above_a_cap_is_refused_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         check_spec(spec(resources=resources), Settings())
     assert caught.value.message == message
-    assert caught.value.status_code == 400
+    assert caught.value.status_code == 422
 
 
 def test_requests_can_lower_the_caps_and_defaults_above_a_cap_are_lowered() -> None:
@@ -306,7 +306,7 @@ def test_hardening_and_caps_through_the_api(fake_client_factory: Any) -> None:
             r = client.post("/v1/repos", json={**base, **extra})
             assert r.status_code == 400, (extra, r.text)
         r = client.post("/v1/repos", json={**base, "resources": {"pids": 769}})
-        assert r.status_code == 400
+        assert r.status_code == 422
         assert r.json()["message"] == "resources.pids: 769 exceeds the operator's cap of 768"
         assert client.get("/v1/repos/app").status_code == 404
 
@@ -318,7 +318,7 @@ def test_build_network_is_refused_at_admission_unless_allowed(fake_client_factor
     with fake_client_factory(port_range_start=47736, port_range_end=47739) as client:
         source = client.app.state.services.sources["fake"]
         r = client.post("/v1/repos", json={**base, "build_network": True})
-        assert r.status_code == 400, r.text
+        assert r.status_code == 422, r.text
         assert r.json()["message"].startswith("build_network: the operator does not allow")
         assert source.fetches == 0
         assert client.get("/v1/repos/app").status_code == 404

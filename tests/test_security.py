@@ -104,7 +104,7 @@ def test_tokens_are_created_listed_and_revoked_through_the_api(
         r = client.post("/v1/tokens", json={"name": "x", "scopes": ["root"]})
         assert r.status_code == 400 and "scopes" in r.json()["message"]
         r = client.delete("/v1/tokens/7e570000")
-        assert r.status_code == 400 and "configured" in r.json()["message"]
+        assert r.status_code == 409 and "configured" in r.json()["message"]
 
 
 def test_first_start_creates_one_admin_token(tmp_path: Path) -> None:

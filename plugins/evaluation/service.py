@@ -27,7 +27,13 @@ import aiohttp
 import msgspec
 
 from dockyard.core.controller import Controller
-from dockyard.core.errors import Conflict, DockyardError, NotFound, SourceError, ValidationError
+from dockyard.core.errors import (
+    Conflict,
+    DockyardError,
+    NotFound,
+    SourceError,
+    Unprocessable,
+)
 from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState, now
 from dockyard.core.plugins import check_spec
@@ -266,29 +272,29 @@ class EvaluationService:
         protocol = self.protocols.get(options.protocol)
         if protocol is None:
             known = ", ".join(sorted(self.protocols)) or "none"
-            raise ValidationError(f"protocol: unknown {options.protocol!r} (known: {known})")
+            raise Unprocessable(f"protocol: unknown {options.protocol!r} (known: {known})")
         if options.mode == "session" and not protocol.stateful:
-            raise ValidationError(
+            raise Unprocessable(
                 f"mode: a session needs a stateful protocol; {options.protocol!r} is one-shot"
             )
         tasks = miner.tasks if miner.tasks is not None else options.tasks
         relayed = options.mode == "relay"
         if options.mode == "relay" and not tasks:
-            raise ValidationError("tasks: an evaluation in relay mode needs at least one task")
+            raise Unprocessable("tasks: an evaluation in relay mode needs at least one task")
         for index, task in enumerate(tasks):
             if not task_id_of(task):
-                raise ValidationError(f"tasks[{index}].id: every task needs an id")
+                raise Unprocessable(f"tasks[{index}].id: every task needs an id")
             for name in ("prompt", "url"):
                 if name in task and not isinstance(task[name], str):
-                    raise ValidationError(f"tasks[{index}].{name}: must be a string")
+                    raise Unprocessable(f"tasks[{index}].{name}: must be a string")
         bad = sorted(name for name in options.env if SECRET_ENV.search(name))
         if bad:
-            raise ValidationError(
+            raise Unprocessable(
                 f"env: {', '.join(bad)}: keys and secrets are never passed to agents "
                 "(agents reach LLMs through the operator's gateway)"
             )
         if miner.build_mode == "image" and not (miner.image or self.settings.eval_sandbox_image):
-            raise ValidationError("miner.image: required when build_mode is 'image'")
+            raise Unprocessable("miner.image: required when build_mode is 'image'")
         s, t = self.settings, options.timeouts
         limits = Limits(
             request_s=t.request_s or s.eval_request_timeout_s,

@@ -839,5 +839,5 @@ def test_image_mode_without_an_image_needs_the_operators_sandbox_image(make_clie
         r = client.post(
             "/v1/integration/evaluate-miner", json={"miner": miner, "tasks": tasks("t")}
         )
-        assert r.status_code == 400, r.text
+        assert r.status_code == 422, r.text
         assert r.json()["message"] == "miner.image: required when build_mode is 'image'"

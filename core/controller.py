@@ -41,6 +41,8 @@ from dockyard.core.strategy import Strategy
 
 log = logging.getLogger(__name__)
 S = SlotState
+#: How long a stop waits, in all, for cancelled operations to clean up.
+STOP_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -96,8 +98,11 @@ class Controller:
         if self.router_watch_interval_s > 0:
             self._router_watch = asyncio.create_task(self._router_loop(), name="router-watch")
 
-    async def stop(self) -> None:
-        """Cancel the monitor, drain timers and running operations (which clean up)."""
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Cancel the monitor, drain timers and running operations, and wait (at most
+        ``timeout_s`` in all) while they clean up: a cancelled operation's slot ends FAILED
+        with ``controller_stopped`` and its container and port are removed."""
+        self.ops.cancel_reason = "controller_stopped"
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._timers.values() if not t.done()]
         if self._monitor:
             tasks.append(self._monitor)
@@ -106,9 +111,10 @@ class Controller:
         tasks += [op.task for op in self._operations.values() if op.running]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, timeout=30)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                log.warning("%s did not end within %g s of the stop", task.get_name(), timeout_s)
 
     def _lock(self, deployment_id: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment_id, asyncio.Lock())

@@ -68,6 +68,9 @@ class SlotOps:
         self.services = services
         self.store = services.store
         self.runtime = services.runtime
+        #: The reason a cancelled operation's slot fails with (``controller_stopped`` once
+        #: the controller stops).
+        self.cancel_reason = "cancelled"
 
     # -- records -------------------------------------------------------------------------
     async def event(self, deployment_id: str, kind: str, **fields: Any) -> Event:

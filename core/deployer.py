@@ -92,16 +92,8 @@ class SlotOps:
         **changes: Any,
     ) -> Slot:
         """Transition ``slot`` (legal moves only), store it with its event, notify."""
-        new = transition(slot, to, reason=reason, message=message, **changes)
-        event = Event(
-            deployment_id=slot.deployment_id,
-            kind="slot_transition",
-            color=slot.color,
-            from_state=slot.state,
-            to_state=to,
-            reason=reason,
-            message=message,
-            data=data or {},
+        new, event = self._move_record(
+            slot, to, reason=reason, message=message, data=data, **changes
         )
         saved = await self.store.save_slot(new, event)
         await emit_event(self.services.pm, event)

@@ -152,3 +152,22 @@ def test_sigterm_stops_every_process_dockyard_started(
     finally:
         served.stop()
     assert engine_containers(data) == []
+
+
+def test_sigint_stops_an_idle_dockyard_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) is a stop too: exit 0, the proxy and the private Podman service
+    gone, their pid files removed."""
+    podman_required()
+    data = tmp_path / "data"
+    served = Served(data, port_range=(45321, 45325)).start()
+    try:
+        processes = served.descendants()
+        commands = " | ".join(cmd for _, cmd in processes.values())
+        assert "caddy" in commands and "system service" in commands, commands
+        assert sorted(p.name for p in data.rglob("*.pid")) == ["caddy.pid", "podman-service.pid"]
+        served.signal(signal.SIGINT)
+        assert served.wait(60) == 0, served.log_tail()
+        assert alive(processes) == {}, f"still running after the stop: {alive(processes)}"
+        assert not list(data.rglob("*.pid"))
+    finally:
+        served.stop()

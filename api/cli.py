@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -310,13 +313,55 @@ async def _tokens(args: argparse.Namespace, client: DockyardClient) -> int:
     return 0
 
 
+#: Signals that stop ``dockyard serve`` cleanly (systemd sends SIGTERM, a terminal SIGINT).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Seconds open HTTP requests (e.g. ``?wait=true``) get to finish once a stop begins.
+GRACEFUL_HTTP_S = 5.0
+
+
+def _uvicorn_server(config: Any) -> Any:
+    """uvicorn's server, keeping the stop signal instead of re-raising it.
+
+    uvicorn re-raises the SIGTERM/SIGINT it caught once it has served, which would kill
+    dockyard before it closes its services (proxies, the private Podman service). Here the
+    signal only asks the server to stop; its handler stays installed (a second signal
+    cannot cut the close short) until ``_serve`` has closed everything.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is threading.main_thread():
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, self.handle_exit)
+            yield
+
+    return Server(config)
+
+
 async def _serve(settings: Settings) -> None:
+    """Run the API until SIGTERM or SIGINT, then stop cleanly: stop accepting requests,
+    give open ones ``GRACEFUL_HTTP_S``, cancel running operations (their slots end FAILED
+    with ``controller_stopped``), stop the proxy and the private Podman service, exit 0."""
     import uvicorn
 
     from dockyard.api.app import create_app
     from dockyard.core.services import Services
 
-    services = await Services.open(settings)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in STOP_SIGNALS:  # a stop while starting cancels the start (which cleans up)
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        services = await Services.open(settings)
+    except asyncio.CancelledError:
+        log.info("stopped while starting")
+        return
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     try:
         first = TokenBook.from_settings(settings).ensure_admin()
         if first:
@@ -350,11 +395,12 @@ async def _serve(settings: Settings) -> None:
             proxy_headers=False,
             server_header=False,
             log_config=None,  # uvicorn's lines (access log too) go through configure_logging
-            timeout_graceful_shutdown=5,  # open event streams must not hold a stop forever
+            timeout_graceful_shutdown=GRACEFUL_HTTP_S,  # open streams must not hold a stop
         )
-        await uvicorn.Server(config).serve()
+        await _uvicorn_server(config).serve()
     finally:
         await services.close()
+        log.info("dockyard stopped")
 
 
 def _plugins(settings: Settings) -> None:
@@ -415,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # uvicorn has already shut down cleanly and re-raised the SIGINT it caught.
+        # A SIGINT before ``serve`` installed its handlers.
         return 0
     return 0
 

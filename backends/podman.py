@@ -91,6 +91,8 @@ from podman import api as podman_api
 from podman.errors import APIError, PodmanError
 
 from dockyard.backends.firewall import IFACE_PREFIX, AgentFirewall, AgentNetwork, local_nft
+from dockyard.core import children
+from dockyard.core.children import PidFile
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -468,6 +470,9 @@ class PodmanService:
     missing). Stopping it stops the service process group; containers
     it started keep running (conmon owns them). Used by :class:`PodmanRuntime` when no
     socket answers, and by the tests to get engines of their own.
+
+    With ``pid_path`` it records itself there (``core/children.py``), so :meth:`reap`
+    stops a service a killed dockyard left; it always gets SIGKILL when its parent dies.
     """
 
     def __init__(
@@ -477,8 +482,10 @@ class PodmanService:
         user: str | None = None,
         runtime_dir: str | None = None,
         start_timeout_s: float = 20.0,
+        pid_path: Path | None = None,
     ) -> None:
         self.podman_path = podman_path
+        self.pid_file = PidFile(pid_path, "the private Podman service") if pid_path else None
         self.user = user
         self.runtime_dir = runtime_dir
         self.start_timeout_s = start_timeout_s
@@ -558,13 +565,15 @@ class PodmanService:
                 os.chown(self.dir, entry.pw_uid, entry.pw_gid)
                 self._pause_pid_before = self._pause_pid()
             with open(self.dir / "service.log", "wb") as out:
-                self.process = subprocess.Popen(
+                self.process = children.popen(
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     process_group=0,
                     **popen_args,
                 )
+            if self.pid_file is not None:
+                self.pid_file.record(self.process.pid, popen_args["args"][0], dir=str(self.dir))
             deadline = time.monotonic() + self.start_timeout_s
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -605,6 +614,20 @@ class PodmanService:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+        if self.pid_file is not None:
+            self.pid_file.clear()
+
+    @staticmethod
+    def reap(pid_path: Path) -> bool:
+        """Stop the service a killed dockyard left (recorded in ``pid_path``, still the same
+        process) and remove its socket directory; True when there was one."""
+        record = PidFile(pid_path, "the private Podman service").reap()
+        if record is None:
+            return False
+        leftover = Path(str(record.get("dir") or ""))
+        if leftover.name.startswith("dockyard-podman-"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return True
 
     def _stop_idle_pause_process(self) -> None:
         """Stop the rootless pause process this service started, once nothing else uses it."""
@@ -675,8 +698,10 @@ class PodmanRuntime(Runtime):
         build_nproc: int = 4096,
         build_kill_grace_s: float = 15.0,
         nft_path: str = "nft",
+        state_dir: str | None = None,
     ) -> None:
         self._socket = socket_url(socket) if socket else None
+        self._service_pid_path = Path(state_dir) / "podman-service.pid" if state_dir else None
         self._podman_path = podman_path
         self._start_service = start_service
         self._service_user = service_user
@@ -707,7 +732,11 @@ class PodmanRuntime(Runtime):
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(f"plugins.podman.{key} has the wrong type: {value!r}")
         socket_option = options.pop("socket", None)
-        return cls(socket=settings.podman_socket or socket_option, **options)
+        return cls(
+            socket=settings.podman_socket or socket_option,
+            state_dir=str(settings.data_path),
+            **options,
+        )
 
     # -------------------------------------------------------------- connection
     @property
@@ -728,6 +757,8 @@ class PodmanRuntime(Runtime):
 
     def _connect(self) -> None:
         url: str | None = None
+        if self._service_pid_path is not None:
+            PodmanService.reap(self._service_pid_path)  # a killed dockyard's
         if self._socket is not None:
             if not socket_answers(self._socket):
                 raise RuntimeUnavailable(
@@ -756,6 +787,7 @@ class PodmanRuntime(Runtime):
                     self._podman_path,
                     user=self._service_user,
                     start_timeout_s=self._service_start_timeout_s,
+                    pid_path=self._service_pid_path,
                 )
                 url = service.start()
                 self._service = service

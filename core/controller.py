@@ -46,6 +46,8 @@ from dockyard.core.strategy import Strategy
 log = logging.getLogger(__name__)
 S = SlotState
 T = TypeVar("T")
+#: How long a stop waits, in all, for cancelled operations to clean up.
+STOP_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -103,8 +105,11 @@ class Controller:
         if self.router_watch_interval_s > 0:
             self._router_watch = asyncio.create_task(self._router_loop(), name="router-watch")
 
-    async def stop(self) -> None:
-        """Cancel the monitor, drain timers and running operations (which clean up)."""
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Cancel the monitor, drain timers and running operations, and wait (at most
+        ``timeout_s`` in all) while they clean up: a cancelled operation's slot ends FAILED
+        with ``controller_stopped`` and its container and port are removed."""
+        self.ops.cancel_reason = "controller_stopped"
         tasks: list[asyncio.Task[Any]] = [t for t, _ in self._timers.values() if not t.done()]
         if self._monitor:
             tasks.append(self._monitor)
@@ -113,9 +118,10 @@ class Controller:
         tasks += [op.task for op in self._operations.values() if op.running]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(task, timeout=30)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                log.warning("%s did not end within %g s of the stop", task.get_name(), timeout_s)
 
     def _lock(self, deployment_id: str) -> asyncio.Lock:
         return self._locks.setdefault(deployment_id, asyncio.Lock())
@@ -181,6 +187,7 @@ class Controller:
     async def delete(self, deployment_id: str) -> None:
         """Cancel what runs, remove every container, route, port lease and record.
 
+        The intent is recorded first (``delete_requested``): a restart finishes the delete.
         From the moment a delete starts, new operations on the deployment get Conflict and
         an operation admitted meanwhile ends before it touches anything. A second delete
         meanwhile waits for the first, then finds nothing (NotFound)."""
@@ -190,6 +197,8 @@ class Controller:
         await self.get(deployment_id)
         done = self._deleting[deployment_id] = asyncio.Event()
         try:
+            # The intent first: a restart finishes the delete.
+            await self.ops.event(deployment_id, "delete_requested")
             op = self._operations.get(deployment_id)
             if op and op.running:
                 op.task.cancel()
@@ -560,18 +569,32 @@ class Controller:
 
     # -- resume --------------------------------------------------------------------------
     async def resume(self) -> None:
-        """Make the stored state true again after a (re)start.
+        """Make the stored state true again after a (re)start, and finish or close every
+        intent a previous process recorded but did not carry out.
 
         Slots caught mid-operation (BUILDING, STAGING) end FAILED with ``controller_restarted``
         and their container and port are removed; promoted and healthy slots whose container
         is gone end FAILED; draining slots get their drain timer back; routes of promoted
-        slots are restored; containers and leases that no slot accounts for are reaped.
+        slots are restored and routes of deployments with nothing promoted removed;
+        containers and leases that no slot accounts for are reaped. Then the intents: a
+        delete requested (``delete_requested``) is finished; a deployment whose stored
+        generation never reached a slot (``created`` or ``redeploy_requested``, killed
+        before its build began) is deployed; a HEALTHY slot of an ``auto_promote`` revision
+        that was never promoted is promoted. Each resumed intent gets an
+        ``operation_resumed`` event (reason ``controller_restarted``).
         """
         store, runtime = self.services.store, self.services.runtime
         known: set[str] = set()
         owners: dict[int, str] = {}
         routes = []
+        pending: list[tuple[str, str, Callable[[str], Awaitable[None]], dict[str, Any]]] = []
         for deployment in await store.list_deployments():
+            intents = await self._recorded_intents(deployment.id)
+            if intents["delete_requested"]:
+                log.info("finishing the delete of %s cut short by a restart", deployment.id)
+                await self._remove_everything(deployment.id)
+                continue
+            unpromoted: Any = None
             for slot in await store.list_slots(deployment.id):
                 if slot.state in (S.BUILDING, S.STAGING):
                     await self.ops.fail(
@@ -592,7 +615,23 @@ class Controller:
                         owners[slot.host_port] = lease_owner(deployment.id, slot.color)
                     if slot.state is S.PROMOTED:
                         routes.append(self.ops.route(deployment, slot))
+                    if slot.state is S.HEALTHY and await self._meant_to_promote(slot):
+                        unpromoted = slot
             await self._schedule_drains(deployment.id)
+            if deployment.generation > intents["built_generation"]:
+                kind = "deploy" if intents["built_generation"] == 0 else "redeploy"
+                data = {"generation": deployment.generation}
+                pending.append((deployment.id, kind, self._deploy, data))
+            elif unpromoted is not None:
+                color = unpromoted.color
+                pending.append(
+                    (
+                        deployment.id,
+                        "promote",
+                        lambda d, c=color: self._resume_promote(d, c),
+                        {"color": str(color)},
+                    )
+                )
         for info in await runtime.list(self.services.labels()):
             expected = container_name(
                 info.labels.get(LABEL_DEPLOYMENT, ""), info.labels.get(LABEL_COLOR, "")
@@ -603,7 +642,58 @@ class Controller:
         for port, owner in (await store.list_leases()).items():
             if owners.get(port) != owner:
                 await store.release_port(port)
-        await self.services.router.restore(routes)
+        router = self.services.router
+        await router.restore(routes)
+        served = await router.served() or {}
+        for deployment_id in set(served) - {route.deployment_id for route in routes}:
+            log.info("removing the route of %s: nothing of it is promoted", deployment_id)
+            await router.remove(deployment_id)
+        for deployment_id, kind, body, data in pending:
+            await self.ops.event(
+                deployment_id,
+                "operation_resumed",
+                reason="controller_restarted",
+                message=f"the {kind} a previous dockyard recorded is carried out now",
+                data={"operation": kind, **data},
+            )
+            self._start(deployment_id, kind, body)
+
+    async def _recorded_intents(self, deployment_id: str) -> dict[str, Any]:
+        """What a deployment's history says was asked for: the newest generation a slot
+        started building (0: none) and whether a delete was requested."""
+        built, delete_requested, after = 0, False, 0
+        while True:
+            events = await self.services.store.list_events(deployment_id, after=after)
+            if not events:
+                break
+            for event in events:
+                if event.kind == "delete_requested":
+                    delete_requested = True
+                elif event.kind == "slot_transition" and event.to_state is S.BUILDING:
+                    built = max(built, int(event.data.get("generation") or 0))
+            after = events[-1].seq or after
+            if len(events) < 1000 or not events[-1].seq:
+                break
+        return {"built_generation": built, "delete_requested": delete_requested}
+
+    async def _meant_to_promote(self, slot: Any) -> bool:
+        """Whether a HEALTHY slot waits for a promotion a restart cut short: its revision
+        was deployed with ``auto_promote``."""
+        revision = await self.services.store.get_revision(slot.revision_id or "")
+        return bool(revision and revision.spec and revision.spec.auto_promote)
+
+    async def _resume_promote(self, deployment_id: str, color: Color) -> None:
+        """Promote a HEALTHY slot whose promotion a restart cut short; when that fails the
+        slot ends FAILED (the promoted one, if any, keeps serving)."""
+        deployment = await self.get(deployment_id)
+        slot = await self.services.store.get_slot(deployment_id, color)
+        if slot.state is not S.HEALTHY:
+            return
+        try:
+            await self.ops.promote(deployment, slot)
+        except DockyardError as exc:
+            await self.ops.fail(slot, exc.reason, exc.message)
+            raise
 
 
 def _death(info: Any) -> tuple[str, str]:

@@ -89,6 +89,9 @@ class SlotOps:
         self.drains: dict[tuple[str, Color], tuple[float, float]] = {}
         #: Operations waiting for a drain to end, by deployment (shown in the API).
         self.waiting: dict[str, DrainWait] = {}
+        #: The reason a cancelled operation's slot fails with (``controller_stopped`` once
+        #: the controller stops).
+        self.cancel_reason = "cancelled"
 
     # -- records -------------------------------------------------------------------------
     async def event(self, deployment_id: str, kind: str, **fields: Any) -> Event:
@@ -110,16 +113,8 @@ class SlotOps:
         **changes: Any,
     ) -> Slot:
         """Transition ``slot`` (legal moves only), store it with its event, notify."""
-        new = transition(slot, to, reason=reason, message=message, **changes)
-        event = Event(
-            deployment_id=slot.deployment_id,
-            kind="slot_transition",
-            color=slot.color,
-            from_state=slot.state,
-            to_state=to,
-            reason=reason,
-            message=message,
-            data=data or {},
+        new, event = self._move_record(
+            slot, to, reason=reason, message=message, data=data, **changes
         )
         saved = await self.store.save_slot(new, event)
         await emit_event(self.services.pm, event)
@@ -462,8 +457,9 @@ class SlotOps:
         )
 
     async def promote(self, deployment: Deployment, target: Slot) -> Slot:
-        """Point the route at ``target`` (one write, verified), then record the switch:
-        the old promoted slot goes DRAINING first, so at most one slot is ever PROMOTED.
+        """Point the route at ``target`` (one write, verified), then record the switch in
+        one store transaction: the old promoted slot goes DRAINING as ``target`` goes
+        PROMOTED, so exactly one slot is PROMOTED whatever point a crash hits.
 
         When the proxy does not serve the new upstream in time, the route goes back to the
         promoted slot and the switch fails (``switch_failed``)."""
@@ -485,23 +481,51 @@ class SlotOps:
         switch_ms = round((time.monotonic() - started) * 1000, 1)
         slots = await self.slots(deployment.id)
         old = slots[target.color.other]
+        moves = []
         if old.state is S.PROMOTED:
             grace = deployment.spec.grace_period_s
             until = time.time() + grace
-            drained = await self.move(
-                old, S.DRAINING, data={"grace_period_s": grace, "until": until}
+            moves.append(
+                self._move_record(old, S.DRAINING, data={"grace_period_s": grace, "until": until})
             )
-            self.drains[(deployment.id, old.color)] = (drained.updated_at, until)
-        target = await self.move(
-            await self.store.get_slot(deployment.id, target.color),
-            S.PROMOTED,
-            data={
-                "url": router.url_for(deployment.id),
-                "switch_ms": switch_ms,
-                "router": router.name,
-            },
+        moves.append(
+            self._move_record(
+                slots[target.color],
+                S.PROMOTED,
+                data={
+                    "url": router.url_for(deployment.id),
+                    "switch_ms": switch_ms,
+                    "router": router.name,
+                },
+            )
         )
-        return target
+        # One transaction: a crash leaves the old slot promoted or the new one, never
+        # neither; the route already serves the new one and a restart re-applies the
+        # route of whichever the store says.
+        saved = await self.store.save_slots(moves)
+        if len(saved) == 2:  # the old slot drains until its grace period is over
+            self.drains[(deployment.id, old.color)] = (saved[0].updated_at, until)
+        for _, event in moves:
+            await emit_event(self.services.pm, event)
+        return saved[-1]
+
+    @staticmethod
+    def _move_record(
+        slot: Slot, to: SlotState, *, data: dict[str, Any] | None = None, **changes: Any
+    ) -> tuple[Slot, Event]:
+        """The slot after a legal move and the event that records it (nothing stored)."""
+        new = transition(slot, to, **changes)
+        event = Event(
+            deployment_id=slot.deployment_id,
+            kind="slot_transition",
+            color=slot.color,
+            from_state=slot.state,
+            to_state=to,
+            reason=changes.get("reason"),
+            message=changes.get("message"),
+            data=data or {},
+        )
+        return new, event
 
 
 def _bindable(port: int, host: str = "127.0.0.1") -> bool:

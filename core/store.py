@@ -8,7 +8,7 @@ never handed out twice, even to two processes at once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -106,6 +106,13 @@ class StateStore(abc.ABC):
         a change of state must be legal, must come with an event, and ``event.from_state``
         (when set) must equal the stored state; a save without an event only updates fields
         of an unchanged state. IllegalTransition otherwise. The event gets its ``seq``."""
+
+    @abc.abstractmethod
+    async def save_slots(self, changes: Sequence[tuple[Slot, Event | None]]) -> list[Slot]:
+        """Write several slots (each with its event) in ONE transaction, each checked as
+        :meth:`save_slot` checks one, in order: all are written or none is. A promotion
+        uses it to move the old slot to DRAINING and the new one to PROMOTED together, so
+        no crash can leave a deployment with neither (or both) promoted."""
 
     # events -----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -71,7 +71,7 @@ class BlueGreen(Strategy):
         except BaseException as exc:  # cancelled, or a bug: never leave a slot half-made
             await ops.fail(
                 slot,
-                "cancelled" if _cancelled(exc) else "internal_error",
+                getattr(ops, "cancel_reason", "cancelled") if _cancelled(exc) else "internal_error",
                 str(exc) or type(exc).__name__,
             )
             raise

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from dockyard.core.children import die_with_parent
 from dockyard.core.errors import SourceError
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.source import FetchedSource, Source, SourceLimits, SourceRequest
@@ -652,6 +653,7 @@ async def _run_worker(job: Mapping[str, Any], timeout_s: float) -> dict[str, Any
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=die_with_parent,  # a killed dockyard leaves no fetch running
         env=_worker_env(),
         cwd="/",
     )

@@ -548,42 +548,63 @@ class SqliteStore(StateStore):
         stale field update can never move a slot). IllegalTransition otherwise, NotFound if
         the deployment does not exist. The stored event gets its ``seq``.
         """
-        if event is not None:
-            if event.deployment_id != slot.deployment_id:
-                raise ValidationError(
-                    f"event of {event.deployment_id!r} saved with a slot of {slot.deployment_id!r}"
-                )
-            if event.color is not None and event.color != slot.color:
-                raise ValidationError(f"event of the {event.color} slot saved with {slot.color}")
-            if event.to_state is not None and event.to_state != slot.state:
-                raise ValidationError(
-                    f"event says {event.to_state} but the slot is saved as {slot.state}"
-                )
-        body = _encode(slot, "slot")
-        event_row = None if event is None else self._event_row(event)
+        return (await self.save_slots([(slot, event)]))[0]
 
-        def write(conn: sqlite3.Connection) -> Slot:
+    async def save_slots(self, changes: Sequence[tuple[Slot, Event | None]]) -> list[Slot]:
+        """Write several slots (and their events) in ONE ``BEGIN IMMEDIATE`` transaction,
+        each checked as :meth:`save_slot` checks one, in order: all are written or none
+        (a promotion moves the old slot to DRAINING and the new one to PROMOTED at once)."""
+        rows = []
+        for slot, event in changes:
+            self._check_event(slot, event)
+            rows.append(
+                (slot, event, _encode(slot, "slot"), self._event_row(event) if event else None)
+            )
+
+        def write(conn: sqlite3.Connection) -> list[Slot]:
             with _transaction(conn):
-                row = conn.execute(
-                    "SELECT state FROM slots WHERE deployment_id = ? AND color = ?",
-                    (slot.deployment_id, str(slot.color)),
-                ).fetchone()
-                if row is None:
-                    raise NotFound(
-                        f"deployment {slot.deployment_id!r} does not exist",
-                        id=slot.deployment_id,
+                for slot, event, body, event_row in rows:
+                    row = conn.execute(
+                        "SELECT state FROM slots WHERE deployment_id = ? AND color = ?",
+                        (slot.deployment_id, str(slot.color)),
+                    ).fetchone()
+                    if row is None:
+                        raise NotFound(
+                            f"deployment {slot.deployment_id!r} does not exist",
+                            id=slot.deployment_id,
+                        )
+                    self._check_move(slot, SlotState(row[0]), event)
+                    conn.execute(
+                        "UPDATE slots SET state = ?, updated_at = ?, body = ?"
+                        " WHERE deployment_id = ? AND color = ?",
+                        (
+                            str(slot.state),
+                            slot.updated_at,
+                            body,
+                            slot.deployment_id,
+                            str(slot.color),
+                        ),
                     )
-                self._check_move(slot, SlotState(row[0]), event)
-                conn.execute(
-                    "UPDATE slots SET state = ?, updated_at = ?, body = ?"
-                    " WHERE deployment_id = ? AND color = ?",
-                    (str(slot.state), slot.updated_at, body, slot.deployment_id, str(slot.color)),
-                )
-                if event is not None and event_row is not None:
-                    event.seq = self._insert_event(conn, event_row)
-            return slot
+                    if event is not None and event_row is not None:
+                        event.seq = self._insert_event(conn, event_row)
+            return [slot for slot, *_ in rows]
 
-        return await self._run("save a slot", write)
+        return await self._run("save slots", write)
+
+    @staticmethod
+    def _check_event(slot: Slot, event: Event | None) -> None:
+        if event is None:
+            return
+        if event.deployment_id != slot.deployment_id:
+            raise ValidationError(
+                f"event of {event.deployment_id!r} saved with a slot of {slot.deployment_id!r}"
+            )
+        if event.color is not None and event.color != slot.color:
+            raise ValidationError(f"event of the {event.color} slot saved with {slot.color}")
+        if event.to_state is not None and event.to_state != slot.state:
+            raise ValidationError(
+                f"event says {event.to_state} but the slot is saved as {slot.state}"
+            )
 
     @staticmethod
     def _check_move(slot: Slot, stored: SlotState, event: Event | None) -> None:

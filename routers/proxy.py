@@ -1,5 +1,6 @@
 """What the Traefik and Caddy routers share: finding the proxy's binary, running the proxy
-as a child process, atomic file writes, and verifying a route by probing through the proxy.
+as a child process (with a pid file, dying with dockyard: ``core/children.py``), atomic file
+writes, and verifying a route by probing through the proxy.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import errno
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -21,6 +21,7 @@ from typing import TypeVar
 import aiohttp
 import msgspec
 
+from dockyard.core.children import PidFile, die_with_parent
 from dockyard.core.config import Settings
 from dockyard.core.errors import ConfigError
 from dockyard.core.router import ROUTE_HEADER, Route, RouterError
@@ -163,9 +164,10 @@ async def probe_route(
 class ProxyProcess:
     """A proxy dockyard runs itself: started, watched and stopped by its router.
 
-    Its output goes to ``log_path``; its pid to ``pid_path``, so a proxy left behind by a
-    dockyard that died is stopped before a new one takes its ports. Any other process on
-    one of ``listens`` (TCP addresses) makes :meth:`start` fail instead of sharing it.
+    Its output goes to ``log_path``; its pid and start time to ``pid_path``, so a proxy left
+    behind by a dockyard that died is stopped before a new one takes its ports. It gets
+    SIGKILL when dockyard dies (``PR_SET_PDEATHSIG``, Linux). Any other process on one of
+    ``listens`` (TCP addresses) makes :meth:`start` fail instead of sharing it.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class ProxyProcess:
         self.listens = list(listens)
         self.log_path = log_path
         self.pid_path = pid_path
+        self.pid_file = PidFile(pid_path, name)
         self.env = dict(env) if env is not None else None
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
@@ -212,9 +215,10 @@ class ProxyProcess:
                 stderr=out,
                 env=self.env,
                 start_new_session=True,  # a Ctrl-C meant for dockyard is not the proxy's
+                preexec_fn=die_with_parent,  # forked by the event loop's thread
             )
         self.starts += 1
-        self.pid_path.write_text(f"{self.process.pid}\n")
+        self.pid_file.record(self.process.pid, self.argv[0])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running:
@@ -240,8 +244,7 @@ class ProxyProcess:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
-        with contextlib.suppress(FileNotFoundError):
-            self.pid_path.unlink()
+        self.pid_file.clear()
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -251,24 +254,9 @@ class ProxyProcess:
         return " | ".join(line.strip() for line in text.splitlines()[-lines:])
 
     def _stop_leftover(self) -> None:
-        """Kill the proxy a previous dockyard started from the same data directory, if
-        it still runs (same executable)."""
-        try:
-            pid = int(self.pid_path.read_text().strip())
-        except (FileNotFoundError, ValueError):
+        """Kill the proxy a previous dockyard started from the same data directory, if it
+        still runs (the same process: pid and start time)."""
+        record = self.pid_file.read()
+        if record is not None and self.process is not None and self.process.pid == record["pid"]:
             return
-        if self.process is not None and self.process.pid == pid:
-            return
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            return
-        if os.path.realpath(exe) != os.path.realpath(self.argv[0]):
-            return
-        log.warning("stopping %s left behind by a previous dockyard (pid %s)", self.name, pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.02)
+        self.pid_file.reap(self.argv[0])

@@ -211,3 +211,90 @@ async def test_a_port_busy_on_the_host_is_skipped(services: Services) -> None:
         assert blue.state is S.PROMOTED and blue.host_port == 47301
         assert 47300 not in await services.store.list_leases()
         await controller.stop()
+
+
+async def _kinds(services: Services) -> list[str]:
+    return [e.kind for e in await services.store.list_events("app")]
+
+
+async def test_resume_deploys_a_deployment_created_but_never_deployed(
+    services: Services,
+) -> None:
+    """Killed right after ``created``: the stored deployment gets its deploy."""
+    await services.store.create_deployment(spec())
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    assert await restarted.wait("app", 10)
+    assert (await states(services))[Color.BLUE] is S.PROMOTED
+    [resumed] = [
+        e for e in await services.store.list_events("app") if e.kind == "operation_resumed"
+    ]
+    assert (resumed.reason, resumed.data["operation"]) == ("controller_restarted", "deploy")
+    await restarted.stop()
+
+
+async def test_resume_runs_a_redeploy_requested_but_never_run(services: Services) -> None:
+    """Killed right after ``redeploy_requested``: the new spec is stored (generation 2) but
+    no slot built it; the restart deploys it rather than leave the old revision running."""
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller)
+    await controller.stop()
+    await services.store.update_deployment(msgspec.structs.replace(spec(), ref="v2"))
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    assert await restarted.wait("app", 10)
+    assert await states(services) == {Color.BLUE: S.DRAINING, Color.GREEN: S.PROMOTED}
+    green = await services.store.get_slot("app", Color.GREEN)
+    revision = await services.store.get_revision(green.revision_id or "")
+    assert revision is not None and revision.ref == "v2"
+    assert "operation_resumed" in await _kinds(services)
+    await restarted.stop()
+
+
+async def test_resume_promotes_a_healthy_slot_never_promoted(services: Services) -> None:
+    """Killed between HEALTHY and the promotion: the restart promotes it (the old slot
+    drains), with an ``operation_resumed`` event."""
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller)
+    await controller.redeploy("app", {"ref": "v2", "auto_promote": False})
+    assert await controller.wait("app", 10)
+    await controller.stop()
+    assert await states(services) == {Color.BLUE: S.PROMOTED, Color.GREEN: S.HEALTHY}
+    # Without auto_promote, HEALTHY is where the slot is meant to stay.
+    quiet = Controller.from_services(services)
+    await quiet.start()
+    assert await states(services) == {Color.BLUE: S.PROMOTED, Color.GREEN: S.HEALTHY}
+    await quiet.stop()
+    green = await services.store.get_slot("app", Color.GREEN)
+    revision = await services.store.get_revision(green.revision_id or "")
+    assert revision is not None and revision.spec is not None
+    meant = msgspec.structs.replace(
+        revision, spec=msgspec.structs.replace(revision.spec, auto_promote=True)
+    )
+    # Give the slot the auto_promote revision a deploy that was cut short would have had.
+    moved = msgspec.structs.replace(meant, id=meant.id + "-auto")
+    await services.store.add_revision(moved)
+    await services.store.save_slot(msgspec.structs.replace(green, revision_id=moved.id))
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    assert await restarted.wait("app", 10)
+    assert await states(services) == {Color.BLUE: S.DRAINING, Color.GREEN: S.PROMOTED}
+    resumed = [e for e in await services.store.list_events("app") if e.kind == "operation_resumed"]
+    assert [e.data["operation"] for e in resumed] == ["promote"]
+    await restarted.stop()
+
+
+async def test_resume_finishes_a_requested_delete(services: Services) -> None:
+    controller = Controller.from_services(services)
+    await controller.start()
+    await deploy(controller)
+    await controller.stop()
+    await controller.ops.event("app", "delete_requested")
+    restarted = Controller.from_services(services)
+    await restarted.start()
+    assert await services.store.get_deployment("app") is None
+    assert await services.runtime.list(services.labels()) == []
+    assert await services.store.list_leases() == {}
+    await restarted.stop()

@@ -439,6 +439,47 @@ async def test_a_full_blue_green_cycle(store: StateStore) -> None:
 
 
 # ---------------------------------------------------------------- events
+async def test_save_slots_moves_both_slots_in_one_transaction(store: StateStore) -> None:
+    """A promotion: the old slot to DRAINING and the new one to PROMOTED, together, with
+    both events in order."""
+    await store.create_deployment(spec())
+    blue = await slot_in(store, S.PROMOTED, Color.BLUE)
+    green = await slot_in(store, S.HEALTHY, Color.GREEN)
+    before = len(await store.list_events("app"))
+    draining, promoted = transition(blue, S.DRAINING), transition(green, S.PROMOTED)
+    events = [move_event(blue, S.DRAINING), move_event(green, S.PROMOTED)]
+    saved = await store.save_slots([(draining, events[0]), (promoted, events[1])])
+    assert saved == [draining, promoted]
+    states = {s.color: s.state for s in await store.list_slots("app")}
+    assert states == {Color.BLUE: S.DRAINING, Color.GREEN: S.PROMOTED}
+    stored = (await store.list_events("app"))[before:]
+    assert [(e.color, e.to_state) for e in stored] == [
+        (Color.BLUE, S.DRAINING),
+        (Color.GREEN, S.PROMOTED),
+    ]
+    assert [e.seq for e in events] == [e.seq for e in stored]
+
+
+async def test_save_slots_writes_nothing_when_one_change_is_refused(store: StateStore) -> None:
+    """The second change is stale (the green slot moved meanwhile): the first, legal on
+    its own, is not written either, and no event is appended."""
+    await store.create_deployment(spec())
+    blue = await slot_in(store, S.PROMOTED, Color.BLUE)
+    green = await slot_in(store, S.HEALTHY, Color.GREEN)
+    await move(store, green, S.RETIRED)
+    before = await store.list_events("app")
+    with pytest.raises(IllegalTransition):
+        await store.save_slots(
+            [
+                (transition(blue, S.DRAINING), move_event(blue, S.DRAINING)),
+                (transition(green, S.PROMOTED), move_event(green, S.PROMOTED)),
+            ]
+        )
+    assert (await store.get_slot("app", Color.BLUE)) == blue
+    assert (await store.get_slot("app", Color.GREEN)).state is S.RETIRED
+    assert await store.list_events("app") == before
+
+
 async def test_events_get_increasing_seqs_and_list_oldest_first(store: StateStore) -> None:
     await store.create_deployment(spec())
     await store.create_deployment(spec("other"))

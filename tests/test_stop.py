@@ -1,0 +1,173 @@
+"""A clean stop: ``dockyard serve`` on real Podman behind Caddy gets SIGTERM (what systemd
+sends) while a redeploy is building, exits 0, and leaves no process it started running: not
+Caddy, not its private ``podman system service``, not a build step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockyard.core.config import Settings
+from tests.conftest import ON_CI
+from tests.gitserver import GitDaemon, Repo, RepoBuilder
+from tests.proxies import require
+from tests.serve import Served, alive
+
+pytestmark = [pytest.mark.podman, pytest.mark.slow]
+
+HEALTH = {"interval_s": 0.2, "timeout_s": 2, "deadline_s": 20}
+AGENT = """\
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+COPY www /www
+{extra}CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
+"""
+
+
+def podman_required() -> None:
+    if shutil.which("podman") is None:
+        if ON_CI:
+            pytest.fail("podman is not installed (CI=true: never skipped)")
+        pytest.skip("podman is not installed: apt-get install podman")
+    require("caddy")
+
+
+def agent(repo: Repo, version: str, *, slow_build_s: int = 0) -> str:
+    """Commit a busybox httpd agent answering ``version``; with ``slow_build_s`` its build
+    has a ``RUN sleep``."""
+    extra = f'RUN ["/bin/busybox", "sleep", "{slow_build_s}"]\n' if slow_build_s else ""
+    repo.write("busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
+    repo.write("Dockerfile", AGENT.format(extra=extra))
+    repo.write("www/index.html", version)
+    repo.write("www/health", "ok")
+    return repo.commit(version)
+
+
+def engine_containers(data_dir: Path) -> list[str]:
+    """Containers of the dockyard on ``data_dir`` (its instance label), as Podman says."""
+    import subprocess
+
+    instance = Settings(data_dir=str(data_dir)).instance_id
+    out = subprocess.run(
+        [
+            "podman",
+            "ps",
+            "-a",
+            "--filter",
+            f"label=io.dockyard.instance={instance}",
+            "--format",
+            "{{.Names}}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return sorted(out.split())
+
+
+@pytest.fixture(scope="module")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
+    root = tmp_path_factory.mktemp("repos") / "served"
+    builder = RepoBuilder(root)
+    with GitDaemon(root) as daemon:
+        yield daemon, builder
+
+
+def slot_rows(served: Served, deployment_id: str) -> dict[str, dict[str, Any]]:
+    rows = served.query("SELECT color, body FROM slots WHERE deployment_id = ?", deployment_id)
+    return {color: json.loads(body) for color, body in rows}
+
+
+def test_sigterm_stops_every_process_dockyard_started(
+    git_server: tuple[GitDaemon, Any], tmp_path: Path
+) -> None:
+    podman_required()
+    daemon, repos = git_server
+    repo = repos.new("stop-agent")
+    v1 = agent(repo, "v1")
+    slow = agent(repo, "v2", slow_build_s=30)
+    data = tmp_path / "data"
+    served = Served(data, port_range=(45300, 45320)).start()
+    try:
+        status, body = served.request(
+            "POST",
+            "/v1/repos?wait=true&timeout=120",
+            {
+                "id": "stop-app",
+                "repo": f"{daemon.url}/stop-agent.git",
+                "ref": v1,
+                "health": HEALTH,
+                "grace_period_s": 0,
+            },
+            timeout=150,
+        )
+        assert status == 200 and body["promoted"] == "blue", body
+        assert served.through_proxy("/apps/stop-app/health") == 200
+        status, body = served.request("POST", "/v1/repos/stop-app/redeploy", {"ref": slow})
+        assert status == 202, body
+        # Wait until the slow build is inside its RUN step (a process under the service).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any("sleep 30" in cmd for _, cmd in served.descendants().values()):
+                break
+            time.sleep(0.2)
+        processes = served.descendants()
+        commands = " | ".join(cmd for _, cmd in processes.values())
+        assert "caddy" in commands and "system service" in commands, commands
+        assert "sleep 30" in commands, commands  # the build step runs as we stop
+
+        started = time.monotonic()
+        served.signal(signal.SIGTERM)
+        assert served.wait(60) == 0, served.log_tail()
+        took = time.monotonic() - started
+        assert alive(processes) == {}, f"still running after the stop: {alive(processes)}"
+        assert took < 45, f"the stop took {took:.1f} s"
+        assert not list(data.rglob("*.pid")), list(data.rglob("*.pid"))
+        # The cancelled redeploy is closed with its reason; the promoted slot was kept.
+        slots = slot_rows(served, "stop-app")
+        assert (slots["green"]["state"], slots["green"]["reason"]) == (
+            "FAILED",
+            "controller_stopped",
+        ), slots["green"]
+        assert slots["blue"]["state"] == "PROMOTED"
+
+        # The next start serves the deployment again (route restored through a new Caddy).
+        served.start()
+        deadline = time.monotonic() + 20
+        while served.through_proxy("/apps/stop-app/health") != 200:
+            assert time.monotonic() < deadline, "not served again after the restart"
+            time.sleep(0.2)
+        status, _ = served.request("DELETE", "/v1/repos/stop-app")
+        assert status == 200
+    finally:
+        served.stop()
+    assert engine_containers(data) == []
+
+
+def test_sigint_stops_an_idle_dockyard_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) is a stop too: exit 0, the proxy and the private Podman service
+    gone, their pid files removed."""
+    podman_required()
+    data = tmp_path / "data"
+    served = Served(data, port_range=(45321, 45325)).start()
+    try:
+        processes = served.descendants()
+        commands = " | ".join(cmd for _, cmd in processes.values())
+        assert "caddy" in commands and "system service" in commands, commands
+        assert sorted(p.name for p in data.rglob("*.pid")) == ["caddy.pid", "podman-service.pid"]
+        served.signal(signal.SIGINT)
+        assert served.wait(60) == 0, served.log_tail()
+        assert alive(processes) == {}, f"still running after the stop: {alive(processes)}"
+        assert not list(data.rglob("*.pid"))
+    finally:
+        served.stop()

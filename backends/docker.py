@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dockyard.backends.firewall import IFACE_PREFIX, AgentFirewall, AgentNetwork, local_nft
+from dockyard.core.dockerfile import external_images
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -364,109 +365,6 @@ def container_info(attrs: Mapping[str, Any], *, limits_enforced: bool = True) ->
     if "started_at" in ContainerInfo.__struct_fields__:  # the contract's newer field
         fields["started_at"] = started_at(state.get("StartedAt"))
     return ContainerInfo(**fields)
-
-
-# ------------------------------------------------------------------- Dockerfile reading
-_VARIABLE = re.compile(
-    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
-    r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
-)
-_DIRECTIVE = re.compile(r"^\s*#\s*([A-Za-z]+)\s*=\s*(\S+)\s*$")
-
-
-def _instructions(text: str) -> list[str]:
-    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
-    lines = text.splitlines()
-    escape = "\\"
-    for line in lines:
-        directive = _DIRECTIVE.match(line)
-        if directive is None:
-            break
-        if directive.group(1).lower() == "escape" and directive.group(2) in ("\\", "`"):
-            escape = directive.group(2)
-    out: list[str] = []
-    buf = ""
-    for line in lines:
-        stripped = line.strip()
-        if not buf and (not stripped or stripped.startswith("#")):
-            continue
-        if buf and stripped.startswith("#"):
-            continue  # comments inside a continued instruction are dropped
-        if line.rstrip().endswith(escape):
-            buf += line.rstrip()[: -len(escape)] + " "
-            continue
-        out.append((buf + line).strip())
-        buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out
-
-
-def _expand(word: str, args: Mapping[str, str | None]) -> str:
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group("braced") or match.group("plain")
-        value = args.get(name)
-        op = match.group("op")
-        if op == "-":
-            return value if value else match.group("word")
-        if op == "+":
-            return match.group("word") if value else ""
-        return value or ""
-
-    return _VARIABLE.sub(substitute, word)
-
-
-def external_images(text: str, build_args: Mapping[str, str] | None = None) -> list[str]:
-    """Images a Dockerfile needs from the engine's store: every ``FROM`` and ``COPY --from``
-    reference that is neither ``scratch`` nor an earlier stage, global ``ARG`` values (and
-    ``build_args``) substituted, in order, without duplicates.
-
-    :raises BuildFailed: a reference that cannot be resolved statically.
-    """
-    build_args = build_args or {}
-    global_args: dict[str, str | None] = {}
-    stages: list[str] = []  # lower-cased stage names ("" for an unnamed stage)
-    found: list[str] = []
-
-    def resolve(word: str, what: str) -> str:
-        value = _expand(word, global_args).strip()
-        if not value or "$" in value:
-            raise BuildFailed(
-                f"Dockerfile {what} {word!r}: cannot tell which image this is before the "
-                "build (images are never pulled, so every base image is checked first)",
-                reason="dockerfile_refused",
-            )
-        return value
-
-    def need(image: str) -> None:
-        if image != "scratch" and image.lower() not in stages and image not in found:
-            found.append(image)
-
-    for instruction in _instructions(text):
-        keyword, _, rest = instruction.partition(" ")
-        keyword = keyword.upper()
-        words = rest.split()
-        if keyword == "ARG" and not stages:
-            for word in words:
-                name, eq, default = word.partition("=")
-                default = default.strip("\"'") if eq else None
-                global_args[name] = build_args.get(name, default)
-        elif keyword == "FROM":
-            words = [w for w in words if not w.startswith("--")]  # --platform=...
-            if not words:
-                raise BuildFailed("Dockerfile FROM without an image", reason="dockerfile_refused")
-            need(resolve(words[0], "FROM"))
-            named = len(words) >= 3 and words[1].lower() == "as"
-            stages.append(words[2].lower() if named else "")
-        elif keyword == "COPY":
-            for word in words:
-                if not word.startswith("--from="):
-                    continue
-                source = resolve(word.removeprefix("--from="), "COPY --from")
-                if source.isdigit() and int(source) < len(stages):
-                    continue
-                need(source)
-    return found
 
 
 # ------------------------------------------------------------------ the build context

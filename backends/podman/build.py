@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from podman import api as podman_api
+from podman.errors import APIError
 
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BUILD_REPO, BuildJob, BuildLifecycle, split_ref
@@ -178,20 +179,23 @@ class PodmanBuilds(BuildLifecycle):
     async def _discard_build(self, job: BuildJob) -> None:
         def remove() -> None:
             with contextlib.suppress(Exception):
-                self.client.api.delete(f"/images/{job.temp_ref}", params={"force": True})
+                self.client.images.remove(job.temp_ref, force=True)
 
         await asyncio.to_thread(remove)
 
     def _tag(self, job: BuildJob) -> str:
-        resp = self.client.api.get(f"/images/{job.temp_ref}/json")
-        self._check(resp, f"inspecting the image built as {job.temp_ref}")
-        image_id = str(resp.json()["Id"]).removeprefix("sha256:")
+        try:
+            image = self.client.images.get(job.temp_ref)
+        except APIError as exc:
+            self._check(exc.response, f"inspecting the image built as {job.temp_ref}")
+            raise
+        image_id = str(image.id).removeprefix("sha256:")
         repo, version = split_ref(job.tag)
-        # raw: podman-py's Image.tag() answers False for any failure, without the reason.
-        self._check(
-            self.client.api.post(f"/images/{image_id}/tag", params={"repo": repo, "tag": version}),
-            f"tagging {image_id[:12]} as {job.tag}",
-        )
+        try:
+            image.tag(repo, version)
+        except APIError as exc:
+            self._check(exc.response, f"tagging {image_id[:12]} as {job.tag}")
+            raise
         # raw: podman-py has no untag.
         self._check(
             self.client.api.post(

@@ -371,14 +371,17 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
             raise RuntimeOperationError(_engine_message(exc), name=spec.name) from exc
 
     async def _start(self, container_id: str) -> None:
-        # raw: podman-py's Container.start() needs the container inspected first.
-        resp = await self._call(self.client.api.post, f"/containers/{container_id}/start")
-        self._check(resp, f"starting container {container_id[:12]}")
+        container = self.client.containers.prepare_model({"Id": container_id})
+        try:
+            await self._call(container.start)
+        except APIError as exc:
+            self._check(exc.response, f"starting container {container_id[:12]}")
+            raise
 
     async def stop(self, ref: str, *, timeout_s: float = 10.0) -> None:
         """Stop within ``timeout_s`` (SIGTERM via the init, then SIGKILL); missing is fine."""
         seconds = max(0, int(timeout_s + 0.999))
-        # raw: podman-py's Container.stop() has no request timeout beyond the stop's own.
+        # raw: podman-py's Container.stop() times the request out at 1.5 x the stop timeout.
         resp = await self._call(
             self.client.api.post,
             f"/containers/{ref}/stop",
@@ -391,7 +394,7 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
 
     async def remove(self, ref: str) -> None:
         """Force-remove a container (and its anonymous volumes); missing is fine."""
-        # raw: podman-py's containers.remove() raises on a missing container by status.
+        # raw: podman-py's containers.remove() has no stop timeout (Podman's ``timeout``).
         resp = await self._call(
             self.client.api.delete,
             f"/containers/{ref}",
@@ -401,13 +404,14 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
         self._check(resp, f"removing container {ref}", ok_missing=True)
 
     def _fetch_logs(self, ref: str, tail: int | None) -> list[str]:
-        # raw: podman-py's Container.logs() needs the container inspected first.
-        resp = self.client.api.get(
-            f"/containers/{ref}/logs",
-            params={"stdout": True, "stderr": True, "tail": "all" if tail is None else tail},
-        )
-        self._check(resp, f"reading the logs of container {ref}")
-        data = b"".join(podman_api.frames(resp))
+        container = self.client.containers.prepare_model({"Id": ref})
+        try:
+            frames = container.logs(stdout=True, stderr=True, tail="all" if tail is None else tail)
+            data = b"".join(frames)
+        except APIError as exc:
+            if exc.response is not None:
+                self._check(exc.response, f"reading the logs of container {ref}")
+            raise
         return data.decode("utf-8", "replace").splitlines()
 
     async def logs(self, ref: str, *, tail: int | None = 200) -> list[str]:
@@ -428,24 +432,25 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
         return lines if tail is None else lines[-tail:] if tail > 0 else []
 
     async def _inspect_attrs(self, ref: str) -> dict[str, Any] | None:
-        # raw: podman-py's containers.get() raises NotFound by status, not a None.
-        resp = await self._call(self.client.api.get, f"/containers/{ref}/json")
-        if not self._check(resp, f"inspecting container {ref}", ok_missing=True):
-            return None
-        return dict(resp.json())
+        try:
+            container = await self._call(self.client.containers.get, ref)
+        except APIError as exc:
+            if not self._check(exc.response, f"inspecting container {ref}", ok_missing=True):
+                return None
+            raise
+        return dict(container.attrs)
 
     async def _read_back(self, info: ContainerInfo) -> None:
         """The capability sets of the running processes, read back from the engine."""
-        # raw: podman-py's Container.top() has no ps_args.
-        top = await self._call(
-            self.client.api.get, f"/containers/{info.id}/top", params={"ps_args": "capbnd"}
-        )
-        if top.status_code != 200:
-            return
-        try:
-            processes = top.json().get("Processes") or []
-        except ValueError:  # the container exited meanwhile: Podman answers empty
-            processes = []
+
+        def bounding_sets() -> list[Any]:
+            container = self.client.containers.prepare_model({"Id": info.id})
+            try:
+                return list(container.top(ps_args="capbnd").get("Processes") or [])
+            except (APIError, ValueError):  # exited meanwhile: Podman answers an error or nothing
+                return []
+
+        processes = await self._call(bounding_sets)
         if processes:
             dropped = all(str(row[0]).strip() == "none" for row in processes if row)
             info.hardening.cap_drop_all = dropped and not info.hardening.cap_add
@@ -468,9 +473,11 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
 
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         """Remove an image; a missing image is not an error, one in use is a Conflict."""
-        # raw: podman-py's images.remove() raises on a missing image by status.
-        resp = await self._call(self.client.api.delete, f"/images/{ref}", params={"force": force})
-        self._check(resp, f"removing image {ref}", ok_missing=True)
+        try:
+            await self._call(self.client.images.remove, ref, force=force)
+        except APIError as exc:
+            if self._check(exc.response, f"removing image {ref}", ok_missing=True):
+                raise
 
 
 __all__ = [

@@ -111,3 +111,21 @@ def test_one_inspect_parser_serves_both_engines() -> None:
 
     assert podman.parse_hardening is docker.parse_hardening is inspection.parse_hardening
     assert podman.container_info is docker.container_info is inspection.container_info
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_an_unknown_or_mistyped_engine_option_names_the_key(engine: str) -> None:
+    from dockyard.core.config import Settings
+    from dockyard.core.errors import ConfigError
+    from dockyard.core.plugins import Registrar
+
+    module = importlib.import_module(f"dockyard.backends.{engine}")
+    register: Registrar[object] = Registrar("runtime")
+    module.dockyard_register_runtimes(register=register)
+    factory = register.get(engine)
+    with pytest.raises(ConfigError, match=rf"unknown option plugins\.{engine}\.build_nofiles"):
+        factory(Settings(plugins={engine: {"build_nofiles": 10}}))
+    with pytest.raises(ConfigError, match=rf"plugins\.{engine}\.api_timeout_s has the wrong type"):
+        factory(Settings(plugins={engine: {"api_timeout_s": "soon"}}))
+    runtime = factory(Settings(plugins={engine: {"api_timeout_s": 30, "build_log_lines": 5}}))
+    assert runtime.options.api_timeout_s == 30.0 and runtime.build_log_lines == 5

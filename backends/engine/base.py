@@ -144,6 +144,8 @@ class EngineRuntime(NetworkPolicy, BuildLifecycle, Runtime):
 
     # ---------------------------------------------------------------- connection
     async def _discover(self) -> str:
+        """Attach to the configured socket, else the first candidate that answers, else the
+        engine's fallback; the URL attached to."""
         if self._socket is not None:
             why = await self._attach(self._socket)
             if why:

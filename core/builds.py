@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dockyard.core.dockerfile import parse
 from dockyard.core.errors import BuildFailed, ValidationError
 from dockyard.core.models import DeploymentSpec
 from dockyard.core.runtime import (
@@ -53,8 +54,6 @@ SOURCE_MOUNT = "/app"
 #: ``image`` mode's scratch directory (a tmpfs) inside the source mount.
 LOGS_DIR = "logs"
 
-_SYNTAX_DIRECTIVE = re.compile(r"^\s*#\s*syntax\s*=", re.I)
-_DIRECTIVE = re.compile(r"^\s*#\s*[a-z]+\s*=", re.I)
 _INSECURE = re.compile(r"--security(?:=|\s+)insecure", re.I)
 _RUN_NETWORK = re.compile(r"--network(?:=|\s+)(\S+)", re.I)
 _ADD_URL = re.compile(r"^\s*ADD\s+(?:--\S+\s+)*(?:https?|git|ftp)://", re.I)
@@ -62,56 +61,41 @@ _MAX_DOCKERFILE_BYTES = 256 * 1024
 
 
 def check_dockerfile(text: str, *, network_allowed: bool = False) -> None:
-    """Refuse Dockerfile features that escape the build sandbox.
+    """Refuse Dockerfile features that escape the build sandbox, reading the instructions
+    as the engines do (:mod:`dockyard.core.dockerfile`: ``# escape=``, continuations,
+    comments inside them).
 
     :raises BuildFailed: with reason ``dockerfile_refused`` and the offending line.
     """
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
-        if not _DIRECTIVE.match(line):
-            break
-        if _SYNTAX_DIRECTIVE.match(line):
-            raise BuildFailed(
-                f"Dockerfile line {number}: '# syntax=' frontends are not allowed",
-                reason="dockerfile_refused",
-            )
-    for number, line in enumerate(_logical_lines(lines), 1):
-        stripped = line.lstrip()
+    dockerfile = parse(text)
+    if "syntax" in dockerfile.directives:
+        raise BuildFailed(
+            f"Dockerfile line {dockerfile.directives['syntax'][0]}: '# syntax=' frontends are "
+            "not allowed",
+            reason="dockerfile_refused",
+        )
+    for instruction in dockerfile.instructions:
+        number, stripped = instruction.line, instruction.text
         if _ADD_URL.match(stripped):
             # The engine fetches ADD <url> itself, outside the build's network sandbox.
             raise BuildFailed(
-                f"Dockerfile instruction {number}: ADD <url> is not allowed (the engine would "
+                f"Dockerfile line {number}: ADD <url> is not allowed (the engine would "
                 "fetch it outside the build's network sandbox); fetch it in the repository",
                 reason="dockerfile_refused",
             )
-        if not stripped.upper().startswith("RUN"):
+        if instruction.keyword != "RUN":
             continue
         if _INSECURE.search(stripped):
             raise BuildFailed(
-                f"Dockerfile instruction {number}: RUN --security=insecure is not allowed",
+                f"Dockerfile line {number}: RUN --security=insecure is not allowed",
                 reason="dockerfile_refused",
             )
         net = _RUN_NETWORK.search(stripped)
         if net and net.group(1).lower() != "none" and not network_allowed:
             raise BuildFailed(
-                f"Dockerfile instruction {number}: RUN --network={net.group(1)} is not allowed",
+                f"Dockerfile line {number}: RUN --network={net.group(1)} is not allowed",
                 reason="dockerfile_refused",
             )
-
-
-def _logical_lines(lines: list[str]) -> list[str]:
-    """Join backslash continuations so a flag cannot hide on a continuation line."""
-    out: list[str] = []
-    buf = ""
-    for line in lines:
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        out.append(buf + line)
-        buf = ""
-    if buf:
-        out.append(buf)
-    return out
 
 
 def build_inputs(spec: DeploymentSpec, source: FetchedSource) -> dict[str, object]:

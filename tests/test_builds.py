@@ -191,3 +191,55 @@ async def test_image_mode_mounts_a_view_and_never_writes_into_the_cache(tmp_path
     assert plain.tmpfs == {}  # no mount: the repository's own logs/ is left as it is
     assert (Path(plain.mounts[0][0]) / "logs" / "old.log").read_text() == "x"
     assert _tree(checkout) == before
+
+
+# A backtick-escaped Dockerfile with comment lines inside continued instructions: the safety
+# check and the base-image check read it through one reader, so they see the same four
+# instructions (a backslash ends no line here; the comments are not part of any instruction).
+BACKTICK_DOCKERFILE = (
+    "# escape=`\n"
+    "ARG BASE=localhost/base:1\n"
+    "FROM `\n"
+    "  # which base: the ARG above\n"
+    "  ${BASE} AS build\n"
+    "RUN echo C:\\dir\\\n"
+    "COPY --from=build `\n"
+    "\n"
+    "  # from the stage above\n"
+    "  /a /b\n"
+    "ADD `\n"
+    "  # a URL on a continuation line\n"
+    "  https://example.invalid/x.tgz /x\n"
+)
+
+
+def test_backtick_escapes_and_comments_in_continuations_read_alike() -> None:
+    from dockyard.core.dockerfile import external_images, parse
+
+    dockerfile = parse(BACKTICK_DOCKERFILE)
+    assert dockerfile.escape == "`"
+    assert [(i.line, i.text) for i in dockerfile.instructions] == [
+        (2, "ARG BASE=localhost/base:1"),
+        (3, "FROM ${BASE} AS build"),
+        (6, "RUN echo C:\\dir\\"),
+        (7, "COPY --from=build /a /b"),
+        (11, "ADD https://example.invalid/x.tgz /x"),
+    ]
+    # The base-image check: the FROM spread over three lines names the ARG's image.
+    assert external_images(BACKTICK_DOCKERFILE) == ["localhost/base:1"]
+    # The safety check: the same ADD instruction, refused at its first line.
+    with pytest.raises(BuildFailed, match="line 11: ADD <url>") as info:
+        check_dockerfile(BACKTICK_DOCKERFILE)
+    assert info.value.reason == "dockerfile_refused"
+    # Without the ADD, the same file passes the safety check.
+    check_dockerfile(BACKTICK_DOCKERFILE.split("ADD `")[0])
+
+
+def test_a_backslash_does_not_continue_under_a_backtick_escape() -> None:
+    """A ``RUN --network`` flag reads as a flag only when it starts an instruction: under
+    ``# escape=`` a backslash is text, so the next line is an instruction of its own."""
+    text = "# escape=`\nFROM scratch\nRUN echo \\\nRUN --network=host true\n"
+    with pytest.raises(BuildFailed, match="line 4: RUN --network=host"):
+        check_dockerfile(text)
+    with pytest.raises(BuildFailed, match="invalid escape token"):
+        check_dockerfile("# escape=x\nFROM scratch\n")

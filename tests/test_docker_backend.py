@@ -765,7 +765,8 @@ async def test_a_broken_build_stream_fails_the_build() -> None:
     progress = backend._BuildProgress(on_log=None, max_lines=10)
     response: Any = type("Response", (), {"content": Content()})()
     with pytest.raises(BuildFailed, match="larger than 4 MiB"):
-        await DockerRuntime._read_build_stream(response, progress)
+        async for message in backend.build_stream_messages(response):
+            progress.feed(message)
     assert list(progress.lines) == ["ok", "split", "not json"]
 
 

@@ -212,7 +212,7 @@ def test_registered_under_podman_and_built_from_settings() -> None:
     )
     assert isinstance(rt, PodmanRuntime) and rt.name == "podman"
     assert rt._socket == "unix:///srv/podman.sock"
-    assert rt._build_log_lines == 10
+    assert rt.options.build_log_lines == 10
     from_option = factory(Settings(plugins={"podman": {"socket": "unix:///x.sock"}}))
     assert from_option._socket == "unix:///x.sock"
     with pytest.raises(ConfigError, match="unknown option"):

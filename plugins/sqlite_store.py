@@ -46,7 +46,14 @@ from dockyard.core.models import (
     now,
 )
 from dockyard.core.states import is_legal
-from dockyard.core.store import StateStore, StoredEvaluation
+from dockyard.core.store import (
+    MAX_STATUS_PAGE,
+    DeploymentStatus,
+    StateStore,
+    StatusFilter,
+    StatusPage,
+    StoredEvaluation,
+)
 
 if TYPE_CHECKING:
     from dockyard.core.config import Settings
@@ -130,8 +137,14 @@ _ENCODER = msgspec.json.Encoder()
 _SPEC = msgspec.json.Decoder(DeploymentSpec)
 _REVISION = msgspec.json.Decoder(Revision)
 _SLOT = msgspec.json.Decoder(Slot)
+_SLOTS = msgspec.json.Decoder(list[Slot])
 _EVENT = msgspec.json.Decoder(Event)
 _BODY = msgspec.json.Decoder(dict[str, Any])
+_COMMITS = msgspec.json.Decoder(dict[str, str])
+
+
+def _blue_first(slot: Slot) -> int:
+    return 0 if slot.color is Color.BLUE else 1
 
 
 def schema_version() -> int:
@@ -443,6 +456,72 @@ class SqliteStore(StateStore):
             return [self._deployment(row) for row in rows]
 
         return await self._run("list deployments", read)
+
+    async def list_status(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_STATUS_PAGE,
+        where: StatusFilter | None = None,
+    ) -> StatusPage:
+        """One page of the status list in one query: the page's deployments (one more, to
+        know whether a next page exists) joined with their slots and the slots' revisions'
+        commits, read by SQLite's JSON functions; the specs are not decoded."""
+        limit = max(0, min(int(limit), MAX_STATUS_PAGE))
+        where = where or StatusFilter()
+        clauses, args = [], []
+        if after is not None:
+            clauses.append("d.id > ?")
+            args.append(after)
+        if where.state is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM slots w WHERE w.deployment_id = d.id AND w.state = ?)"
+            )
+            args.append(str(SlotState(where.state)))
+        for label, present in ((where.with_label, True), (where.without_label, False)):
+            if label is not None:
+                test = "IS NOT NULL" if present else "IS NULL"
+                clauses.append(f"json_type(d.spec, '$.labels.' || json_quote(?)) {test}")
+                args.append(label)
+        clause = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = (
+            "WITH page AS (SELECT d.id, d.spec, d.created_at, d.updated_at, d.generation"
+            f" FROM deployments d{clause} ORDER BY d.id LIMIT ?)"
+            " SELECT p.id, json_extract(p.spec, '$.repo'), json_extract(p.spec, '$.ref'),"
+            " p.generation, p.created_at, p.updated_at,"
+            " '[' || group_concat(s.body, ',') || ']',"
+            " json_group_object(ifnull(r.id, ''), ifnull(json_extract(r.body, '$.commit'), ''))"
+            " FROM page p JOIN ("
+            "  SELECT deployment_id, body, json_extract(body, '$.revision_id') AS revision_id"
+            "  FROM slots ORDER BY deployment_id, color"
+            " ) s ON s.deployment_id = p.id"
+            " LEFT JOIN revisions r ON r.id = s.revision_id"
+            " GROUP BY p.id ORDER BY p.id"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[Sequence[Any]]:
+            with _transaction(conn, "DEFERRED"):  # one snapshot for the whole page
+                return conn.execute(query, (*args, limit + 1)).fetchall()
+
+        rows = await self._run("list the status", read)
+        more = len(rows) > limit
+        page = []
+        for id_, repo, ref, generation, created_at, updated_at, slots, commits in rows[:limit]:
+            page.append(
+                DeploymentStatus(
+                    id=id_,
+                    repo=repo,
+                    ref=ref,
+                    generation=generation,
+                    created_at=created_at,
+                    updated_at=updated_at,
+                    slots=sorted(_decode(_SLOTS, slots, "slots"), key=_blue_first),
+                    commits={
+                        k: v for k, v in _decode(_COMMITS, commits, "commits").items() if k and v
+                    },
+                )
+            )
+        return StatusPage(deployments=page, cursor=page[-1].id if more and page else None)
 
     async def delete_deployment(self, deployment_id: str) -> None:
         """Remove the deployment, its slots, revisions and events (cascade) and every lease

@@ -901,13 +901,20 @@ def _worker_fetch(job: Mapping[str, Any]) -> dict[str, Any]:
     repo.config["remote.origin.tagopt"] = "--no-tags"
     remote = repo.remotes.create("origin", job["url"], "+refs/heads/*:refs/remotes/origin/*")
 
-    try:
-        heads = remote.list_heads()
-    except pygit2.GitError as exc:
-        raise SourceError(f"cannot reach the repository: {exc}", reason=UNREACHABLE) from None
-    resolved_ref, expected = _resolve(heads, job["ref"])
-    if expected and _read_head(Path(job["repo_dir"]) / expected) == expected:
-        return {"commit": expected, "resolved_ref": resolved_ref, "cached": True}
+    def reachable() -> list[Any]:
+        try:
+            return list(remote.list_heads())
+        except pygit2.GitError as exc:
+            raise SourceError(f"cannot reach the repository: {exc}", reason=UNREACHABLE) from None
+
+    if job["ref"] is not None and _HEX40.fullmatch(job["ref"]):
+        # A commit is fetched by its SHA at once (one connection, as git clone makes); the
+        # remote's refs are read only to tell an unreachable remote from a missing commit.
+        resolved_ref, expected = None, job["ref"]
+    else:
+        resolved_ref, expected = _resolve(reachable(), job["ref"])
+        if expected and _read_head(Path(job["repo_dir"]) / expected) == expected:
+            return {"commit": expected, "resolved_ref": resolved_ref, "cached": True}
 
     class Progress(pygit2.RemoteCallbacks):
         received = 0
@@ -931,6 +938,7 @@ def _worker_fetch(job: Mapping[str, Any]) -> dict[str, Any]:
         ) from None
     except pygit2.GitError as exc:
         if resolved_ref is None:
+            reachable()  # repo_unreachable when the remote itself cannot be reached
             raise SourceError(
                 f"commit {job['ref']} is not available from the remote: it does not exist "
                 f"or no branch or tag reaches it ({exc})",

@@ -57,7 +57,7 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 COPY www /www
 CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
 """
-PORTS = (48400, 48460)
+PORTS = (48500, 48560)
 BENCH_IMAGES = "localhost/dockyard-bench"
 
 

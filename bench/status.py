@@ -103,7 +103,7 @@ async def timed_gets(session: aiohttp.ClientSession, url: str, n: int) -> list[f
     return out
 
 
-async def run(args: argparse.Namespace) -> list[Row]:
+async def measure(args: argparse.Namespace) -> list[Row]:
     import uvicorn
 
     rows: list[Row] = []
@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    rows = asyncio.run(run(args))
+    rows = asyncio.run(measure(args))
     return report(rows, as_json=args.json, check=args.check, title="dockyard status benchmark")
 
 

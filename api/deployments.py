@@ -229,6 +229,12 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
             )
         )
     promoted = next((s for s in slots if s.state is SlotState.PROMOTED), None)
+    url = None
+    if promoted is not None:
+        url = controller.services.router.url_for(deployment.id) or (
+            f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
+        )
+    op = controller.operation(deployment.id)
     return DeploymentView(
         id=deployment.id,
         spec=_redact(deployment.spec),
@@ -236,9 +242,17 @@ async def render(controller: DeploymentController, deployment: Deployment) -> De
         created_at=deployment.created_at,
         updated_at=deployment.updated_at,
         promoted=promoted.color if promoted else None,
-        url=_url(controller, deployment.id, promoted),
+        url=url,
         slots=views,
-        operation=_operation_view(controller, deployment.id),
+        operation=OperationView(
+            kind=op.kind,
+            running=op.running,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            error=op.error,
+        )
+        if op
+        else None,
     )
 
 

@@ -185,7 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--miners", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--task-s", type=float, default=0.5, help="an agent's time per task")
-    parser.add_argument("--agents", type=int, default=4, help="eval_max_agents")
+    parser.add_argument(
+        "--agents", type=int, default=10, help="eval_max_agents (default: one per miner)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     return parser.parse_args(argv)

@@ -8,6 +8,7 @@ fast fake runtime and source: small items, a cursor that walks every deployment 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -129,3 +130,40 @@ def test_status_refuses_bad_parameters_naming_them(
         r = client.get(f"/v1/status?{query}")
         assert r.status_code == 400, r.text
         assert field in r.json()["message"]
+
+
+async def test_the_client_walks_every_page(tmp_path: Any) -> None:
+    """``DockyardClient.status_all`` (what ``dockyard status`` prints) follows the cursor
+    over real HTTP."""
+    from dockyard.client import DockyardClient
+    from dockyard.core.config import Settings
+    from dockyard.core.models import DeploymentSpec
+    from dockyard.core.plugins import build_plugin_manager
+    from dockyard.core.services import Services
+    from tests.conftest import AUTH, TEST_SETTINGS
+    from tests.fakes import FakeRuntime, FakeSource
+    from tests.test_evaluation_client import live_dockyard
+
+    cfg = Settings(data_dir=str(tmp_path / "data"), **TEST_SETTINGS)
+    services = Services.build(
+        cfg,
+        build_plugin_manager(load_entry_points=False),
+        runtime=FakeRuntime(),
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    with live_dockyard(cfg, services) as (url, app):
+        loop = app.state.loop
+        for name in ("c", "a", "b", "labelled"):
+            labels = {"dockyard_evaluation": "ev-1"} if name == "labelled" else {}
+            spec = DeploymentSpec(id=name, repo="https://github.com/acme/x", labels=labels)
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(services.store.create_deployment(spec), loop)
+            )
+        token = AUTH["Authorization"].removeprefix("Bearer ")
+        async with DockyardClient(url, token=token) as client:
+            every = await client.status_all(page_size=1)
+            assert [d["id"] for d in every] == ["a", "b", "c", "labelled"]
+            others = await client.status_all(page_size=2, evaluation=False)
+            assert [d["id"] for d in others] == ["a", "b", "c"]
+            page = await client.status(limit=3)
+            assert page["cursor"] == "c"

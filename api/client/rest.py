@@ -126,13 +126,13 @@ class DockyardClient:
         params = {"limit": limit, "cursor": cursor, "state": state, "evaluation": evaluation}
         return await self.request("GET", "/v1/status", params=params)  # type: ignore[no-any-return]
 
-    async def status_all(self, **filters: Any) -> list[dict[str, Any]]:
+    async def status_all(self, *, page_size: int = 1000, **filters: Any) -> list[dict[str, Any]]:
         """Every deployment of the status list (``filters`` as :meth:`status`), page by
         page."""
         items: list[dict[str, Any]] = []
         cursor = None
         while True:
-            page = await self.status(limit=1000, cursor=cursor, **filters)
+            page = await self.status(limit=page_size, cursor=cursor, **filters)
             items += page["deployments"]
             cursor = page.get("cursor")
             if not cursor:

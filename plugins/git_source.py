@@ -622,6 +622,8 @@ def _worker_env() -> dict[str, str]:
 
 #: What a fetch child writes once it has imported everything and waits for its job.
 READY = b"ready\n"
+#: How long a fetch waits for a spare that is still starting before it starts its own.
+SPARE_WAIT_S = 10.0
 
 
 class WarmWorkers:
@@ -630,11 +632,12 @@ class WarmWorkers:
 
     A spare child is started (in a thread, off the event loop), imports what the fetch
     needs, says :data:`READY` and blocks reading its job from stdin; a spare counts as one
-    only once it said so. A fetch takes the spare and starts the
-    next one once it is done; a child serves exactly one job and exits, so isolation is
-    unchanged: its own session, no git or proxy variables, killed at the timeout. A spare
-    that died while waiting (or was killed) is found dead and replaced. Spares left when
-    dockyard exits see their stdin close and exit; ``atexit`` kills them too.
+    only once it said so. A fetch takes the spare (or starts its own when none comes within
+    :data:`SPARE_WAIT_S`) and starts the next one once it is done; a child serves exactly
+    one job and exits, so isolation is unchanged: its own session, no git or proxy
+    variables, killed at the timeout. A spare that died while waiting (or was killed) is
+    found dead and replaced. Spares left when dockyard exits see their stdin close and
+    exit; ``atexit`` kills them too.
     """
 
     def __init__(self, spares: int = 1) -> None:
@@ -681,13 +684,17 @@ class WarmWorkers:
         for _ in range(missing):
             threading.Thread(target=self._refill, name="dockyard-fetch-spare", daemon=True).start()
 
-    def take(self) -> subprocess.Popen[bytes]:
-        """A live spare (waiting for one being started), or a child started now when none
-        is coming (blocking: call it in a thread)."""
+    def take(self, wait_s: float = SPARE_WAIT_S) -> subprocess.Popen[bytes]:
+        """A live spare (waiting up to ``wait_s`` for one being started), or a child started
+        now when none is coming in time (blocking: call it in a thread)."""
+        deadline = time.monotonic() + wait_s
         while True:
             with self._changed:
                 while not self._ready and self._starting:
-                    self._changed.wait(5)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
                 process = self._ready.pop(0) if self._ready else None
             if process is None:
                 return self._start()

@@ -144,3 +144,19 @@ async def test_a_cancelled_fetch_kills_the_child(workers: WarmWorkers, tmp_path:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert not alive(spare)
+
+
+def test_a_spare_that_never_gets_ready_does_not_hold_a_fetch(workers: WarmWorkers) -> None:
+    """A spare stuck starting (it never says ready) delays a fetch by the bounded wait
+    only; the fetch then gets a child of its own."""
+    with workers._changed:
+        workers._starting += 1  # as if a refill thread hung on a spare's start
+    started = time.monotonic()
+    process = workers.take(wait_s=0.3)
+    try:
+        assert 0.3 <= time.monotonic() - started < 5
+        assert process.poll() is None
+    finally:
+        git_source._reap(process)
+        with workers._changed:
+            workers._starting -= 1

@@ -137,6 +137,7 @@ _ENCODER = msgspec.json.Encoder()
 _SPEC = msgspec.json.Decoder(DeploymentSpec)
 _REVISION = msgspec.json.Decoder(Revision)
 _SLOT = msgspec.json.Decoder(Slot)
+_SLOTS = msgspec.json.Decoder(list[Slot])
 _EVENT = msgspec.json.Decoder(Event)
 _BODY = msgspec.json.Decoder(dict[str, Any])
 
@@ -501,13 +502,18 @@ class SqliteStore(StateStore):
                 if not rows:
                     return StatusPage(deployments=[])
                 slots: dict[str, list[Slot]] = {row[0]: [] for row in rows}
-                for deployment_id, body in conn.execute(
-                    "SELECT deployment_id, body FROM slots"
-                    " WHERE deployment_id BETWEEN ? AND ? ORDER BY deployment_id, color",
-                    (rows[0][0], rows[-1][0]),
-                ):
-                    if deployment_id in slots:
-                        slots[deployment_id].append(_decode(_SLOT, body, "slot"))
+                found = [
+                    body
+                    for deployment_id, body in conn.execute(
+                        "SELECT deployment_id, body FROM slots"
+                        " WHERE deployment_id BETWEEN ? AND ? ORDER BY deployment_id, color",
+                        (rows[0][0], rows[-1][0]),
+                    )
+                    if deployment_id in slots
+                ]
+                # One decode call for the page's slots (a JSON array of the stored bodies).
+                for slot in _decode(_SLOTS, "[" + ",".join(found) + "]", "slots"):
+                    slots[slot.deployment_id].append(slot)
                 wanted = sorted(
                     {s.revision_id for group in slots.values() for s in group if s.revision_id}
                 )

@@ -73,6 +73,27 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _run_and_remove(name: str) -> None:
+    podman("run", "-d", "--name", name, "-p", "127.0.0.1::8000",
+           "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+           BASE, "nc", "-ll", "-p", "8000", "-e", "/bin/true")  # fmt: skip
+    podman("rm", "-f", "-t", "0", name)
+
+
+async def host_floor(n: int) -> tuple[float, float]:
+    """Seconds for ``n`` containers started and removed with the Podman CLI one at a time,
+    then all at once: how much parallelism the host's container engine has."""
+    started = time.monotonic()
+    for i in range(n):
+        await asyncio.to_thread(_run_and_remove, f"bench-floor-seq-{i}")
+    sequential = time.monotonic() - started
+    started = time.monotonic()
+    await asyncio.gather(
+        *(asyncio.to_thread(_run_and_remove, f"bench-floor-par-{i}") for i in range(n))
+    )
+    return sequential, time.monotonic() - started
+
+
 def tasks(n: int) -> list[dict[str, Any]]:
     return [
         {"id": f"t{i}", "prompt": f"task {i}", "url": f"http://site.test/{i}"} for i in range(n)
@@ -159,12 +180,23 @@ async def measure(args: argparse.Namespace) -> list[Row]:
                 in_batch = time.monotonic() - started
                 if done.progress.ok != len(miners):
                     raise RuntimeError(f"batch: {done.progress}")
+            floor = await host_floor(args.miners)
         finally:
             await service.stop()
             await controller.stop()
             await services.close()
             podman("rmi", "-f", BASE, check=False)
     return [
+        Row(
+            "evaluations",
+            f"host floor: {args.miners} x (podman run, podman rm) in parallel",
+            floor[1],
+            "s",
+            baseline=floor[0],
+            baseline_name="one at a time",
+            samples=1,
+            note="no dockyard: what this host's Podman allows in parallel; no target",
+        ),
         Row(
             "evaluations",
             f"{args.miners} miners x {args.tasks} tasks, image mode: batch",
@@ -176,7 +208,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             on_ratio=True,
             samples=1,
             note=f"eval_max_agents={args.agents}, each task answered after {args.task_s:g} s",
-        )
+        ),
     ]
 
 

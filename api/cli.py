@@ -255,9 +255,7 @@ async def _api(args: argparse.Namespace) -> int:
             op = view.get("operation") or {}
             return 1 if follow and op.get("error") else 0
         if args.command == "status":
-            views = (
-                [await client.get(args.id)] if args.id else (await client.status())["deployments"]
-            )
+            views = [await client.get(args.id)] if args.id else await client.status_all()
             for view in views:
                 _show(view)
             if not views:

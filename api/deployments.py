@@ -32,6 +32,8 @@ from dockyard.core.models import (
     SlotHealth,
     SlotState,
 )
+from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter
+from dockyard.plugins.evaluation.service import EVALUATION_LABEL
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 #: A deployment id in a path: the pattern is in the schema, and checked (400 when wrong).
@@ -46,6 +48,8 @@ DeploymentId = Annotated[
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 REDACTED = "<redacted>"
 MAX_WAIT_S = 900.0
+#: Deployments per status page unless ``limit`` says otherwise.
+STATUS_PAGE = 100
 
 
 class SlotView(Model):
@@ -92,8 +96,37 @@ class DeploymentView(Model):
     operation: OperationView | None
 
 
+class StatusSlotView(Model):
+    """A slot in the status list (``GET /v1/repos/{id}`` has every field)."""
+
+    color: Color
+    state: SlotState
+    commit: str | None
+    host_port: int | None
+    health: SlotHealth
+    reason: str | None
+    message: str | None
+
+
+class StatusItemView(Model):
+    """A deployment in the status list: no spec (``GET /v1/repos/{id}`` shows it)."""
+
+    id: str
+    repo: str
+    ref: str | None
+    generation: int
+    updated_at: float
+    promoted: Color | None
+    url: str | None
+    slots: list[StatusSlotView]
+    operation: OperationView | None
+
+
 class StatusView(Model):
-    deployments: list[DeploymentView]
+    """One page of deployments by id; ``cursor`` fetches the next page (None: the last)."""
+
+    deployments: list[StatusItemView]
+    cursor: str | None = None
 
 
 class RedeployRequest(Model):
@@ -143,6 +176,54 @@ def _check_id(deployment_id: str) -> str:
             "(lower-case letters, digits and '-', 1-40 chars)"
         )
     return deployment_id
+
+
+def _operation_view(controller: DeploymentController, deployment_id: str) -> OperationView | None:
+    op = controller.operation(deployment_id)
+    if op is None:
+        return None
+    return OperationView(
+        kind=op.kind,
+        running=op.running,
+        started_at=op.started_at,
+        finished_at=op.finished_at,
+        error=op.error,
+    )
+
+
+def _url(controller: DeploymentController, deployment_id: str, promoted: Slot | None) -> str | None:
+    if promoted is None:
+        return None
+    return controller.services.router.url_for(deployment_id) or (
+        f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
+    )
+
+
+def render_status(controller: DeploymentController, item: DeploymentStatus) -> StatusItemView:
+    """A status-list entry, from what the store read in one query (no I/O here)."""
+    promoted = next((s for s in item.slots if s.state is SlotState.PROMOTED), None)
+    return StatusItemView(
+        id=item.id,
+        repo=item.repo,
+        ref=item.ref,
+        generation=item.generation,
+        updated_at=item.updated_at,
+        promoted=promoted.color if promoted else None,
+        url=_url(controller, item.id, promoted),
+        slots=[
+            StatusSlotView(
+                color=slot.color,
+                state=slot.state,
+                commit=item.commits.get(slot.revision_id) if slot.revision_id else None,
+                host_port=slot.host_port,
+                health=slot.health,
+                reason=slot.reason,
+                message=slot.message,
+            )
+            for slot in item.slots
+        ],
+        operation=_operation_view(controller, item.id),
+    )
 
 
 async def render(controller: DeploymentController, deployment: Deployment) -> DeploymentView:
@@ -220,10 +301,44 @@ class DeploymentRoutes(Controller):
         view = await render(controller, await controller.get(deployment_id))
         return Response(view, status_code=HTTP_200_OK if wait and finished else HTTP_202_ACCEPTED)
 
-    @get("/status", operation_id="status", summary="Every deployment, its slots and health")
-    async def status(self, controller: NamedDependency[DeploymentController]) -> StatusView:
-        deployments = await controller.services.store.list_deployments()
-        return StatusView(deployments=[await render(controller, d) for d in deployments])
+    @get(
+        "/status",
+        operation_id="status",
+        summary="Deployments by id, a page at a time: their slots, states and health",
+    )
+    async def status(
+        self,
+        controller: NamedDependency[DeploymentController],
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=MAX_STATUS_PAGE, description="deployments per page")
+        ] = STATUS_PAGE,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(description="the previous page's cursor: the page after it"),
+        ] = None,
+        slot_state: Annotated[
+            SlotState | None,
+            QueryParameter(name="state", description="only deployments with a slot in this state"),
+        ] = None,
+        evaluation: Annotated[
+            bool | None,
+            QueryParameter(
+                description="true: only evaluations' deployments; false: only the others"
+            ),
+        ] = None,
+    ) -> StatusView:
+        if cursor is not None and not SLUG.match(cursor):
+            raise ValidationError(f"cursor: {cursor[:60]!r} is not a cursor this API gave out")
+        where = StatusFilter(
+            state=slot_state,
+            with_label=EVALUATION_LABEL if evaluation is True else None,
+            without_label=EVALUATION_LABEL if evaluation is False else None,
+        )
+        page = await controller.services.store.list_status(after=cursor, limit=limit, where=where)
+        return StatusView(
+            deployments=[render_status(controller, item) for item in page.deployments],
+            cursor=page.cursor,
+        )
 
     @post(
         "/repos",

@@ -2,18 +2,39 @@
 
 Container healthchecks need systemd timers under Podman, so dockyard probes on its own:
 ``wait_healthy`` gates a promotion; ``probe_once`` feeds the monitor of promoted slots.
+
+A new container is probed right away (after ``startup_delay_s``), then after pauses that
+start at :data:`FIRST_PAUSE_S` and grow by :data:`BACKOFF` up to ``interval_s``
+(:func:`probe_pauses`): an agent that is ready a quarter of a second after its start is
+promoted then, not at the first full interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 
 from dockyard.core.metrics import observe_probe
 from dockyard.core.models import HealthCheck, Model
+
+#: The pause after the first probe of a new container.
+FIRST_PAUSE_S = 0.02
+#: Each pause is this many times the previous one, up to ``interval_s``.
+BACKOFF = 1.5
+#: ``still_running`` is asked at most this often (and at most every ``interval_s``).
+RUNNING_CHECK_S = 0.25
+
+
+def probe_pauses(interval_s: float) -> Iterator[float]:
+    """The pauses between probes of a new container: :data:`FIRST_PAUSE_S`, growing by
+    :data:`BACKOFF`, then ``interval_s`` for good (never more than ``interval_s``)."""
+    pause = min(FIRST_PAUSE_S, interval_s)
+    while True:
+        yield pause
+        pause = min(pause * BACKOFF, interval_s)
 
 
 class ProbeResult(Model):
@@ -62,36 +83,51 @@ async def wait_healthy(
     *,
     still_running: Callable[[], Awaitable[bool]] | None = None,
     on_probe: Callable[[ProbeResult], None] | None = None,
+    probe: Callable[[aiohttp.ClientSession, str, float], Awaitable[ProbeResult]] = probe_once,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> HealthOutcome:
-    """Probe ``url`` every ``interval_s`` until ``healthy_threshold`` consecutive successes,
-    or until ``deadline_s`` passes (counted from the call, startup delay included).
+    """Probe ``url`` until ``healthy_threshold`` consecutive successes, or until
+    ``deadline_s`` passes (counted from the call, startup delay included): first right after
+    ``startup_delay_s``, then after the pauses of :func:`probe_pauses`.
 
-    ``still_running`` lets the caller stop early when the container has exited.
+    ``still_running`` (asked after a failed probe, at most every :data:`RUNNING_CHECK_S`)
+    lets the caller stop early when the container has exited. ``probe``, ``clock`` and
+    ``sleep`` are replaceable for tests.
     """
-    deadline = time.monotonic() + check.deadline_s
-    await asyncio.sleep(min(check.startup_delay_s, check.deadline_s))
+    deadline = clock() + check.deadline_s
+    await sleep(min(check.startup_delay_s, check.deadline_s))
     streak = probes = 0
     last: ProbeResult | None = None
+    pauses = probe_pauses(check.interval_s)
+    every = min(RUNNING_CHECK_S, check.interval_s)
+    checked_at: float | None = None
     async with aiohttp.ClientSession() as session:
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock()
             if remaining <= 0:
                 break
-            last = await probe_once(session, url, min(check.timeout_s, remaining))
+            last = await probe(session, url, min(check.timeout_s, remaining))
             probes += 1
             if on_probe:
                 on_probe(last)
             streak = streak + 1 if last.ok else 0
             if streak >= check.healthy_threshold:
                 return HealthOutcome(healthy=True, probes=probes, last=last)
-            if still_running is not None and not await still_running():
-                return HealthOutcome(
-                    healthy=False,
-                    probes=probes,
-                    last=last,
-                    reason="container exited before it became healthy",
-                )
-            await asyncio.sleep(max(0.0, min(check.interval_s, deadline - time.monotonic())))
+            if (
+                still_running is not None
+                and not last.ok
+                and (checked_at is None or clock() - checked_at >= every)
+            ):
+                checked_at = clock()
+                if not await still_running():
+                    return HealthOutcome(
+                        healthy=False,
+                        probes=probes,
+                        last=last,
+                        reason="container exited before it became healthy",
+                    )
+            await sleep(max(0.0, min(next(pauses), deadline - clock())))
     detail = last.error or f"HTTP {last.status}" if last else "no probe was sent"
     return HealthOutcome(
         healthy=False,

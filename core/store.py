@@ -21,8 +21,12 @@ from dockyard.core.models import (
     Model,
     Revision,
     Slot,
+    SlotState,
     now,
 )
+
+#: Most deployments one page of :meth:`StateStore.list_status` holds.
+MAX_STATUS_PAGE = 1000
 
 
 class StoredEvaluation(Model):
@@ -36,6 +40,46 @@ class StoredEvaluation(Model):
     created_at: float = msgspec.field(default_factory=now)
     updated_at: float = msgspec.field(default_factory=now)
     body: dict[str, Any] = {}
+
+
+class DeploymentStatus(Model):
+    """One deployment as the status list shows it: bookkeeping and both slots, without the
+    spec (``get_deployment`` has it). ``commits`` maps the slots' revision ids to their
+    commits."""
+
+    id: str
+    repo: str
+    generation: int
+    created_at: float
+    updated_at: float
+    slots: list[Slot]
+    ref: str | None = None
+    commits: dict[str, str] = {}
+
+
+class StatusPage(Model):
+    """One page of the status list, ordered by id; ``cursor`` (the last id of the page)
+    fetches the next one, None when this is the last."""
+
+    deployments: list[DeploymentStatus]
+    cursor: str | None = None
+
+
+class StatusFilter(Model):
+    """Which deployments the status list holds: ``state``, one of a deployment's slots is
+    in that state; ``with_label`` / ``without_label``, its spec has / lacks that label."""
+
+    state: SlotState | None = None
+    with_label: str | None = None
+    without_label: str | None = None
+
+    def matches(self, deployment: Deployment, slots: list[Slot]) -> bool:
+        labels = deployment.spec.labels
+        return (
+            (self.state is None or any(s.state == self.state for s in slots))
+            and (self.with_label is None or self.with_label in labels)
+            and (self.without_label is None or self.without_label not in labels)
+        )
 
 
 class StateStore(abc.ABC):
@@ -72,6 +116,53 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def list_deployments(self) -> list[Deployment]:
         """Every deployment, ordered by id."""
+
+    async def list_status(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_STATUS_PAGE,
+        where: StatusFilter | None = None,
+    ) -> StatusPage:
+        """Up to ``limit`` deployments with an id greater than ``after`` that match
+        ``where``, ordered by id, each with its slots (blue first) and their revisions'
+        commits, in a fixed number of reads however many deployments there are.
+
+        This default composes the other reads (one per deployment and slot); a store
+        should override it with one query, as the SQLite store does.
+        """
+        limit = max(0, min(limit, MAX_STATUS_PAGE))
+        where = where or StatusFilter()
+        page: list[DeploymentStatus] = []
+        more = False
+        for deployment in await self.list_deployments():
+            if after is not None and deployment.id <= after:
+                continue
+            slots = await self.list_slots(deployment.id)
+            if not where.matches(deployment, slots):
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            commits = {}
+            for slot in slots:
+                if slot.revision_id and slot.revision_id not in commits:
+                    revision = await self.get_revision(slot.revision_id)
+                    if revision is not None:
+                        commits[slot.revision_id] = revision.commit
+            page.append(
+                DeploymentStatus(
+                    id=deployment.id,
+                    repo=deployment.spec.repo,
+                    ref=deployment.spec.ref,
+                    generation=deployment.generation,
+                    created_at=deployment.created_at,
+                    updated_at=deployment.updated_at,
+                    slots=slots,
+                    commits=commits,
+                )
+            )
+        return StatusPage(deployments=page, cursor=page[-1].id if more and page else None)
 
     @abc.abstractmethod
     async def delete_deployment(self, deployment_id: str) -> None:

@@ -24,8 +24,11 @@ What it enforces (see ``docs/SECURITY.md``, "Fetching"):
 - **Fetch**: shallow (depth 1) of exactly that commit, no tags, no submodules (gitlinks are
   left as empty directories, nothing is contacted), no hooks and no filters beyond libgit2's
   built-in ones (libgit2 cannot run external programs: no LFS smudge, no filter drivers).
-- **Limits during the fetch**: the whole fetch runs in a child process that is killed at the
-  wall-clock timeout (a stalled server sends no progress, so a callback could never fire);
+- **Limits during the fetch**: the whole fetch runs in a child process of its own (one per
+  fetch, started ahead of time and waiting for its job: :class:`WarmWorkers`; its code is
+  ``git_fetcher``, which imports only the standard library and pygit2) that is killed
+  at the wall-clock timeout (a stalled server sends no progress, so a callback could never
+  fire);
   the byte cap is checked in libgit2's transfer-progress callback (fired every ~100 KB), and
   raising there aborts the download early; the file cap, a directory cap (same number) and
   the unpacked size (same cap as the download) are checked on the fetched tree before
@@ -39,13 +42,14 @@ What it enforces (see ``docs/SECURITY.md``, "Fetching"):
   they climb out, then resolved with ``realpath`` and required to stay inside the checkout
   and outside ``.git``.
 
-Nothing blocking runs on the event loop: the fetch is an asyncio subprocess, filesystem work
-runs in ``asyncio.to_thread``.
+Nothing blocking runs on the event loop: the fetch child is started and talked to from
+worker threads, filesystem work runs in ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
@@ -53,7 +57,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -61,10 +67,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dockyard.core.children import die_with_parent
+from dockyard.core import children
 from dockyard.core.errors import SourceError
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.source import FetchedSource, Source, SourceLimits, SourceRequest
+from dockyard.plugins.git_fetcher import (
+    ESCAPES,
+    FAILED,
+    META_FILE,
+    READY,
+    REF_NOT_FOUND,
+    TOO_LARGE,  # noqa: F401 - the reasons stay importable from here
+    UNREACHABLE,  # noqa: F401
+    read_head,
+)
 
 __all__ = [
     "GitSource",
@@ -76,14 +92,9 @@ __all__ = [
 ]
 
 INVALID_URL = "invalid_repo_url"
-UNREACHABLE = "repo_unreachable"
-REF_NOT_FOUND = "ref_not_found"
-TOO_LARGE = "repo_too_large"
 TIMEOUT = "fetch_timeout"
 SUBDIR_NOT_FOUND = "subdir_not_found"
-ESCAPES = "path_escapes_repo"
 DOCKERFILE_NOT_FOUND = "dockerfile_not_found"
-FAILED = "source_error"  # SourceError's own default: an unexpected failure
 
 MAX_URL_LENGTH = 512
 DEFAULT_HOSTS: tuple[str, ...] = ("github.com",)
@@ -411,7 +422,6 @@ def resolve_paths(checkout: str, subdir: str, dockerfile: str | None) -> tuple[s
 
 
 # ---------------------------------------------------------------------------- the source
-META_FILE = "dockyard-fetch.json"  # inside the checkout's .git: what the worker recorded
 
 
 class GitSource(Source):
@@ -432,6 +442,7 @@ class GitSource(Source):
         self.insecure = insecure
         self.limits = limits or SourceLimits()
         self.local_repos = frozenset(os.path.realpath(p) for p in local_repos)
+        WORKERS.warm()  # the first fetch finds its child ready
 
     @classmethod
     def from_settings(cls, settings: Any) -> GitSource:
@@ -579,14 +590,6 @@ def _prepare_dir(repo_dir: Path, timeout_s: float) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
-def _read_head(checkout: Path) -> str | None:
-    try:
-        head = (checkout / ".git" / "HEAD").read_text().strip()
-    except OSError:
-        return None
-    return head.lower() if _HEX40.fullmatch(head) else None
-
-
 def _cached_entry(checkout: Path, commit: str) -> dict[str, Any] | None:
     """The recorded metadata of a complete cached checkout of ``commit``, or None.
 
@@ -594,7 +597,7 @@ def _cached_entry(checkout: Path, commit: str) -> dict[str, Any] | None:
     """
     if not checkout.is_dir():
         return None
-    if _read_head(checkout) != commit:
+    if read_head(checkout) != commit:
         shutil.rmtree(checkout, ignore_errors=True)
         return None
     try:
@@ -607,14 +610,14 @@ def _cached_entry(checkout: Path, commit: str) -> dict[str, Any] | None:
 def _publish(src: Path, final: Path, commit: str) -> None:
     """Rename a verified checkout into place (atomic). A concurrent fetch that won keeps
     its copy; an entry that is not a checkout of ``commit`` is replaced."""
-    if _read_head(src) != commit:
+    if read_head(src) != commit:
         raise SourceError(f"checkout HEAD is not {commit}", reason=FAILED)
     for _attempt in range(3):
         try:
             os.rename(src, final)
             return
         except OSError:
-            if _read_head(final) == commit:
+            if read_head(final) == commit:
                 return
             shutil.rmtree(final, ignore_errors=True)
     raise SourceError(f"cannot store the checkout of {commit} in the cache", reason=FAILED)
@@ -629,7 +632,7 @@ def _cleanup(tmp: Path, repo_dir: Path) -> None:
 # ---------------------------------------------------------------------------- the worker
 _WORKER_CODE = (
     "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from dockyard.plugins.git_source import _worker_main; _worker_main()"
+    "from dockyard.plugins.git_fetcher import main; main()"
 )
 
 
@@ -641,25 +644,119 @@ def _worker_env() -> dict[str, str]:
     }
 
 
+#: How long a fetch waits for a spare that is still starting before it starts its own.
+SPARE_WAIT_S = 10.0
+
+
+class WarmWorkers:
+    """Fetch children started ahead of time, so a fetch does not wait for an interpreter
+    to start and import pygit2 (~0.3 s on a CI-sized host, ten times ``git clone``).
+
+    A spare child is started (in a thread, off the event loop), imports what the fetch
+    needs, says :data:`READY` and blocks reading its job from stdin; a spare counts as one
+    only once it said so. A fetch takes the spare (or starts its own when none comes within
+    :data:`SPARE_WAIT_S`) and starts the next one once it is done; a child serves exactly
+    one job and exits, so isolation is unchanged: its own session, no git or proxy
+    variables, killed at the timeout. A spare that died while waiting (or was killed) is
+    found dead and replaced. Spares left when dockyard exits see their stdin close and
+    exit; ``atexit`` kills them too.
+    """
+
+    def __init__(self, spares: int = 1) -> None:
+        self.spares = spares
+        self._ready: list[subprocess.Popen[bytes]] = []
+        self._changed = threading.Condition()
+        self._starting = 0
+        self.started = 0  # children started in all, for tests and benchmarks
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # children.popen: forked from one long-lived thread with PR_SET_PDEATHSIG, so a
+        # killed dockyard leaves no fetch child (and a spare outlives no refill thread).
+        process = children.popen(
+            args=[sys.executable, "-I", "-c", _WORKER_CODE, json.dumps([p for p in sys.path if p])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=_worker_env(),
+            cwd="/",
+        )
+        with self._changed:
+            self.started += 1
+        return process
+
+    def _refill(self) -> None:
+        process = None
+        try:
+            process = self._start()
+            assert process.stdout is not None
+            if process.stdout.readline() != READY:  # it died starting: not a spare
+                _reap(process)
+                process = None
+        finally:
+            with self._changed:
+                self._starting -= 1
+                if process is not None:
+                    self._ready.append(process)
+                self._changed.notify_all()
+
+    def warm(self) -> None:
+        """Start spares (in background threads) until ``spares`` are ready or starting."""
+        with self._changed:
+            missing = max(0, self.spares - len(self._ready) - self._starting)
+            self._starting += missing
+        for _ in range(missing):
+            threading.Thread(target=self._refill, name="dockyard-fetch-spare", daemon=True).start()
+
+    def take(self, wait_s: float = SPARE_WAIT_S) -> subprocess.Popen[bytes]:
+        """A live spare (waiting up to ``wait_s`` for one being started), or a child started
+        now when none is coming in time (blocking: call it in a thread)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._changed:
+                while not self._ready and self._starting:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+                process = self._ready.pop(0) if self._ready else None
+            if process is None:
+                return self._start()
+            if process.poll() is None:
+                return process
+            _reap(process)  # died while waiting: replaced by the next one
+
+    def close(self) -> None:
+        """Kill every spare (at exit)."""
+        with self._changed:
+            ready, self._ready = self._ready, []
+        for process in ready:
+            _reap(process)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill a child's whole session and collect it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError, ValueError):
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    process.wait()
+
+
+WORKERS = WarmWorkers()
+atexit.register(WORKERS.close)
+
+
 async def _run_worker(job: Mapping[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run the blocking fetch in a child process, killed at ``timeout_s``."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-c",
-        _WORKER_CODE,
-        json.dumps([p for p in sys.path if p]),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=die_with_parent,  # a killed dockyard leaves no fetch running
-        env=_worker_env(),
-        cwd="/",
-    )
+    """Run the blocking fetch in a child process (a warm spare when one is ready), killed
+    at ``timeout_s`` (counted from the job's hand-over) or when the fetch is cancelled."""
+    proc = await asyncio.to_thread(WORKERS.take)
     try:
         out, err = await asyncio.wait_for(
-            proc.communicate(json.dumps(job).encode()), timeout=timeout_s
+            asyncio.to_thread(proc.communicate, json.dumps(job).encode()), timeout=timeout_s
         )
     except TimeoutError:
         raise SourceError(
@@ -668,10 +765,11 @@ async def _run_worker(job: Mapping[str, Any], timeout_s: float) -> dict[str, Any
             timeout_s=timeout_s,
         ) from None
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
+        await asyncio.shield(asyncio.to_thread(proc.wait))
+        WORKERS.warm()  # the next fetch's child starts now, after this one's work
     try:
         outcome = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError, UnicodeDecodeError):
@@ -686,226 +784,6 @@ async def _run_worker(job: Mapping[str, Any], timeout_s: float) -> dict[str, Any
             **outcome.get("detail", {}),
         )
     return dict(outcome)
-
-
-class _TooLarge(Exception):
-    """Raised from the transfer-progress callback to abort a fetch over the byte cap."""
-
-    def __init__(self, received: int) -> None:
-        super().__init__(received)
-        self.received = received
-
-
-def _worker_main() -> None:
-    """Entry point of the fetch child: a job (JSON) on stdin, one JSON line on stdout."""
-    try:
-        job = json.loads(sys.stdin.read())
-        result: dict[str, Any] = {"ok": True, **_worker_fetch(job)}
-    except SourceError as exc:
-        result = {"ok": False, "reason": exc.reason, "message": exc.message, "detail": exc.detail}
-    except Exception as exc:
-        result = {"ok": False, "reason": FAILED, "message": f"fetch failed: {exc}"}
-    sys.stdout.write(json.dumps(result, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def _isolate_libgit2(empty_dir: str, timeout_s: float) -> None:
-    """Make libgit2 ignore the host's git configuration (system, XDG, global: no
-    ``insteadOf`` rewrites, no ``sslVerify=false``, no redirects policy) and bound its
-    socket waits; process-wide, which is why it only runs in the fetch child."""
-    import pygit2
-    from pygit2.enums import ConfigLevel
-
-    for level in (ConfigLevel.SYSTEM, ConfigLevel.XDG, ConfigLevel.GLOBAL, ConfigLevel.PROGRAMDATA):
-        pygit2.settings.search_path[level] = empty_dir
-    with contextlib.suppress(Exception):
-        pygit2.settings.server_connect_timeout = int(timeout_s * 1000)
-        pygit2.settings.server_timeout = int(timeout_s * 1000)
-
-
-def _resolve(heads: Sequence[Any], ref: str | None) -> tuple[str | None, str | None]:
-    """``(resolved ref name, expected commit or None)`` from the remote's advertisement."""
-    by_name = {h.name: str(h.oid) for h in heads}
-    if ref is None:
-        head = next((h for h in heads if h.name == "HEAD"), None)
-        if head is None:
-            raise SourceError(
-                "the remote has no default branch (empty repository?)", reason=REF_NOT_FOUND
-            )
-        target = head.symref_target if head.symref_target in by_name else None
-        return target or "HEAD", str(head.oid)
-    if _HEX40.fullmatch(ref):
-        return None, ref
-    candidates = [ref] if ref.startswith("refs/") else [f"refs/heads/{ref}", f"refs/tags/{ref}"]
-    for name in candidates:
-        if name in by_name:
-            return name, by_name.get(name + "^{}", by_name[name])
-    if _SHORT_HEX.fullmatch(ref):
-        raise SourceError(
-            f"{ref!r} is not a branch or tag; abbreviated commits are not accepted, a full "
-            "40-hex commit is required",
-            reason=REF_NOT_FOUND,
-            ref=ref,
-        )
-    raise SourceError(f"no branch or tag {ref!r} on the remote", reason=REF_NOT_FOUND, ref=ref)
-
-
-def _scan_tree(repo: Any, tree: Any, max_files: int, max_bytes: int) -> tuple[int, list[str]]:
-    """Count files and directories and sum blob sizes of ``tree`` before checkout; return
-    ``(files, symlink paths)``. Refuses ``repo_too_large`` as soon as a cap is passed."""
-    from pygit2.enums import FileMode
-
-    files = dirs = size = 0
-    links: list[str] = []
-    stack: list[tuple[Any, str]] = [(tree, "")]
-    while stack:
-        current, prefix = stack.pop()
-        for entry in current:
-            path = prefix + entry.name
-            if entry.filemode == FileMode.TREE:
-                dirs += 1
-                if dirs > max_files:
-                    raise SourceError(
-                        f"the repository has more than {max_files} directories",
-                        reason=TOO_LARGE,
-                        max_files=max_files,
-                    )
-                stack.append((repo[entry.id], path + "/"))
-                continue
-            files += 1
-            if files > max_files:
-                raise SourceError(
-                    f"the repository has more than {max_files} files",
-                    reason=TOO_LARGE,
-                    files_seen=files,
-                    max_files=max_files,
-                )
-            if entry.filemode == FileMode.COMMIT:
-                continue  # a submodule: never fetched, checked out as an empty directory
-            size += repo.odb.read_header(entry.id)[1]
-            if size > max_bytes:
-                raise SourceError(
-                    f"the checked-out files would exceed {max_bytes} bytes",
-                    reason=TOO_LARGE,
-                    checkout_bytes_seen=size,
-                    max_bytes=max_bytes,
-                )
-            if entry.filemode == FileMode.LINK:
-                links.append(path)
-    return files, links
-
-
-def _check_symlinks(repo: Any, tree: Any, root: str, links: Iterable[str]) -> None:
-    """Refuse the checkout if any symlink is absolute or really resolves outside ``root``."""
-    real_root = os.path.realpath(root)
-    for path in links:
-        target = repo[tree[path].id].data.decode(errors="replace")
-        resolved = os.path.realpath(os.path.join(root, path))
-        if os.path.isabs(target) or not _inside(resolved, real_root):
-            raise SourceError(
-                f"symlink {path!r} points outside the repository ({target!r})",
-                reason=ESCAPES,
-                symlink=path,
-                target=target[:300],
-            )
-
-
-def _worker_fetch(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolve, fetch shallow, check and check out one commit into ``job['tmp']/checkout``."""
-    import pygit2
-    from pygit2.enums import CheckoutStrategy
-
-    tmp = Path(job["tmp"])
-    empty = tmp / "empty"
-    checkout = tmp / "checkout"
-    empty.mkdir(parents=True, mode=0o700)
-    _isolate_libgit2(str(empty), float(job["timeout_s"]))
-    max_bytes, max_files = int(job["max_bytes"]), int(job["max_files"])
-
-    repo = pygit2.init_repository(str(checkout), bare=False)
-    repo.config["http.followRedirects"] = "false"
-    repo.config["core.autocrlf"] = "false"
-    repo.config["core.symlinks"] = "true"
-    repo.config["remote.origin.tagopt"] = "--no-tags"
-    remote = repo.remotes.create("origin", job["url"], "+refs/heads/*:refs/remotes/origin/*")
-
-    try:
-        heads = remote.list_heads()
-    except pygit2.GitError as exc:
-        raise SourceError(f"cannot reach the repository: {exc}", reason=UNREACHABLE) from None
-    resolved_ref, expected = _resolve(heads, job["ref"])
-    if expected and _read_head(Path(job["repo_dir"]) / expected) == expected:
-        return {"commit": expected, "resolved_ref": resolved_ref, "cached": True}
-
-    class Progress(pygit2.RemoteCallbacks):
-        received = 0
-
-        def transfer_progress(self, stats: Any) -> None:
-            self.received = stats.received_bytes
-            if stats.received_bytes > max_bytes:
-                raise _TooLarge(stats.received_bytes)
-
-    progress = Progress()
-    local_ref = "refs/dockyard/fetched"
-    spec = f"+{resolved_ref}:{local_ref}" if resolved_ref else job["ref"]
-    try:
-        stats = remote.fetch([spec], callbacks=progress, depth=0 if job["local"] else 1)
-    except _TooLarge as exc:
-        raise SourceError(
-            f"the repository is larger than {max_bytes} bytes; the download was stopped",
-            reason=TOO_LARGE,
-            bytes_received=exc.received,
-            max_bytes=max_bytes,
-        ) from None
-    except pygit2.GitError as exc:
-        if resolved_ref is None:
-            raise SourceError(
-                f"commit {job['ref']} is not available from the remote: it does not exist "
-                f"or no branch or tag reaches it ({exc})",
-                reason=REF_NOT_FOUND,
-                ref=job["ref"],
-            ) from None
-        raise SourceError(f"fetching {resolved_ref} failed: {exc}", reason=UNREACHABLE) from None
-    received = max(stats.received_bytes, progress.received)
-    if received > max_bytes:  # under the callback's ~100 KB granularity
-        raise SourceError(
-            f"the repository is larger than {max_bytes} bytes",
-            reason=TOO_LARGE,
-            bytes_received=received,
-            max_bytes=max_bytes,
-        )
-
-    # libgit2 stores a fetched tag under its own name whatever the refspec says; a branch
-    # lands on local_ref. Fall back to the advertised commit.
-    target: Any = job["ref"]
-    if resolved_ref:
-        target = expected
-        for name in (local_ref, resolved_ref):
-            if name in repo.references:
-                target = repo.references[name].target
-                break
-    obj = repo.get(target) if target else None
-    commit_obj = None
-    with contextlib.suppress(Exception):
-        commit_obj = obj.peel(pygit2.Commit) if obj is not None else None
-    if commit_obj is None or (resolved_ref is None and str(commit_obj.id) != job["ref"]):
-        raise SourceError(
-            f"{job['ref'] or resolved_ref} does not name a commit", reason=REF_NOT_FOUND
-        )
-    commit = str(commit_obj.id)
-
-    with _recording_commit(commit):
-        files, links = _scan_tree(repo, commit_obj.tree, max_files, max_bytes)
-        repo.checkout_tree(commit_obj.tree, strategy=CheckoutStrategy.FORCE)  # type: ignore[no-untyped-call]
-        repo.set_head(commit_obj.id)
-        for name in list(repo.references):  # only the detached HEAD stays
-            repo.references.delete(name)
-        _check_symlinks(repo, commit_obj.tree, str(checkout), links)
-        if not repo.head_is_detached or str(repo.head.target) != commit:
-            raise SourceError(f"checked-out HEAD is not {commit}", reason=FAILED)
-    meta = {"commit": commit, "resolved_ref": resolved_ref, "files": files}
-    (checkout / ".git" / META_FILE).write_text(json.dumps(meta))
-    return {**meta, "bytes_received": received, "cached": False}
 
 
 # ---------------------------------------------------------------------------- the plugin

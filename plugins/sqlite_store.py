@@ -46,7 +46,14 @@ from dockyard.core.models import (
     now,
 )
 from dockyard.core.states import is_legal
-from dockyard.core.store import StateStore, StoredEvaluation
+from dockyard.core.store import (
+    MAX_STATUS_PAGE,
+    DeploymentStatus,
+    StateStore,
+    StatusFilter,
+    StatusPage,
+    StoredEvaluation,
+)
 
 if TYPE_CHECKING:
     from dockyard.core.config import Settings
@@ -130,8 +137,19 @@ _ENCODER = msgspec.json.Encoder()
 _SPEC = msgspec.json.Decoder(DeploymentSpec)
 _REVISION = msgspec.json.Decoder(Revision)
 _SLOT = msgspec.json.Decoder(Slot)
+_SLOTS = msgspec.json.Decoder(list[Slot])
 _EVENT = msgspec.json.Decoder(Event)
 _BODY = msgspec.json.Decoder(dict[str, Any])
+
+
+class _SpecHead(msgspec.Struct):
+    """The two spec fields the status list shows; the rest of the spec is skipped."""
+
+    repo: str
+    ref: str | None = None
+
+
+_SPEC_HEAD = msgspec.json.Decoder(_SpecHead)
 
 
 def schema_version() -> int:
@@ -443,6 +461,96 @@ class SqliteStore(StateStore):
             return [self._deployment(row) for row in rows]
 
         return await self._run("list deployments", read)
+
+    async def list_status(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_STATUS_PAGE,
+        where: StatusFilter | None = None,
+    ) -> StatusPage:
+        """One page of the status list in three indexed reads of one snapshot: the page's
+        deployments (one more, to know whether a next page exists), their slots, and the
+        commits of the slots' revisions. Specs are only skimmed for ``repo`` and ``ref``."""
+        limit = max(0, min(int(limit), MAX_STATUS_PAGE))
+        where = where or StatusFilter()
+        clauses, args = [], []
+        if after is not None:
+            clauses.append("d.id > ?")
+            args.append(after)
+        if where.state is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM slots w WHERE w.deployment_id = d.id AND w.state = ?)"
+            )
+            args.append(str(SlotState(where.state)))
+        for label, present in ((where.with_label, True), (where.without_label, False)):
+            if label is not None:
+                test = "IS NOT NULL" if present else "IS NULL"
+                clauses.append(f"json_type(d.spec, '$.labels.' || json_quote(?)) {test}")
+                args.append(label)
+        clause = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        page_query = (
+            "SELECT d.id, d.spec, d.created_at, d.updated_at, d.generation"
+            f" FROM deployments d{clause} ORDER BY d.id LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection) -> StatusPage:
+            with _transaction(conn, "DEFERRED"):  # one snapshot for the whole page
+                rows = conn.execute(page_query, (*args, limit + 1)).fetchall()
+                more = len(rows) > limit
+                rows = rows[:limit]
+                if not rows:
+                    return StatusPage(deployments=[])
+                slots: dict[str, list[Slot]] = {row[0]: [] for row in rows}
+                found = [
+                    body
+                    for deployment_id, body in conn.execute(
+                        "SELECT deployment_id, body FROM slots"
+                        " WHERE deployment_id BETWEEN ? AND ? ORDER BY deployment_id, color",
+                        (rows[0][0], rows[-1][0]),
+                    )
+                    if deployment_id in slots
+                ]
+                # One decode call for the page's slots (a JSON array of the stored bodies).
+                for slot in _decode(_SLOTS, "[" + ",".join(found) + "]", "slots"):
+                    slots[slot.deployment_id].append(slot)
+                wanted = sorted(
+                    {s.revision_id for group in slots.values() for s in group if s.revision_id}
+                )
+                commits: dict[str, str] = {}
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    commits.update(
+                        conn.execute(
+                            "SELECT id, json_extract(body, '$.commit') FROM revisions"
+                            f" WHERE id IN ({marks})",
+                            chunk,
+                        ).fetchall()
+                    )
+            page = []
+            for id_, spec, created_at, updated_at, generation in rows:
+                head = _decode(_SPEC_HEAD, spec, "deployment spec")
+                mine = slots[id_]
+                page.append(
+                    DeploymentStatus(
+                        id=id_,
+                        repo=head.repo,
+                        ref=head.ref,
+                        generation=generation,
+                        created_at=created_at,
+                        updated_at=updated_at,
+                        slots=mine,
+                        commits={
+                            s.revision_id: commits[s.revision_id]
+                            for s in mine
+                            if s.revision_id and commits.get(s.revision_id)
+                        },
+                    )
+                )
+            return StatusPage(deployments=page, cursor=page[-1].id if more else None)
+
+        return await self._run("list the status", read)
 
     async def delete_deployment(self, deployment_id: str) -> None:
         """Remove the deployment, its slots, revisions and events (cascade) and every lease

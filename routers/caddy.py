@@ -56,6 +56,7 @@ from dockyard.routers.proxy import (
     loopback_url,
     options,
     probe_route,
+    replace_file,
     write_atomically,
 )
 
@@ -249,11 +250,19 @@ class CaddyRouter(Router):
         switches: the route's token."""
         return route.upstream.address if self.switch == "file" else route.token
 
-    def _write_upstream(self, route: Route) -> None:
-        """The upstream file a file-switched route dials, and the token beside it."""
+    def _switch_upstream(self, route: Route) -> None:
+        """Replace the upstream file a file-switched route dials: the switch itself."""
         try:
             self.upstreams.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.upstreams / route.deployment_id, route.upstream.address.encode())
+            replace_file(self.upstreams / route.deployment_id, route.upstream.address.encode())
+        except OSError as exc:
+            raise RouterError(f"cannot write caddy upstream file: {exc}") from exc
+
+    def _record_token(self, route: Route) -> None:
+        """The token beside the upstream file (what ``served`` reports), then the directory
+        fsync that makes both renames durable. A crash between the two leaves the old token:
+        the route then looks stale and is applied again."""
+        try:
             write_atomically(self.upstreams / f"{route.deployment_id}.token", route.token.encode())
         except OSError as exc:
             raise RouterError(f"cannot write caddy upstream file: {exc}") from exc
@@ -268,9 +277,17 @@ class CaddyRouter(Router):
         return sorted(routes, key=priority)
 
     async def apply(self, route: Route) -> None:
+        """File switches: the upstream file first (the switch; clients see it at once), then
+        the token and the directory fsync while the route is checked in Caddy. Every write
+        and fsync runs in a worker thread, never on the event loop."""
         self.routes[route.deployment_id] = route
         if self.switch == "file":
-            self._write_upstream(route)  # the switch; the route below is already there
+            await asyncio.to_thread(self._switch_upstream, route)
+            await asyncio.gather(asyncio.to_thread(self._record_token, route), self._locked(route))
+            return
+        await self._locked(route)
+
+    async def _locked(self, route: Route) -> None:
         async with self._writing:
             await self._apply(route)
 

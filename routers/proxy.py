@@ -111,21 +111,33 @@ def refuse_busy_ports(name: str, listens: Sequence[str]) -> None:
                 ) from None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``path`` so a reader sees the old file or the new one, never a part: a
-    temporary file in the same directory (a name that watchers ignore), fsync, rename,
-    fsync the directory."""
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` so a reader sees the old file or the new one, never a part: a
+    temporary file in the same directory (a name that watchers ignore), fsync, rename. The
+    new content is visible once this returns; :func:`sync_directory` makes the rename
+    itself durable. Blocking: call it from a worker thread."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory, so the renames done in it survive a crash. Blocking."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """:func:`replace_file`, then fsync the directory. Blocking: routers call it through
+    ``asyncio.to_thread`` so a switch never stalls the event loop on the disk."""
+    replace_file(path, data)
+    sync_directory(path.parent)
 
 
 async def probe_route(

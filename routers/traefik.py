@@ -171,7 +171,7 @@ class TraefikRouter(Router):
     async def apply(self, route: Route) -> None:
         data = json.dumps(self.config(route), indent=1).encode()
         try:
-            write_atomically(self.path(route.deployment_id), data)
+            await asyncio.to_thread(write_atomically, self.path(route.deployment_id), data)
         except OSError as exc:
             raise RouterError(f"cannot write traefik route file: {exc}") from exc
 

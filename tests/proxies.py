@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from dockyard.core.config import Settings
@@ -43,6 +42,8 @@ def require(name: str) -> None:
     name = name.split("-")[0]
     if name == "none" or binary(name):
         return
+    import pytest  # here only: the benchmarks import this module without pytest
+
     reason = f"{name} is not installed: pip install -e '.[routers]'"
     if ON_CI:
         pytest.fail(f"{reason} (CI=true: never skipped)", pytrace=False)

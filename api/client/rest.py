@@ -114,8 +114,29 @@ class DockyardClient:
     async def plugins(self) -> list[dict[str, Any]]:
         return await self.request("GET", "/v1/plugins")  # type: ignore[no-any-return]
 
-    async def status(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/status")  # type: ignore[no-any-return]
+    async def status(
+        self,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        state: str | None = None,
+        evaluation: bool | None = None,
+    ) -> dict[str, Any]:
+        """One page of the status list; pass its ``cursor`` back for the next one."""
+        params = {"limit": limit, "cursor": cursor, "state": state, "evaluation": evaluation}
+        return await self.request("GET", "/v1/status", params=params)  # type: ignore[no-any-return]
+
+    async def status_all(self, *, page_size: int = 1000, **filters: Any) -> list[dict[str, Any]]:
+        """Every deployment of the status list (``filters`` as :meth:`status`), page by
+        page."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = await self.status(limit=page_size, cursor=cursor, **filters)
+            items += page["deployments"]
+            cursor = page.get("cursor")
+            if not cursor:
+                return items
 
     async def deploy(
         self, spec: dict[str, Any], *, wait: bool = False, timeout_s: float = 300

@@ -3,8 +3,9 @@
 
 One :class:`EvaluationService` per dockyard process, started and stopped by the app's
 lifespan after the deployment controller. Admission control: at most ``eval_max_agents``
-evaluations hold a running agent, at most ``eval_max_builds`` deploy (fetch, build, start,
-probe) at once, a batch at most its ``concurrency``; the rest wait in one FIFO queue whose
+evaluations hold a running agent, at most ``eval_max_builds`` build-mode ones deploy (fetch,
+build, start, probe) at once (image-mode ones need no build and are not held back), a batch
+at most its ``concurrency``; the rest wait in one FIFO queue whose
 positions are visible. Every evaluation is stored at each change; on start, unfinished ones
 end ``failed`` with ``controller_restarted`` and what they left (deployment, containers,
 port leases, route) is found by its labels and removed.
@@ -437,7 +438,10 @@ class EvaluationService:
         evaluation.started_at = now()
         await self._save(run)
         spec = self._spec(run)
-        async with self._builds:
+        # Only a build needs a build slot: image-mode agents start in parallel (up to
+        # eval_max_agents, the admission limit), while builds stay capped.
+        gate = self._builds if spec.build_mode == "dockerfile" else contextlib.nullcontext()
+        async with gate:
             try:
                 await self.controller.create(spec)
             except DockyardError as exc:

@@ -48,7 +48,7 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.states import TRANSITIONS, transition
-from dockyard.core.store import StateStore, StoredEvaluation
+from dockyard.core.store import StateStore, StatusFilter, StatusPage, StoredEvaluation
 from dockyard.plugins.sqlite_store import SqliteStore
 
 S = SlotState
@@ -267,6 +267,128 @@ async def test_delete_unknown_deployment_is_not_an_error(store: StateStore) -> N
     port = await store.lease_port("ghost:blue")
     await store.delete_deployment("ghost")
     assert port not in await store.list_leases()
+
+
+# ---------------------------------------------------------------- the status list
+async def _status_world(store: StateStore) -> None:
+    """Deployments d00..d11: every third an evaluation's (labelled), every fourth with a
+    PROMOTED green slot on a revision, d05 with a FAILED blue slot."""
+    for i in range(12):
+        labels = {"dockyard_evaluation": f"ev-{i}"} if i % 3 == 0 else {}
+        await store.create_deployment(spec(f"d{i:02}", labels=labels, ref=f"v{i}"))
+        if i % 4 == 0:
+            made = revision(f"r{i}", f"d{i:02}")
+            await store.add_revision(msgspec.structs.replace(made, commit=f"{i:x}" * 40))
+            slot = await store.get_slot(f"d{i:02}", Color.GREEN)
+            for step in path_to(S.PROMOTED):
+                new = transition(slot, step, revision_id=f"r{i}")
+                slot = await store.save_slot(new, move_event(slot, step))
+    slot = await store.get_slot("d05", Color.BLUE)
+    for step in path_to(S.FAILED):
+        reason = "test_failure" if step is S.FAILED else None
+        slot = await store.save_slot(transition(slot, step, reason=reason), move_event(slot, step))
+
+
+async def _pages(store: StateStore, limit: int, where: StatusFilter | None = None) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    for _ in range(100):
+        page = await store.list_status(after=cursor, limit=limit, where=where)
+        assert len(page.deployments) <= limit
+        ids += [d.id for d in page.deployments]
+        if page.cursor is None:
+            return ids
+        assert page.cursor == page.deployments[-1].id
+        cursor = page.cursor
+    raise AssertionError("the status list never ended")
+
+
+async def test_status_list_matches_the_single_reads(store: StateStore) -> None:
+    assert await store.list_status() == StatusPage(deployments=[], cursor=None)
+    await _status_world(store)
+    page = await store.list_status()
+    assert page.cursor is None
+    assert [d.id for d in page.deployments] == [f"d{i:02}" for i in range(12)]
+    for item in page.deployments:
+        deployment = await store.get_deployment(item.id)
+        assert deployment is not None
+        assert (item.repo, item.ref, item.generation) == (
+            deployment.spec.repo,
+            deployment.spec.ref,
+            deployment.generation,
+        )
+        assert (item.created_at, item.updated_at) == (
+            deployment.created_at,
+            deployment.updated_at,
+        )
+        assert item.slots == await store.list_slots(item.id)  # both, blue first
+        expected = {}
+        for slot in item.slots:
+            if slot.revision_id:
+                found = await store.get_revision(slot.revision_id)
+                assert found is not None
+                expected[slot.revision_id] = found.commit
+        assert item.commits == expected
+    assert page.deployments[4].commits == {"r4": "4" * 40}
+    assert page.deployments[4].slots[1].state is S.PROMOTED
+    # The default (composed) implementation of the ABC agrees with the store's own.
+    assert await StateStore.list_status(store) == page
+
+
+@pytest.mark.parametrize("limit", [1, 5, 12, 13])
+async def test_status_list_pages_without_gaps_or_repeats(store: StateStore, limit: int) -> None:
+    await _status_world(store)
+    assert await _pages(store, limit) == [f"d{i:02}" for i in range(12)]
+    last = await store.list_status(after="d11")
+    assert last.deployments == [] and last.cursor is None
+    middle = await store.list_status(after="d04x", limit=2)  # any string is a position
+    assert [d.id for d in middle.deployments] == ["d05", "d06"] and middle.cursor == "d06"
+
+
+async def test_status_list_sees_deployments_added_and_removed_between_pages(
+    store: StateStore,
+) -> None:
+    await _status_world(store)
+    first = await store.list_status(limit=4)
+    await store.delete_deployment("d05")
+    await store.create_deployment(spec("d055"))
+    await store.create_deployment(spec("a-before"))  # before the cursor: not in later pages
+    rest = await _pages_after(store, first.cursor, 4)
+    assert rest == ["d04", "d055", "d06", "d07", "d08", "d09", "d10", "d11"]
+
+
+async def _pages_after(store: StateStore, cursor: str | None, limit: int) -> list[str]:
+    ids: list[str] = []
+    while cursor is not None:
+        page = await store.list_status(after=cursor, limit=limit)
+        ids += [d.id for d in page.deployments]
+        cursor = page.cursor
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (StatusFilter(state=S.PROMOTED), [0, 4, 8]),
+        (StatusFilter(state=S.FAILED), [5]),
+        (StatusFilter(state=S.DRAINING), []),
+        (StatusFilter(state=S.IDLE), list(range(12))),  # any slot: each has an IDLE one
+        (StatusFilter(with_label="dockyard_evaluation"), [0, 3, 6, 9]),
+        (StatusFilter(without_label="dockyard_evaluation"), [1, 2, 4, 5, 7, 8, 10, 11]),
+        (StatusFilter(with_label="other"), []),
+        (StatusFilter(without_label="other"), list(range(12))),
+        (StatusFilter(with_label='x"y'), []),  # a name that is no label: nothing matches
+        (StatusFilter(state=S.PROMOTED, without_label="dockyard_evaluation"), [4, 8]),
+    ],
+)
+async def test_status_list_filters_page_correctly(
+    store: StateStore, where: StatusFilter, expected: list[int]
+) -> None:
+    await _status_world(store)
+    wanted = [f"d{i:02}" for i in expected]
+    for limit in (1, 2, 1000):
+        assert await _pages(store, limit, where) == wanted
+    assert [d.id for d in (await StateStore.list_status(store, where=where)).deployments] == wanted
 
 
 # ---------------------------------------------------------------- revisions

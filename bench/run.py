@@ -1,0 +1,61 @@
+"""Every benchmark in one run and one table: status, switch, deploy, evaluations.
+
+    python bench/run.py [--only status,switch,deploy,evaluations] [--quick] [--check] [--json]
+
+Each benchmark measures dockyard and its baseline in the same run (``bench/<name>.py``
+says how); this prints one Markdown table of medians, spreads, ratios and targets, and with
+``--check`` exits 1 when any target is missed. ``--quick`` runs fewer samples (for a smoke
+run; the README's table comes from a full run). ``deploy`` and ``evaluations`` need rootful
+Podman and say so when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, report
+
+BENCHES = ["status", "switch", "deploy", "evaluations"]
+QUICK = {
+    "status": ["--requests", "100"],
+    "switch": ["--switches", "8", "--clients", "10", "--routers", "none,caddy,traefik"],
+    "deploy": ["--runs", "2"],
+    "evaluations": ["--miners", "6", "--tasks", "3"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated benches")
+    parser.add_argument("--quick", action="store_true", help="fewer samples: a smoke run")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    rows: list[Row] = []
+    started = time.monotonic()
+    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
+        if name not in BENCHES:
+            print(f"bench/run.py: unknown benchmark {name!r} (known: {', '.join(BENCHES)})")
+            return 2
+        module = importlib.import_module(name)
+        bench_args = module.parse_args(QUICK[name] if args.quick else [])
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows += asyncio.run(module.measure(bench_args))
+    title = f"dockyard benchmarks ({time.monotonic() - started:.0f} s)"
+    return report(rows, as_json=args.json, check=args.check, title=title)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,6 +63,8 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "sh": ("essential", "dash"),
     "env": ("essential", "coreutils"),
     "true": ("essential", "coreutils"),
+    "sleep": ("essential", "coreutils"),
+    "st": ("pip", "schemathesis"),
 }
 
 _SUBPROCESS_CALLS = {

@@ -43,7 +43,7 @@ def test_the_scan_finds_what_the_code_runs() -> None:
     names = {use.name for use in uses}
     assert {"nft", "podman", "dockerd", "git", "caddy", "traefik", "ip"} <= names, names
     nft = [str(use) for use in uses if use.name == "nft"]
-    assert any("backends/firewall.py" in use for use in nft), nft
+    assert any("backends/engine/firewall.py" in use for use in nft), nft
 
 
 def test_every_executable_is_installed_by_a_setup_script() -> None:
@@ -59,7 +59,7 @@ def test_removing_a_package_from_the_scripts_fails_the_check(tmp_path: Path) -> 
     _without_nftables(tmp_path)
     problems = unprovided(_scanned(), tmp_path)
     assert len(problems) == 1, problems
-    assert problems[0].startswith("nft (backends/firewall.py:"), problems
+    assert problems[0].startswith("nft (backends/engine/firewall.py:"), problems
     assert "Debian package nftables is installed by no setup script" in problems[0]
 
 

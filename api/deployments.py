@@ -314,7 +314,9 @@ class DeploymentRoutes(Controller):
         ] = STATUS_PAGE,
         cursor: Annotated[
             str | None,
-            QueryParameter(description="the previous page's cursor: the page after it"),
+            QueryParameter(
+                pattern=SLUG.pattern, description="the previous page's cursor: the page after it"
+            ),
         ] = None,
         slot_state: Annotated[
             SlotState | None,
@@ -373,7 +375,7 @@ class DeploymentRoutes(Controller):
         self,
         deployment_id: DeploymentId,
         controller: NamedDependency[DeploymentController],
-        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
     ) -> list[Event]:
         await controller.get(_check_id(deployment_id))

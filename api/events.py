@@ -285,8 +285,8 @@ def last_event_id(header: str | None, after: int) -> int:
         value = int(header.strip())
     except ValueError:
         raise ValidationError("Last-Event-ID: must be an event sequence number") from None
-    if value < 0:
-        raise ValidationError("Last-Event-ID: must not be negative")
+    if not 0 <= value < 2**53:
+        raise ValidationError("Last-Event-ID: must be an event sequence number from 0 to 2^53-1")
     return value
 
 
@@ -313,10 +313,12 @@ async def sse_messages(
 
 
 DeploymentFilter = Annotated[
-    str | None, QueryParameter(description="only this deployment's events")
+    str | None,
+    QueryParameter(pattern=ID_RE.pattern, description="only this deployment's events"),
 ]
 EvaluationFilter = Annotated[
-    str | None, QueryParameter(description="only this evaluation's events")
+    str | None,
+    QueryParameter(pattern=ID_RE.pattern, description="only this evaluation's events"),
 ]
 
 
@@ -331,7 +333,7 @@ class EventRoutes(Controller):
     async def page(
         self,
         state: State,
-        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
         deployment: DeploymentFilter = None,
         evaluation: EvaluationFilter = None,
@@ -357,10 +359,18 @@ class EventRoutes(Controller):
         self,
         request: Request[Any, Any, Any],
         state: State,
-        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
         deployment: DeploymentFilter = None,
         evaluation: EvaluationFilter = None,
-        last_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
+        last_id: Annotated[
+            str,
+            HeaderParameter(
+                name="Last-Event-ID",
+                pattern=r"^[0-9]{0,15}$",
+                required=False,
+                description="resume after this event sequence number",
+            ),
+        ] = "",
     ) -> ServerSentEvent:
         hub = _hub(state)
         start = last_event_id(last_id, after)

@@ -353,7 +353,7 @@ class UIRoutes(Controller):
         self,
         state: State,
         request: Request[Any, Any, Any],
-        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
         evaluation: FromQuery[str | None] = None,
     ) -> ServerSentEvent:
         start = last_event_id(request.headers.get("last-event-id"), after)

@@ -171,3 +171,56 @@ def test_sigint_stops_an_idle_dockyard_cleanly(tmp_path: Path) -> None:
         assert not list(data.rglob("*.pid"))
     finally:
         served.stop()
+
+
+def test_sigkill_mid_build_leaves_nothing_after_the_next_start(
+    git_server: tuple[GitDaemon, Any], tmp_path: Path
+) -> None:
+    """kill -9 while a build is in its ``RUN`` step: the proxy and the private Podman service
+    die with dockyard; the ``RUN`` step is the engine's, so the next start on the same data
+    directory finds it by its build marker and stops it. Nothing dockyard started survives."""
+    podman_required()
+    daemon, repos = git_server
+    repo = repos.new("kill-agent")
+    slow = agent(repo, "v1", slow_build_s=120)
+    data = tmp_path / "data"
+    served = Served(data, port_range=(45330, 45340)).start()
+    try:
+        status, body = served.request(
+            "POST",
+            "/v1/repos",
+            {
+                "id": "kill-app",
+                "repo": f"{daemon.url}/kill-agent.git",
+                "ref": slow,
+                "health": HEALTH,
+                "grace_period_s": 0,
+            },
+        )
+        assert status == 202, body
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any("sleep 120" in cmd for _, cmd in served.descendants().values()):
+                break
+            time.sleep(0.2)
+        processes = served.descendants()
+        build_steps = {pid: p for pid, p in processes.items() if "sleep 120" in p[1]}
+        assert build_steps, " | ".join(cmd for _, cmd in processes.values())
+
+        served.signal(signal.SIGKILL)
+        served.wait(30)
+        served.start()  # the same data directory: reaps what the killed one left
+        deadline = time.monotonic() + 30
+        while alive(build_steps) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(build_steps) == {}, f"the killed build's RUN step survived: {build_steps}"
+        left = {pid: p for pid, p in alive(processes).items() if pid not in build_steps}
+        assert left == {}, f"still running after kill -9 and a restart: {left}"
+        slots = slot_rows(served, "kill-app")
+        assert slots["blue"]["state"] == "FAILED", slots["blue"]
+        assert slots["blue"]["reason"] == "controller_restarted", slots["blue"]
+        status, _ = served.request("DELETE", "/v1/repos/kill-app")
+        assert status == 200
+    finally:
+        served.stop()
+    assert engine_containers(data) == []

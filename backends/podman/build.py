@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -67,6 +68,14 @@ class PodmanBuilds(BuildLifecycle):
     options: Any
     _limits_enforced: bool
 
+    @property
+    def build_marker_prefix(self) -> str:
+        """What starts the marker of every build this dockyard runs: its data directory's
+        hash, so a restarted dockyard finds the ``RUN`` steps a killed one left (and only
+        those)."""
+        scope = hashlib.sha256(str(self.options.state_dir or "").encode()).hexdigest()[:12]
+        return f"dockyard-build-{scope}-"
+
     def _build_params(self, job: BuildJob, marker: str) -> dict[str, Any]:
         request, options = job.request, self.options
         build_args = dict(request.build_args)
@@ -122,7 +131,7 @@ class PodmanBuilds(BuildLifecycle):
         return build.response
 
     async def _build_messages(self, job: BuildJob) -> AsyncIterator[dict[str, Any]]:
-        build = job.handle = _PodmanBuild(marker=f"dockyard-build-{job.build_id}")
+        build = job.handle = _PodmanBuild(marker=f"{self.build_marker_prefix}{job.build_id}")
         read_timeout = job.request.timeout_s + self.options.build_kill_grace_s + 60.0
         resp = await self._call(self._post_build, job, build, read_timeout)
         if resp.status_code >= 400:

@@ -67,7 +67,7 @@ def _descendants(pid: int, children: Mapping[int, list[int]]) -> list[int]:
     return out
 
 
-def _bundle_has_marker(pid: int, marker: str) -> bool:
+def _bundle_has_marker(pid: int, marker: str, prefix: bool = False) -> bool:
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
         if not argv0.endswith(b"buildah-oci-runtime"):
@@ -78,24 +78,49 @@ def _bundle_has_marker(pid: int, marker: str) -> bool:
     env = ((spec.get("process") or {}).get("env")) or []
     for item in env:
         name, _, value = str(item).partition("=")
-        if name == "no_proxy" and marker in value.split(","):
+        if name != "no_proxy":
+            continue
+        found = value.split(",")
+        if marker in found or (prefix and any(v.startswith(marker) for v in found)):
             return True
     return False
 
 
-def kill_marked_build_processes(marker: str) -> int:
-    """SIGKILL the ``RUN`` containers of the build whose ``no_proxy`` holds ``marker``.
+def _environ_has_marker(pid: int, prefix: str) -> bool:
+    """Whether the process's own ``no_proxy`` holds a marker starting with ``prefix``: a
+    ``RUN`` step whose ``buildah-oci-runtime`` died with a killed engine service."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    for item in environ:
+        name, _, value = item.decode(errors="replace").partition("=")
+        if name == "no_proxy" and any(v.startswith(prefix) for v in value.split(",")):
+            return True
+    return False
+
+
+def kill_marked_build_processes(marker: str, *, prefix: bool = False) -> int:
+    """SIGKILL the ``RUN`` containers of the build whose ``no_proxy`` holds ``marker`` (with
+    ``prefix``: of every build whose marker starts with it, including ``RUN`` processes whose
+    runtime is gone, found by the marker in their own environment).
 
     Killing a RUN container's init ends its whole PID namespace; the build step fails and
     buildah removes the container. Returns how many processes were signalled.
     """
-    owners = [pid for pid in _proc_pids() if _bundle_has_marker(pid, marker)]
-    if not owners:
+    owners = [pid for pid in _proc_pids() if _bundle_has_marker(pid, marker, prefix)]
+    orphans = [pid for pid in _proc_pids() if prefix and _environ_has_marker(pid, marker)]
+    if not owners and not orphans:
         return 0
     children = _children_map()
     killed = 0
     for owner in owners:
         for pid in _descendants(owner, children):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    for orphan in orphans:  # a RUN step left by a killed engine service, and what it started
+        for pid in [orphan, *_descendants(orphan, children)]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
                 killed += 1

@@ -80,6 +80,7 @@ from dockyard.backends.podman.containers import (
     patch_scratch_tmpfs,
     read_k8s_log,
 )
+from dockyard.backends.podman.processes import kill_marked_build_processes
 from dockyard.backends.podman.service import INSTALL_HINT, PodmanService, socket_answers
 from dockyard.core.errors import Conflict, NotFound, RuntimeOperationError, RuntimeUnavailable
 from dockyard.core.hookspecs import hookimpl
@@ -195,6 +196,9 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
         """Stop a private service a killed dockyard left, then connect (engine floor)."""
         if self._url is None and (pid_path := PodmanService.pid_path_in(self.options.state_dir)):
             await asyncio.to_thread(PodmanService.reap, pid_path)
+            # The RUN steps of builds a killed dockyard left (the engine's, not our children).
+            marker = self.build_marker_prefix
+            await asyncio.to_thread(kill_marked_build_processes, marker, prefix=True)
         await super().open()
 
     @property

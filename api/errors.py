@@ -109,13 +109,28 @@ def dockyard_error_handler(_: Request[Any, Any, Any], exc: DockyardError) -> Res
     return _json(exc.status_code, exc.to_dict())
 
 
-def validation_error_handler(_: Request[Any, Any, Any], exc: ValidationException) -> Response:
+def _client_name(request: Request[Any, Any, Any], key: Any) -> Any:
+    """The name a client uses for a handler parameter (a header's or a query's alias, e.g.
+    ``Last-Event-ID`` for ``last_id``), else ``key``."""
+    try:
+        parameter = request.route_handler.parsed_fn_signature.parameters[key]
+        definition = parameter.kwarg_definition
+    except (AttributeError, KeyError, TypeError):
+        return key
+    for alias in ("header", "query", "cookie", "name"):
+        name = getattr(definition, alias, None)
+        if isinstance(name, str) and name:
+            return name
+    return key
+
+
+def validation_error_handler(request: Request[Any, Any, Any], exc: ValidationException) -> Response:
     problems = exc.extra if isinstance(exc.extra, list) else []
     parts = []
     contradictions = bool(problems)
     for item in problems:
         if isinstance(item, dict):
-            key = item.get("key")
+            key = _client_name(request, item.get("key"))
             msg = str(item.get("message", ""))
             parts.append(f"{key}: {msg}" if key else msg)
             # A model's own check (REFUSED): the request matches the schema (422).

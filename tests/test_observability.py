@@ -297,3 +297,17 @@ def test_cli_wait_follows_the_stream_and_events_prints_it(
         assert main(["events", "app", "--json", *flags]) == 0
         lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert lines[-1]["to_state"] == "PROMOTED" and lines[-1]["deployment_id"] == "app"
+
+
+def test_a_bad_parameter_is_named_as_the_client_sends_it(fake_client_factory: Any) -> None:
+    """A header's or a query's validation error names it as the client wrote it."""
+    with fake_client_factory() as client:
+        r = client.get("/v1/events/stream", headers={**AUTH, "Last-Event-ID": "yesterday"})
+        assert r.status_code == 400, r.text
+        assert r.json()["message"].startswith("Last-Event-ID:"), r.text
+        r = client.get("/v1/events?after=-1", headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert r.json()["message"].startswith("after:"), r.text
+        r = client.get("/v1/status?state=NOPE", headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert r.json()["message"].startswith("state:"), r.text

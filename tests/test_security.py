@@ -121,7 +121,12 @@ def test_first_start_creates_one_admin_token(tmp_path: Path) -> None:
 
 def test_rate_limits_trigger_and_recover(fake_client_factory: Any) -> None:
     with fake_client_factory(rate_limit_per_token=5, rate_limit_window="second") as client:
-        codes = [client.get("/v1/status").status_code for _ in range(7)]
+        for _ in range(3):  # a loaded host may spread seven requests over a second: again
+            time.sleep(1.2)
+            started = time.monotonic()
+            codes = [client.get("/v1/status").status_code for _ in range(7)]
+            if time.monotonic() - started < 0.8:
+                break
         assert codes[:5] == [200] * 5 and 429 in codes[5:]
         r = client.get("/v1/status")
         assert r.status_code == 429

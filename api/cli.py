@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from dockyard.api import cli_evaluation
+from dockyard.api import cli_evaluation, cli_install
 from dockyard.api.auth import TokenBook
 from dockyard.api.cli_events import follow_operation, print_events
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "revoke":
             cmd.add_argument("id")
     cli_evaluation.add_commands(sub, api, wait)
+    cli_install.add_commands(sub)
 
     return parser
 
@@ -416,6 +417,12 @@ def _plugins(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dockyard`` command."""
     args = _parser().parse_args(argv)
+    if args.command in cli_install.COMMANDS:
+        try:
+            return cli_install.main_install(args)
+        except DockyardError as exc:
+            print(f"dockyard: error: {exc.message}", file=sys.stderr)
+            return 2
     if args.command in API_COMMANDS:
         try:
             return asyncio.run(_api(args))

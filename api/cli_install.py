@@ -150,7 +150,9 @@ def render(
     """The unit for ``mode`` (``user`` or ``system``)."""
     if mode == "user":
         socket = "unix://%t/podman/podman.sock"  # %t: the user's XDG_RUNTIME_DIR
-        config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path(home or Path.home()) / ".config")
+        config_home = os.environ.get("XDG_CONFIG_HOME") or str(
+            Path(home or Path.home()) / ".config"
+        )
         unit_dir = Path(config_home) / "systemd" / "user"
         sandbox = ""
     else:
@@ -262,8 +264,10 @@ def install(args: argparse.Namespace) -> int:
             _enable_linger(user)
             print(f"lingering enabled for {user}: the service runs without a login")
     if args.root is None and not live:
-        print(f"systemd does not run here{' for this user' if args.mode == 'user' else ''}: "
-              "the unit takes effect once it does")
+        print(
+            f"systemd does not run here{' for this user' if args.mode == 'user' else ''}: "
+            "the unit takes effect once it does"
+        )
     print(unit.how_to())
     return 0
 

@@ -145,6 +145,7 @@ def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         main(["install"])  # a mode is required
     assert exited.value.code == 2
+    assert "one of the arguments --user --system is required" in capsys.readouterr().err
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     assert main(["install", "--system", "--root", str(blocked)]) == 2

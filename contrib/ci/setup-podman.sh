@@ -27,6 +27,7 @@ case "${1:-}" in
 esac
 PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static nftables)
 TEST_PACKAGES=(git iproute2 mount)  # tests only: git daemon/http-backend, ip netns, umount
+TEST_PACKAGES+=(systemd)  # tests only: systemd-analyze verify of the units dockyard install writes
 MARKER="# managed by dockyard contrib/ci/setup-podman.sh"
 
 log() { printf 'setup-podman: %s\n' "$*"; }

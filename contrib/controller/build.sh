@@ -90,6 +90,6 @@ fi
 log "building $tag with no network ($(ls "$context/wheels" | wc -l) wheels, ${#needed[@]} packages)"
 args=(build --network none --build-arg "BASE=$base" --build-arg "PIP_WHEEL=$pip_wheel"
   --tag "$tag" --file "$context/Containerfile")
-[ "$engine" = podman ] && args+=(--pull=never)
+[ "$engine" = podman ] && args+=(--pull=never --layers=false)
 "$engine" "${args[@]}" "$context"
 log "$tag ready"

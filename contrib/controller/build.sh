@@ -5,7 +5,8 @@
 #      (contrib/base-image/build.sh makes it; run first when missing);
 #   2. on the host, pip builds dockyard's wheel from this checkout and downloads binary
 #      wheels of its dependencies (extras routers + docker) for the base's CPython and
-#      glibc, and apt downloads the Debian packages nftables needs that the base lacks
+#      glibc, and apt downloads the Debian packages of nftables (the agent firewall) and
+#      ca-certificates (https fetches), with what they need that the base lacks
 #      (the host must run Debian bookworm, like the base);
 #   3. the engine builds contrib/controller/Containerfile from that context with no network
 #      and never pulls.
@@ -18,6 +19,7 @@ engine=podman
 tag=localhost/dockyard/controller:latest
 base=localhost/dockyard/base-python:bookworm
 python=
+packages="nftables ca-certificates"
 while [ $# -gt 0 ]; do
   case "$1" in
     --engine) engine=${2:?engine name}; shift 2 ;;
@@ -75,10 +77,12 @@ platforms+=(--platform "manylinux2014_${machine}")
 pip_wheel=$(cd "$context/wheels" && ls pip-*-py3-none-any.whl | head -n1)
 [ -n "$pip_wheel" ] || die "pip download fetched no pip wheel"
 
-log "downloading the Debian packages nftables needs that the base lacks"
+# nftables: the agent firewall; ca-certificates: https fetches (pygit2 will not even import
+# without a CA store).
+log "downloading the Debian packages of $packages and what they need that the base lacks"
 needed=()
 for pkg in $(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-  --no-breaks --no-replaces --no-enhances nftables | grep -E '^[a-z0-9]'); do
+  --no-breaks --no-replaces --no-enhances $packages | grep -E '^[a-z0-9]' | sort -u); do
   grep -qx "$pkg" <<<"$installed" || needed+=("$pkg")
 done
 if ((${#needed[@]})); then

@@ -219,6 +219,9 @@ def test_the_controller_image_deploys_the_example_agent(
         # SIGTERM: dockyard stops cleanly (exit 0) well within the grace period
         _podman("stop", "--time", "60", name, timeout=90)
         assert _podman("inspect", "--format", "{{.State.ExitCode}}", name) == "0"
+        # the agent's image was built by the host's engine (through the socket), offline
+        images = _podman("images", "--filter", f"label=io.dockyard.source.repo=file://{repo}")
+        assert "agent-repo" in images
     finally:
         _podman("rm", "--force", "--time", "10", name, check=False)
         ours = _podman(
@@ -226,4 +229,10 @@ def test_the_controller_image_deploys_the_example_agent(
         )
         for container in ours.split():
             _podman("rm", "--force", container, check=False)
+        # the agent's image (deleting a deployment keeps it, as a cache for its commit)
+        built = _podman(
+            "images", "-q", "--filter", f"label=io.dockyard.source.repo=file://{repo}", check=False
+        )
+        for image in set(built.split()):
+            _podman("rmi", "--force", image, check=False)
         engine.stop()

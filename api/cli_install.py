@@ -14,7 +14,8 @@ The unit runs ``dockyard serve`` against the Podman socket of Podman's own socke
 Podman needs user namespaces and ``newuidmap`` (setuid), which ``NoNewPrivileges=`` and
 the filesystem sandbox below would break, so Podman stays outside dockyard's sandbox.
 
-Hardening, verified with ``systemd-analyze verify`` (``tests/test_install.py``):
+Hardening (``systemd-analyze verify`` checks the units, ``tests/test_install.py``; they are
+not started under systemd there: the test host has no systemd as PID 1):
 
 * both: ``NoNewPrivileges=yes``, ``UMask=0077``, ``LockPersonality=yes``,
   ``RestrictRealtime=yes``, ``RestrictSUIDSGID=yes``; ``Restart=on-failure``;

@@ -31,7 +31,7 @@ from dockyard.backends.podman.rootless_net import (
     agent_ruleset,
 )
 from dockyard.core.config import Settings
-from dockyard.core.errors import EgressNotEnforceable
+from dockyard.core.errors import EgressNotEnforceable, RuntimeOperationError
 from dockyard.core.runtime import Runtime
 from dockyard.core.services import Services
 from tests.conftest import free_port
@@ -280,3 +280,42 @@ async def test_rootless_healthz_says_the_policy_holds(engine: PodmanEngine, tmp_
     assert body["runtime"]["rootless"] is True
     assert body["runtime"]["egress_enforced"] is True, body["runtime"]["egress_note"]
     assert body["runtime"]["egress_note"] == ""
+
+
+class _NetnsThatFails(AgentNetns):
+    def apply(self, pid: int, rules: Any) -> None:
+        raise RuntimeOperationError(
+            "the agent's network policy could not be applied: refused for the test",
+            reason="network_policy_failed",
+        )
+
+
+class _RuntimeWhosePolicyFails(PodmanRuntime):
+    @property
+    def agent_netns(self) -> AgentNetns:
+        return _NetnsThatFails()
+
+
+async def test_rootless_agent_whose_policy_does_not_load_never_runs(
+    engine: PodmanEngine, make_spec: Any, token: str
+) -> None:
+    """Fail closed: the host can hold the policy, but this agent's table does not load
+    (the real engine, only the load step replaced): no container is left, and the error
+    says ``network_policy_failed``."""
+    rt = _RuntimeWhosePolicyFails(socket=engine.url)
+    await rt.open()
+    try:
+        assert (await rt.info()).egress_enforced
+        with pytest.raises(RuntimeOperationError) as caught:
+            await rt.run(make_spec("fails"))
+    finally:
+        await rt.close()
+    assert caught.value.reason == "network_policy_failed", caught.value.message
+    assert "refused for the test" in caught.value.message
+    assert engine.container_names({contract.TEST_LABEL: token}) == []
+
+
+def test_a_remote_engine_cannot_be_entered() -> None:
+    assert AgentNetns().check("tcp://192.0.2.1:2375") == (
+        "the engine at tcp://192.0.2.1:2375 is not on this host"
+    )

@@ -123,6 +123,8 @@ class Services:
                 )
             if not info.limits_enforced:
                 log.warning("resource limits are NOT enforced on this host: %s", info.limits_note)
+            if not info.egress_enforced:
+                log.warning("the network policy is NOT enforced here: %s", info.egress_note)
             await self.router.open()
             self._opened.append(self.router)
         except BaseException:

@@ -10,6 +10,7 @@ nothing), another agent's address, slirp4netns' host alias, and a TEST-NET addre
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from dockyard.backends.podman import PodmanRuntime
 from dockyard.backends.podman.rootless_net import (
     ROOTLESS_EGRESS_NOTE,
     AgentNetns,
+    AgentRules,
     agent_ruleset,
 )
 from dockyard.core.config import Settings
@@ -112,18 +114,31 @@ def host_listeners() -> Iterator[tuple[str, Listener, Listener]]:
         service.close()
 
 
-def _connect(engine: PodmanEngine, name: str, host: str, port: int) -> tuple[int, str, float]:
-    """``nc`` from inside container ``name``: exit code, output, seconds taken."""
+def _connect(engine: PodmanEngine, name: str, host: str, port: int) -> tuple[int, str]:
+    """``nc`` from inside container ``name``: exit code and output."""
     script = f"nc -w 3 {host} {port} </dev/null 2>&1"
-    started = time.monotonic()
     done = engine.cli("exec", name, "sh", "-c", script, check=False)
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+    return done.returncode, done.stdout + done.stderr
 
 
-def _refused(result: tuple[int, str, float]) -> bool:
-    """Rejected by the table: at once, with the admin-prohibited ICMP (EHOSTUNREACH)."""
-    code, output, seconds = result
-    return code != 0 and "No route to host" in output and seconds < 3
+def _refused(result: tuple[int, str]) -> bool:
+    """Rejected by the table, with its admin-prohibited ICMP (EHOSTUNREACH): not a reset
+    from a closed port, not a timeout."""
+    code, output = result
+    return code != 0 and "No route to host" in output
+
+
+def _host_addresses() -> list[str]:
+    """Every IPv4 address of the host but loopback (its bridges' included)."""
+    out = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        str(a["local"])
+        for link in json.loads(out)
+        for a in link.get("addr_info", [])
+        if not str(a["local"]).startswith("127.")
+    ]
 
 
 def _get(port: int, path: str) -> str:
@@ -170,7 +185,7 @@ async def test_rootless_agents_reach_their_gateway_and_nothing_else(
 
     env = engine.cli_json("inspect", agent.name)[0]["Config"]["Env"]
     assert f"OPENAI_BASE_URL=http://{host}:{gateway.port}/v1" in env
-    code, output, _ = _connect(engine, agent.name, host, gateway.port)
+    code, output = _connect(engine, agent.name, host, gateway.port)
     assert code == 0 and "gateway-ok" in output, output
     assert gateway.accepted == 1
 
@@ -183,6 +198,18 @@ async def test_rootless_agents_reach_their_gateway_and_nothing_else(
     # The peer (egress none) reaches neither the gateway nor the agent.
     assert _refused(_connect(engine, other.name, host, gateway.port))
     assert _refused(_connect(engine, other.name, _address(engine, agent.name), 8080))
+    # Every address of the host (its bridges' too), on a port where nothing listens: a
+    # closed port would answer "Connection refused", the table answers first.
+    addresses = _host_addresses()
+    assert host in addresses
+    probes = " ".join(f"{a}:{service.port}" for a in addresses)
+    script = (
+        f'for t in {probes}; do nc -w 3 ${{t%:*}} ${{t#*:}} </dev/null 2>&1; echo "$t rc=$?"; done'
+    )
+    seen = engine.cli("exec", agent.name, "sh", "-c", script, check=False).stdout
+    for address in addresses:
+        assert f"{address}:{service.port} rc=1" in seen, seen
+    assert seen.count("No route to host") == len(addresses), seen
     assert service.accepted == 0 and gateway.accepted == 1
 
     # The table is in the agents' own network namespaces, and its reject rule counted.
@@ -319,3 +346,49 @@ def test_a_remote_engine_cannot_be_entered() -> None:
     assert AgentNetns().check("tcp://192.0.2.1:2375") == (
         "the engine at tcp://192.0.2.1:2375 is not on this host"
     )
+
+
+def _engine_user_env(engine: PodmanEngine) -> list[str]:
+    import pwd
+
+    assert engine.user is not None
+    entry = pwd.getpwnam(engine.user)
+    runtime_dir = (engine.service.runtime_dir if engine.service else None) or (
+        f"/run/user/{entry.pw_uid}"
+    )
+    return [
+        "runuser", "-u", engine.user, "--", "env", "-i", f"HOME={entry.pw_dir}",
+        f"XDG_RUNTIME_DIR={runtime_dir}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    ]  # fmt: skip
+
+
+async def test_the_engines_own_user_enters_its_agents_namespaces(
+    runtime: Runtime, engine: PodmanEngine, make_spec: Any
+) -> None:
+    """The path of a dockyard run as the engine's own (unprivileged) user: the very command
+    lines :class:`AgentNetns` builds for a non-root dockyard (``podman unshare nsenter``,
+    ``podman unshare unshare --net``), run as that user, load and list an agent's table;
+    and a non-root dockyard of another uid is told why it cannot."""
+    prefix = _engine_user_env(engine)
+
+    class AsEngineUser(AgentNetns):
+        as_root = False  # type: ignore[assignment]
+
+        def _run(self, argv: list[str], stdin: str, what: str) -> str:
+            return super()._run([*prefix, *argv], stdin, what)
+
+    spec = make_spec("user")
+    await runtime.run(spec)
+    pid = int(engine.cli_json("inspect", spec.name)[0]["State"]["Pid"])
+    netns = AsEngineUser()
+    netns.apply(pid, AgentRules(8080, ("192.0.2.9", 4321)))
+    assert "ip daddr 192.0.2.9 tcp dport 4321 accept" in netns.listing(pid)
+    assert netns.probe() == ""
+    # As root the runtime loaded the same table at start; the user just replaced it.
+    assert "192.0.2.9" in AgentNetns().listing(pid)
+
+    class OtherUser(AgentNetns):
+        as_root = False  # type: ignore[assignment]
+
+    why = OtherUser().check(engine.url)
+    assert "only root or the engine's own user can enter" in why, why

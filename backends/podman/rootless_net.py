@@ -178,6 +178,11 @@ class AgentNetns:
                 f"{os.geteuid()}: only root or the engine's own user can enter its agents' "
                 "network namespaces"
             )
+        return self.probe()
+
+    def probe(self) -> str:
+        """Load the table into a throwaway network namespace, entered as :meth:`apply`
+        enters an agent's: why that fails, or ""."""
         try:
             nft = self._binary(self.nft_path)
             argv = [*self._prefix("unshare", "--net"), nft, "-f", "-"]

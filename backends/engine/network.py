@@ -7,8 +7,9 @@ the firewall is applied for every agent network before each start, and when it c
 no container starts (``network_policy_failed``: fail closed). A rootless engine's bridges
 are out of the firewall's reach: rootless Podman holds each agent in its own network
 namespace instead (``backends/podman/rootless_net.py``), other engines report
-``ROOTLESS_EGRESS_NOTE``; a gateway on the host's loopback is refused there. A container with a gateway gets the gateway's URL
-at its bridge address (``OPENAI_BASE_URL`` and the spec's named variables)."""
+``ROOTLESS_EGRESS_NOTE``; a gateway on the host's loopback is refused there. A container
+with a gateway gets the gateway's URL at its bridge address (rootless: at the gateway's own
+address) in ``OPENAI_BASE_URL`` and the spec's named variables."""
 
 from __future__ import annotations
 

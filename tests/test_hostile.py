@@ -365,15 +365,23 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDa
 
 @pytest.fixture(scope="module")
 def host_services() -> Iterator[dict[str, Any]]:
-    """The gateway (loopback), a host service on every address, a loopback-only service,
-    and a remote host: what an agent may reach (the gateway) and may not (the rest)."""
+    """The gateway (loopback; rootless Podman's on the host's primary address), a host
+    service on every address, a loopback-only service, and a remote host: what an agent may
+    reach (the gateway) and may not (the rest)."""
     with (
         http_service("127.0.0.1", "gateway-ok") as gateway,
+        http_service(_primary_ip(), "gateway-ok") as primary_gateway,
         http_service("0.0.0.0", "host-open") as open_port,
         http_service("127.0.0.1", "host-loopback") as loopback,
         remote_host() as remote,
     ):
-        yield {"gateway": gateway, "open": open_port, "loopback": loopback, "remote": remote}
+        yield {
+            "gateway": gateway,
+            "primary_gateway": primary_gateway,
+            "open": open_port,
+            "loopback": loopback,
+            "remote": remote,
+        }
 
 
 @pytest.fixture(autouse=True)
@@ -416,8 +424,14 @@ def hostile(
     else:
         assert isinstance(engine, PodmanEngine)
     start, end = PORTS[kind]
-    # Rootless Podman cannot reach a gateway on the host's loopback: no gateway there.
-    gateway = None if engine.rootless else f"http://127.0.0.1:{host_services['gateway']}/v1"
+    # Rootless Podman cannot reach a gateway on the host's loopback: it gets one on the
+    # host's primary address (reached through slirp4netns).
+    gateway_at = (
+        f"{_primary_ip()}:{host_services['primary_gateway']}"
+        if engine.rootless
+        else f"127.0.0.1:{host_services['gateway']}"
+    )
+    gateway = f"http://{gateway_at}/v1"
     settings = Settings(
         **{**TEST_SETTINGS, "monitor_interval_s": 0.5},
         **engine.settings(),
@@ -439,7 +453,7 @@ def hostile(
         assert leases(client) == {}, "port leases left behind"
     assert hostile.left_behind() == [], "containers left behind"
     if gateway is not None:  # the gateway network of this run's (random) gateway port
-        digest = hashlib.sha256(f"127.0.0.1:{host_services['gateway']}".encode()).hexdigest()
+        digest = hashlib.sha256(gateway_at.encode()).hexdigest()
         agents = "dockyard-agents-docker" if isinstance(engine, DockerCLI) else "dockyard-agents"
         engine.cli("network", "rm", f"{agents}-gw-{digest[:8]}", check=False)
     if isinstance(engine, DockerCLI):  # the private dockerd's bridges outlive it otherwise
@@ -631,7 +645,8 @@ def test_build_that_needs_the_network_fails(hostile: Hostile) -> None:
 
 
 def test_agent_reaches_its_gateway_and_nothing_else(hostile: Hostile) -> None:
-    """Egress: the gateway (the operator's, on the host's loopback) answers through the URL
+    """Egress: the gateway (the operator's, on the host's loopback; rootless, on its primary
+    address) answers through the URL
     the agent gets in OPENAI_BASE_URL; the host's services (on any address, any port), a
     remote host, another agent and a container without the gateway get nothing."""
     hostile.require_egress()
@@ -650,7 +665,7 @@ def test_agent_reaches_its_gateway_and_nothing_else(hostile: Hostile) -> None:
     match = re.fullmatch(r"http://(\d+\.\d+\.\d+\.\d+):(\d+)/v1", gateway_url)
     assert match, f"OPENAI_BASE_URL={gateway_url!r}"
     bridge, gw_port = match.group(1), int(match.group(2))
-    assert gw_port == services["gateway"]
+    assert gw_port == services["primary_gateway" if hostile.engine.rootless else "gateway"]
     assert attempt(f"{bridge}:{gw_port}")["result"] == "gateway-ok"
 
     peer = hostile.container("peer")

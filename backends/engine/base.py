@@ -238,7 +238,10 @@ class EngineRuntime(NetworkPolicy, BuildLifecycle, Runtime):
             with contextlib.suppress(DockyardError):
                 await self.remove(container_id)
             raise RuntimeOperationError(
-                f"starting container {spec.name!r} failed: {exc.message}", name=spec.name
+                f"starting container {spec.name!r} failed: {exc.message}",
+                name=spec.name,
+                # e.g. network_policy_failed: a rootless agent's policy did not load
+                reason=exc.reason if isinstance(exc, RuntimeOperationError) else None,
             ) from exc
         await self._route_gateway(plan)
         info = await self.inspect(container_id)

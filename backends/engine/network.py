@@ -5,9 +5,11 @@ Containers join shared agent networks, made once and kept: one for egress ``none
 per gateway (``<agent network>-gw-<hash>``). Where the engine runs rootful on this host,
 the firewall is applied for every agent network before each start, and when it cannot be,
 no container starts (``network_policy_failed``: fail closed). A rootless engine's bridges
-are out of the firewall's reach (the engine's ``ROOTLESS_EGRESS_NOTE``), and a gateway on
-the host's loopback is refused there. A container with a gateway gets the gateway's URL
-at its bridge address (``OPENAI_BASE_URL`` and the spec's named variables)."""
+are out of the firewall's reach: rootless Podman holds each agent in its own network
+namespace instead (``backends/podman/rootless_net.py``), other engines report
+``ROOTLESS_EGRESS_NOTE``; a gateway on the host's loopback is refused there. A container
+with a gateway gets the gateway's URL at its bridge address (rootless: at the gateway's own
+address) in ``OPENAI_BASE_URL`` and the spec's named variables."""
 
 from __future__ import annotations
 

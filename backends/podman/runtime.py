@@ -39,7 +39,8 @@ What holds, as verified with Podman 4.3.1 (Debian 12, runc, cgroupfs, cgroup v1 
   these networks; an ``internal`` network gets none from netavark 1.4) and the gateway,
   reached at ``http://<bridge address>:<gateway port>`` given as ``OPENAI_BASE_URL``. No
   firewall, no container (``network_policy_failed``): dockyard must run as root on the
-  engine's host. IPv6 is off inside. Rootless: see ``ROOTLESS_EGRESS_NOTE``; a gateway on
+  engine's host. IPv6 is off inside. Rootless: each agent's own network namespace gets
+  the policy before its process runs (``backends/podman/rootless_net.py``); a gateway on
   the host's loopback is refused there (slirp4netns does not reach it).
 * Builds: no network unless asked. Podman 4.3's build endpoint ignores ``networkmode=none``
   and shares the *host's* network namespace unless ``nsoptions`` asks for a private one, so
@@ -81,6 +82,7 @@ from dockyard.backends.podman.containers import (
     read_k8s_log,
 )
 from dockyard.backends.podman.processes import kill_marked_build_processes
+from dockyard.backends.podman.rootless_net import ROOTLESS_EGRESS_NOTE, RootlessNetPolicy
 from dockyard.backends.podman.service import INSTALL_HINT, PodmanService, socket_answers
 from dockyard.core.errors import Conflict, NotFound, RuntimeOperationError, RuntimeUnavailable
 from dockyard.core.hookspecs import hookimpl
@@ -99,14 +101,6 @@ ROOTLESS_V1_NOTE = (
     "Resource limits are ignored by rootless Podman on cgroup v1: memory, CPU and pids limits "
     "do not hold (ulimits such as nofile and nproc still apply). Run Podman rootful or on a "
     "cgroup v2 host with controller delegation to enforce them."
-)
-#: The note ``info()`` gives about the network policy under rootless Podman.
-ROOTLESS_EGRESS_NOTE = (
-    "The network policy is not enforced by rootless Podman: agent containers share a bridge "
-    "inside rootless Podman's own network namespace, whose traffic leaves through slirp4netns, "
-    "so they can reach the internet and the host's non-loopback addresses (not its loopback, "
-    "so not a gateway there). Run Podman rootful to hold agents to their published port and "
-    "the gateway."
 )
 #: The agent network of egress ``none`` and its interface (gateway networks add ``g<hash>``).
 AGENT_NETWORK = "dockyard-agents"
@@ -170,7 +164,7 @@ class PodmanOptions(EngineOptions):
     state_dir: str | None = None
 
 
-class PodmanRuntime(PodmanBuilds, EngineRuntime):
+class PodmanRuntime(RootlessNetPolicy, PodmanBuilds, EngineRuntime):
     """Podman through its REST API (podman-py), with dockyard's hardening always applied.
 
     Takes :class:`PodmanOptions` as keywords: ``PodmanRuntime(socket=..., podman_path=...)``.
@@ -379,6 +373,7 @@ class PodmanRuntime(PodmanBuilds, EngineRuntime):
             raise RuntimeOperationError(_engine_message(exc), name=spec.name) from exc
 
     async def _start(self, container_id: str) -> None:
+        await self._before_start(container_id)  # rootless: the agent's policy (rootless_net)
         container = self.client.containers.prepare_model({"Id": container_id})
         try:
             await self._call(container.start)

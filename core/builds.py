@@ -20,6 +20,7 @@ commit that was deployed before reuses its image).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -155,6 +156,8 @@ def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: l
     key = hashlib.sha256(json.dumps([str(src), sorted(mountpoints)]).encode()).hexdigest()[:32]
     final = views_dir / key
     if final.is_dir():
+        with contextlib.suppress(OSError):
+            os.utime(final)  # garbage collection ages a view from its last use
         return final
     views_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(views_dir, 0o700)  # only the engine (root, or rootless this user) goes in

@@ -69,12 +69,13 @@ class Retention(Model):
 
 
 def retention_of(settings: Settings, kind: str) -> Retention:
-    """The retention ``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` say."""
+    """The retention ``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` say (0: no
+    such limit)."""
     days = getattr(settings, f"gc_{kind}_max_age_days")
     mb = getattr(settings, f"gc_{kind}_max_mb")
     return Retention(
-        max_age_s=None if days is None else float(days) * DAY_S,
-        max_bytes=None if mb is None else int(float(mb) * MIB),
+        max_age_s=float(days) * DAY_S if days else None,
+        max_bytes=int(float(mb) * MIB) if mb else None,
     )
 
 

@@ -52,7 +52,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         router_watch_interval_s=0,
         port_range_start=61330,
         port_range_end=61340,
-        gc_sources_max_mb=None,
+        gc_sources_max_mb=0,
         **KEEP_DAYS,
     )
     svc = Services.build(
@@ -219,7 +219,7 @@ async def test_size_retention_removes_the_oldest_unused_first(services: Services
     settings = msgspec_settings(
         services.settings,
         gc_sources_max_mb=(size - 100) / 1024 / 1024,
-        gc_sources_max_age_days=None,
+        gc_sources_max_age_days=0,
     )
     collector = GarbageCollector(settings, services.store, None, clock=lambda: LATER)
     report = await collector.collect()

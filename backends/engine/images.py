@@ -12,8 +12,10 @@ from dockyard.core.runtime import ImageInfo
 
 
 def label_filters(labels: Mapping[str, str] | None) -> dict[str, list[str]]:
-    """``{"label": ["k=v", ...]}``: the engines' filter for images carrying every label."""
-    return {"label": [f"{key}={value}" for key, value in (labels or {}).items()]}
+    """``{"label": ["k=v"]}``: the engine's filter, on the first label only: Podman 4.3
+    lists nothing when given two (verified); :func:`image_infos` checks them all."""
+    first = next(iter((labels or {}).items()), None)
+    return {"label": [f"{first[0]}={first[1]}"]} if first else {}
 
 
 def label_filters_json(labels: Mapping[str, str] | None) -> str:

@@ -156,3 +156,77 @@ def test_backup_of_an_empty_data_dir_says_so(
 ) -> None:
     assert main(["backup", str(tmp_path / "b.tgz"), "--data-dir", str(tmp_path / "none")]) == 2
     assert "holds no dockyard state" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.podman
+def test_backup_round_trip_on_podman(tmp_path: Path) -> None:
+    """Real Podman and a real git server: a deployed agent, backed up while dockyard serves,
+    is shown the same by a dockyard started on the restored copy (its container ran on
+    while neither dockyard did), and that dockyard can delete it."""
+    import subprocess
+    import urllib.request
+    import uuid
+
+    from tests.gitserver import GitDaemon, RepoBuilder
+    from tests.test_e2e import HEALTH, _agent, _podman_required
+
+    _podman_required()
+    dep = f"bk{uuid.uuid4().hex[:8]}"
+    old, new, archive = tmp_path / "old", tmp_path / "new", tmp_path / "state.tar.gz"
+
+    def app(data: Path) -> TestClient[Any]:
+        cfg = Settings(
+            **{**TEST_SETTINGS, "monitor_interval_s": 0},
+            runtime="podman",
+            data_dir=str(data),
+            insecure_sources=True,
+            port_range_start=61370,
+            port_range_end=61380,
+            build_timeout_s=60,
+        )
+        client = TestClient(create_app(cfg), timeout=120)
+        client.headers.update(AUTH)
+        return client
+
+    def get(port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            return r.read().decode().strip()
+
+    root = tmp_path / "served"
+    builder = RepoBuilder(root)
+    v1 = ""
+    try:
+        with GitDaemon(root) as daemon:
+            repo = builder.new("backed")
+            v1 = _agent(repo, "v1")
+            spec = {"id": dep, "repo": f"{daemon.url}/backed.git", "ref": v1, "health": HEALTH}
+            with app(old) as a:
+                r = a.post("/v1/repos?wait=true&timeout=120", json=spec)
+                assert r.status_code == 200, r.text
+                before = a.get(f"/v1/repos/{dep}").json()
+                port = before["slots"][0]["host_port"]
+                assert before["promoted"] == "blue" and get(port) == "v1"
+                assert main(["backup", str(archive), "--data-dir", str(old)]) == 0
+        assert get(port) == "v1"  # no dockyard runs; the agent does
+        assert main(["restore", str(archive), "--data-dir", str(new)]) == 0
+        with app(new) as b:
+            after = b.get(f"/v1/repos/{dep}").json()
+            for key in ("promoted", "generation", "spec"):
+                assert after[key] == before[key], key
+            slot = after["slots"][0]
+            assert (slot["state"], slot["commit"], slot["host_port"]) == ("PROMOTED", v1, port)
+            assert dep in {d["id"] for d in b.get("/v1/status").json()["deployments"]}
+            assert get(port) == "v1"
+            assert b.delete(f"/v1/repos/{dep}").status_code == 200
+    finally:
+        for color in ("blue", "green"):  # whatever a failure above left of ours
+            subprocess.run(["podman", "rm", "-f", f"dockyard-{dep}-{color}"], capture_output=True)
+        if v1:  # the image built from this test's commit
+            found = subprocess.run(
+                ["podman", "images", "-q", "--filter", f"label=io.dockyard.source.commit={v1}"],
+                capture_output=True,
+                text=True,
+            )
+            for image in set(found.stdout.split()):
+                subprocess.run(["podman", "rmi", "-f", image], capture_output=True)

@@ -115,6 +115,23 @@ def test_a_restored_backup_serves_the_same_deployments(
     assert "exists already" in capsys.readouterr().err
 
 
+def test_restored_on_a_new_host_the_gone_containers_fail_and_a_redeploy_serves(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "state.tar.gz"
+    with dockyard(tmp_path / "old", FakeRuntime(), tmp_path / "src") as client:
+        deploy(client, "alpha", "v1")
+        assert main(["backup", str(archive), "--data-dir", str(tmp_path / "old")]) == 0
+    assert main(["restore", str(archive), "--data-dir", str(tmp_path / "new")]) == 0
+    with dockyard(tmp_path / "new", FakeRuntime(), tmp_path / "src") as client:
+        view = client.get("/v1/repos/alpha").json()
+        blue = next(s for s in view["slots"] if s["color"] == "blue")
+        assert (blue["state"], blue["reason"]) == ("FAILED", "container_gone")
+        r = client.post("/v1/repos/alpha/redeploy?wait=true", json={})
+        assert r.status_code == 200, r.text
+        assert r.json()["promoted"] is not None
+
+
 def _archive(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, body in members.items():

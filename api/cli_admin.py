@@ -126,7 +126,8 @@ def print_report(report: GcReport, *, as_json: bool = False) -> None:
     verb = "would remove" if report.dry_run else "removed"
     for r in report.removed:
         print(f"{verb}  {r.kind:<11} {r.name}  {_size(r.bytes)} ({r.reason})")
-    print(f"gc: {verb} {len(report.removed)} entries, {_size(report.freed_bytes)}")
+    count = len(report.removed)
+    print(f"gc: {verb} {count} entr{'y' if count == 1 else 'ies'}, {_size(report.freed_bytes)}")
     for kind, use in report.usage.items():
         print(f"  {kind:<11} {_size(use.bytes):>10} in {use.count} ({use.in_use} in use)")
     for error in report.errors:

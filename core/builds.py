@@ -210,6 +210,9 @@ class Builder:
     #: Where ``image`` mode's source views live (:func:`source_view`); ``Services`` sets
     #: ``<data_dir>/views``; None: ``dockyard-views`` in the temporary directory.
     views_dir: Path | None = None
+    #: Labels every built image gets besides its provenance (``Services`` adds the
+    #: instance label, so garbage collection only ever considers its own dockyard's builds).
+    labels: dict[str, str] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def build(
@@ -244,6 +247,7 @@ class Builder:
                 dockerfile=str(dockerfile.relative_to(source.context)),
                 build_args=dict(spec.build_args),
                 labels={
+                    **self.labels,
                     LABEL_MANAGED: "true",
                     LABEL_REPO: source.repo,
                     LABEL_COMMIT: source.commit,

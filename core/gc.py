@@ -8,7 +8,8 @@ Five kinds of things pile up on a host that deploys and evaluates round after ro
 * ``build_logs``: ``<data_dir>/builds/<deployment>/`` of deployments that no longer exist;
 * ``sources``: cached checkouts (``<data_dir>/sources/<repo>/<commit>``) and the source
   views of ``image`` mode (``<data_dir>/views/<key>``);
-* ``images``: the images dockyard built (label ``io.dockyard.build.inputs``).
+* ``images``: the images this dockyard built (labels ``io.dockyard.build.inputs`` and
+  its ``io.dockyard.instance``).
 
 Each kind has a retention (:class:`Retention`, from the ``gc_<kind>_max_age_days`` and
 ``gc_<kind>_max_mb`` settings): entries older than the age go, then the oldest until the
@@ -44,7 +45,7 @@ from dockyard.core.builds import LABEL_INPUTS, LOGS_DIR
 from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.models import Model
-from dockyard.core.runtime import LABEL_MANAGED, Runtime
+from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, Runtime
 from dockyard.core.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -376,12 +377,17 @@ def journal_events(data: Path) -> Kind:
     return Kind("events", inventory, remove)
 
 
-def built_images(runtime: Runtime) -> Kind:
-    """Images dockyard built (managed, with build inputs); their age is their creation."""
+def built_images(runtime: Runtime, instance_id: str) -> Kind:
+    """Images this dockyard built (managed, its instance label, with build inputs); their
+    age is their creation. Another dockyard's images on the same engine are never seen."""
 
     async def inventory(used: InUse) -> list[Item]:
         items = []
-        for image in await runtime.list_images({LABEL_MANAGED: "true"}):
+        labels = {
+            LABEL_INSTANCE: instance_id,
+            LABEL_MANAGED: "true",
+        }  # the engine filters on the first
+        for image in await runtime.list_images(labels):
             if LABEL_INPUTS not in image.labels:
                 continue  # not a build's (the sandbox image, for one)
             names = {image.id, f"sha256:{image.id}", *image.tags}
@@ -414,7 +420,7 @@ class GarbageCollector:
         self.kinds = [evaluation_records(store), journal_events(data), build_logs(data)]
         self.kinds.append(sources(data))
         if runtime is not None:
-            self.kinds.append(built_images(runtime))
+            self.kinds.append(built_images(runtime, settings.instance_id))
 
     async def _inventories(self, errors: list[str]) -> tuple[InUse, dict[str, list[Item]]]:
         used = await gather_in_use(self.store, self.settings)

@@ -8,12 +8,16 @@ is checked against the real engines by the runtime contract
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
 from dockyard.api.events import EventJournal, StreamEvent
@@ -31,7 +35,7 @@ from dockyard.core.gc import (
 )
 from dockyard.core.models import DeploymentSpec, HealthCheck
 from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.runtime import LABEL_MANAGED, BuildRequest
+from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, BuildRequest
 from dockyard.core.services import Services
 from dockyard.core.store import StoredEvaluation
 from tests.fakes import FakeRuntime, FakeSource
@@ -74,6 +78,7 @@ def touch(path: Path, at: float, text: str = "x" * 100) -> Path:
     if path.suffix:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        os.utime(path.parent, (at, at))
     else:
         path.mkdir(parents=True, exist_ok=True)
         (path / "file").write_text(text)
@@ -82,8 +87,11 @@ def touch(path: Path, at: float, text: str = "x" * 100) -> Path:
     return path
 
 
-async def build_image(runtime: FakeRuntime, tag: str, *, inputs: bool = True) -> None:
-    labels = {LABEL_MANAGED: "true", **({LABEL_INPUTS: "h"} if inputs else {})}
+async def build_image(
+    runtime: FakeRuntime, tag: str, instance: str, *, inputs: bool = True
+) -> None:
+    labels = {LABEL_MANAGED: "true", LABEL_INSTANCE: instance}
+    labels |= {LABEL_INPUTS: "h"} if inputs else {}
     await runtime.build(BuildRequest(context="/nonexistent", tag=tag, labels=labels))
 
 
@@ -144,9 +152,11 @@ async def seed(services: Services) -> dict[str, Any]:
     touch(data / "views" / "stale", now)
     # images: the app's (built by the deploy), a running evaluation's, an old one, a
     # managed image that no build made (the sandbox image's kind)
-    await build_image(runtime, "localhost/dockyard/eval:1")
-    await build_image(runtime, "localhost/dockyard/gone:1")
-    await build_image(runtime, "localhost/dockyard/agent-sandbox:other", inputs=False)
+    instance = services.settings.instance_id
+    await build_image(runtime, "localhost/dockyard/eval:1", instance)
+    await build_image(runtime, "localhost/dockyard/gone:1", instance)
+    await build_image(runtime, "localhost/dockyard/agent-sandbox:other", instance, inputs=False)
+    await build_image(runtime, "localhost/dockyard/another-dockyards:1", "0123456789ab")
     return {"commit": commit, "image": image}
 
 
@@ -204,6 +214,7 @@ async def test_a_pass_removes_exactly_what_retention_says(services: Services) ->
     assert seeded["image"] in runtime.images
     assert "localhost/dockyard/eval:1" in runtime.images
     assert "localhost/dockyard/agent-sandbox:other" in runtime.images
+    assert "localhost/dockyard/another-dockyards:1" in runtime.images
     assert report.usage["images"].in_use == 2 and report.usage["images"].count == 2
     # a second pass finds nothing more
     again = await collector.collect()
@@ -271,3 +282,56 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+def test_healthz_shows_each_kinds_disk_use(fake_client_factory: Any) -> None:
+    with fake_client_factory(port_range_start=61341, port_range_end=61345) as client:
+        deadline = time.monotonic() + 10
+        while True:
+            disk = client.get("/v1/healthz").json()["disk"]
+            if disk["at"] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert set(disk["kinds"]) == {"evaluations", "events", "build_logs", "sources", "images"}
+    assert disk["error"] is None
+    assert all(set(k) == {"bytes", "count", "in_use"} for k in disk["kinds"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.podman
+def test_the_command_prints_then_removes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dockyard gc --dry-run`` then ``dockyard gc`` on a data directory, with the configured
+    (real Podman) runtime: each line names the kind, the entry, its bytes and the reason."""
+    from dockyard.api.cli import main
+    from dockyard.plugins.sqlite_store import SqliteStore
+    from tests.test_e2e import _podman_required
+
+    _podman_required()
+    data = tmp_path / "data"
+    long_ago = time.time() - 40 * DAY_S
+    touch(data / "builds" / "gone" / "blue.log", long_ago, "z" * 2048)
+    store = SqliteStore(data / "dockyard.db")
+
+    async def record() -> None:
+        await store.open()
+        old = StoredEvaluation(
+            id="ev-old", state="done", finished=True, created_at=long_ago, updated_at=long_ago
+        )
+        await store.save_evaluation(old)
+        await store.close()
+
+    asyncio.run(record())
+    assert main(["gc", "--dry-run", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^would remove  build_logs  gone  \d+\.\d KiB \(age\)$", out, re.M), out
+    assert "would remove  evaluations ev-old" in out
+    assert "gc: would remove 2 entries" in out
+    assert (data / "builds" / "gone").exists()
+    assert main(["gc", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "removed  build_logs  gone" in out and "gc: removed 2 entries" in out
+    assert not (data / "builds" / "gone").exists()
+    assert main(["gc", "--data-dir", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == []

@@ -223,9 +223,12 @@ class PodmanBuilds(BuildLifecycle):
 
         def listing() -> list[Any]:
             # raw: podman-py's images.list() wraps each entry in an Image that re-inspects.
-            resp = self.client.api.get(
-                "/images/json", params={"filters": label_filters_json(labels)}
-            )
+            params = {"filters": label_filters_json(labels)}
+            for _attempt in range(2):  # an image removed meanwhile fails the whole listing
+                resp = self.client.api.get("/images/json", params=params)
+                if resp.ok:
+                    break
+                time.sleep(0.2)
             self._check(resp, "listing images")
             return list(resp.json() or [])
 

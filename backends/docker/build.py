@@ -17,7 +17,7 @@ from dockyard.backends.docker.context import context_tar
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BuildJob, BuildLifecycle, split_ref
 from dockyard.backends.engine.buildlog import BuildProgress, stream_message
-from dockyard.backends.engine.images import image_infos, label_filters_json
+from dockyard.backends.engine.images import image_infos, label_filters
 from dockyard.core.errors import BuildFailed, RuntimeUnavailable
 from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
 
@@ -224,7 +224,7 @@ class DockerBuilds(BuildLifecycle):
     async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
         """Local images carrying every label (what a build made, for garbage collection)."""
         try:
-            entries = await self.docker.images.list(filters=label_filters_json(labels))
+            entries = await self.docker.images.list(filters=label_filters(labels))
         except self._engine_errors() as exc:
             raise self._error(exc, "listing images") from exc
         return image_infos(list(entries or []), labels)

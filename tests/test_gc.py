@@ -278,6 +278,22 @@ async def test_the_schedule_keeps_usage_and_stops(services: Services) -> None:
     assert await services.store.get_evaluation("ev-old") is not None
 
 
+async def test_the_schedule_collects_every_interval(services: Services) -> None:
+    await seed(services)
+    settings = msgspec_settings(services.settings, gc_interval_s=0.1)
+    collector = GarbageCollector(settings, services.store, services.runtime, clock=lambda: LATER)
+    schedule = GcSchedule(collector, refresh_s=0.05)
+    schedule.start()
+    deadline = time.monotonic() + 10
+    while schedule.last_report is None and time.monotonic() < deadline:
+        await _sleep(0.02)
+    await schedule.stop()
+    assert schedule.last_report is not None
+    assert {(r.kind, r.name) for r in schedule.last_report.removed} == EXPECTED
+    assert await services.store.get_evaluation("ev-old") is None
+    assert schedule.usage.kinds["evaluations"].count == 2  # what the pass left
+
+
 async def _sleep(seconds: float) -> None:
     import asyncio
 

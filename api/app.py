@@ -38,6 +38,7 @@ from dockyard.api.tokens import TokenRoutes
 from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.errors import ValidationError
+from dockyard.core.gc import GarbageCollector, GcSchedule
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation import PLUGIN_NAME as EVALUATION_PLUGIN
@@ -122,12 +123,15 @@ def create_app(
         evaluations = None
         if pm.has_plugin(EVALUATION_PLUGIN):
             evaluations = app.state.evaluations = EvaluationService(controller)
+        gc = app.state.gc = GcSchedule(GarbageCollector(ours.settings, ours.store, ours.runtime))
         try:
             await controller.start()
             if evaluations is not None:
                 await evaluations.start()  # after resume: ends what a restart cut short
+            gc.start()
             yield
         finally:
+            await gc.stop()
             if evaluations is not None:
                 await evaluations.stop()  # cancels and cleans up running evaluations
             await controller.stop()

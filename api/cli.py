@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from dockyard.api import cli_evaluation, cli_install
+from dockyard.api import cli_admin, cli_evaluation, cli_install
 from dockyard.api.auth import TokenBook
 from dockyard.api.cli_events import follow_operation, print_events
 from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
@@ -71,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("plugins", help="list the plugins that load, and what they register")
-    sub.add_parser("config", help="print the effective configuration as JSON")
+    config = sub.add_parser("config", help="print the effective configuration as JSON")
+    config.add_argument(
+        "what", nargs="?", choices=["example"], help="example: every setting as commented TOML"
+    )
 
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument(
@@ -146,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("id")
     cli_evaluation.add_commands(sub, api, wait)
     cli_install.add_commands(sub)
+    cli_admin.add_commands(sub)
 
     return parser
 
@@ -438,6 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (aiohttp.ClientError, OSError) as exc:
             print(f"dockyard: error: cannot reach dockyard at {args.url}: {exc}", file=sys.stderr)
             return 1
+    if args.command in cli_admin.COMMANDS:
+        try:
+            return cli_admin.main(args)
+        except DockyardError as exc:
+            print(f"dockyard: error: {exc.message}", file=sys.stderr)
+            return 2
     serve_fields = {
         "host",
         "port",
@@ -458,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve(settings))
         elif args.command == "plugins":
             _plugins(settings)
+        elif args.command == "config" and args.what == "example":
+            from dockyard.core.config_example import example_toml
+
+            print(example_toml(), end="")
         elif args.command == "config":
             print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
         elif args.command == "sandbox-image":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 
+from dockyard.core.gc import DiskUsage
 from dockyard.core.models import Model
 from dockyard.core.plugins import dockyard_version
 from dockyard.core.router import RouterHealth
@@ -30,6 +33,8 @@ class Health(Model):
     router: RouterHealth
     limits_enforced: bool
     limits_note: str
+    #: Disk use of each kind garbage collection manages, as last measured (``core/gc.py``).
+    disk: DiskUsage | None = None
 
 
 class PluginInfo(Model):
@@ -51,7 +56,9 @@ class SystemController(Controller):
         summary="The controller's own health",
         opt={"public": True},
     )
-    async def healthz(self, services: NamedDependency[Services]) -> Health:
+    async def healthz(
+        self, services: NamedDependency[Services], request: Request[Any, Any, Any]
+    ) -> Health:
         runtime_info: RuntimeInfo | None = None
         runtime_error: str | None = None
         try:
@@ -78,6 +85,7 @@ class SystemController(Controller):
             router=router,
             limits_enforced=bool(runtime_info and runtime_info.limits_enforced),
             limits_note=(runtime_info.limits_note if runtime_info else "runtime unavailable"),
+            disk=getattr(request.app.state, "gc", None) and request.app.state.gc.usage,
         )
 
     @get(

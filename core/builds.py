@@ -20,6 +20,7 @@ commit that was deployed before reuses its image).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -155,6 +156,8 @@ def source_view(context: str | os.PathLike[str], views_dir: Path, mountpoints: l
     key = hashlib.sha256(json.dumps([str(src), sorted(mountpoints)]).encode()).hexdigest()[:32]
     final = views_dir / key
     if final.is_dir():
+        with contextlib.suppress(OSError):
+            os.utime(final)  # garbage collection ages a view from its last use
         return final
     views_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(views_dir, 0o700)  # only the engine (root, or rootless this user) goes in
@@ -207,6 +210,9 @@ class Builder:
     #: Where ``image`` mode's source views live (:func:`source_view`); ``Services`` sets
     #: ``<data_dir>/views``; None: ``dockyard-views`` in the temporary directory.
     views_dir: Path | None = None
+    #: Labels every built image gets besides its provenance (``Services`` adds the
+    #: instance label, so garbage collection only ever considers its own dockyard's builds).
+    labels: dict[str, str] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     async def build(
@@ -241,6 +247,7 @@ class Builder:
                 dockerfile=str(dockerfile.relative_to(source.context)),
                 build_args=dict(spec.build_args),
                 labels={
+                    **self.labels,
                     LABEL_MANAGED: "true",
                     LABEL_REPO: source.repo,
                     LABEL_COMMIT: source.commit,

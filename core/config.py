@@ -112,6 +112,21 @@ class Settings(Model):
     log_level: str = "INFO"
     #: ``text`` for people, ``json`` for one JSON object per line (``core/logs.py``).
     log_format: Literal["text", "json"] = "text"
+    # Garbage collection (core/gc.py): the server's pass every gc_interval_s (0: never;
+    # ``dockyard gc`` still runs one). Per kind, entries older than gc_<kind>_max_age_days
+    # go, then the oldest until the kind fits gc_<kind>_max_mb; 0: no such limit. What an
+    # existing deployment or a running evaluation uses is never removed.
+    gc_interval_s: Annotated[float, Meta(ge=0)] = 3600.0
+    gc_evaluations_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
+    gc_evaluations_max_mb: Annotated[float, Meta(ge=0)] = 0.0
+    gc_events_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
+    gc_events_max_mb: Annotated[float, Meta(ge=0)] = 0.0
+    gc_build_logs_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
+    gc_build_logs_max_mb: Annotated[float, Meta(ge=0)] = 0.0
+    gc_sources_max_age_days: Annotated[float, Meta(ge=0)] = 14.0
+    gc_sources_max_mb: Annotated[float, Meta(ge=0)] = 4096.0
+    gc_images_max_age_days: Annotated[float, Meta(ge=0)] = 14.0
+    gc_images_max_mb: Annotated[float, Meta(ge=0)] = 0.0
     plugins: dict[str, dict[str, Any]] = {}
 
     def __post_init__(self) -> None:

@@ -155,6 +155,16 @@ class ContainerInfo(Model):
     hardening: Hardening = msgspec.field(default_factory=Hardening)
 
 
+class ImageInfo(Model):
+    """A local image as the runtime lists it (for garbage collection)."""
+
+    id: str
+    tags: list[str] = []
+    created: float = 0.0  # epoch seconds
+    size: int = 0  # bytes, shared layers counted in full
+    labels: dict[str, str] = {}
+
+
 class Runtime(abc.ABC):
     """A container engine. Instances are built by the factory a plugin registers through
     ``dockyard_register_runtimes`` and are used between ``open()`` and ``close()``."""
@@ -208,6 +218,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
         """Containers (running or not) carrying all the given labels."""
+
+    async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
+        """Local images carrying all the given labels. A runtime that cannot list images
+        answers an empty list: garbage collection then keeps every image."""
+        return []
 
 
 RuntimeFactory = Callable[..., Runtime]

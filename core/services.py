@@ -68,6 +68,7 @@ class Services:
             timeout_s=settings.build_timeout_s,
             allowed_base_images=list(settings.allowed_base_images),
             views_dir=settings.data_path / "views",
+            labels={LABEL_INSTANCE: settings.instance_id},
         )
         return cls(
             settings=settings,

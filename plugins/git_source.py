@@ -593,13 +593,16 @@ def _prepare_dir(repo_dir: Path, timeout_s: float) -> None:
 def _cached_entry(checkout: Path, commit: str) -> dict[str, Any] | None:
     """The recorded metadata of a complete cached checkout of ``commit``, or None.
 
-    A directory whose detached HEAD is not ``commit`` is not trusted and is removed.
+    A directory whose detached HEAD is not ``commit`` is not trusted and is removed. A hit
+    renews the directory's mtime: garbage collection ages a checkout from its last use.
     """
     if not checkout.is_dir():
         return None
     if read_head(checkout) != commit:
         shutil.rmtree(checkout, ignore_errors=True)
         return None
+    with contextlib.suppress(OSError):
+        os.utime(checkout)
     try:
         meta = json.loads((checkout / ".git" / META_FILE).read_text())
     except (OSError, ValueError):

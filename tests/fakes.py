@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from dockyard.core.runtime import (
     BuiltImage,
     ContainerInfo,
     ContainerSpec,
+    ImageInfo,
     LogCallback,
     Runtime,
     RuntimeInfo,
@@ -37,6 +39,8 @@ class FakeRuntime(Runtime):
 
     def __init__(self, settings: Any = None) -> None:
         self.images: dict[str, dict[str, str]] = {}
+        #: What ``list_images`` shows of each built image (tests may age ``created``).
+        self.image_info: dict[str, ImageInfo] = {}
         self.builds = 0
         self.containers: dict[str, ContainerInfo] = {}
         self.servers: dict[str, web.AppRunner] = {}
@@ -60,13 +64,26 @@ class FakeRuntime(Runtime):
         self.images[request.tag] = dict(request.build_args)
         if on_log:
             on_log(f"built {request.tag}")
-        return BuiltImage(id=f"sha256:{next(self._ids):064x}", tag=request.tag)
+        image_id = f"{next(self._ids):064x}"
+        self.image_info[request.tag] = ImageInfo(
+            id=image_id, tags=[request.tag], created=time.time(), size=1000, labels=request.labels
+        )
+        return BuiltImage(id=f"sha256:{image_id}", tag=request.tag)
+
+    async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
+        wanted = dict(labels or {})
+        return [
+            info
+            for tag, info in self.image_info.items()
+            if tag in self.images and all(info.labels.get(k) == v for k, v in wanted.items())
+        ]
 
     async def image_exists(self, ref: str) -> bool:
         return ref in self.images
 
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         self.images.pop(ref, None)
+        self.image_info.pop(ref, None)
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
         if any(c.name == spec.name for c in self.containers.values()):

@@ -10,15 +10,16 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from dockyard.backends.docker.context import context_tar
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BuildJob, BuildLifecycle, split_ref
 from dockyard.backends.engine.buildlog import BuildProgress, stream_message
+from dockyard.backends.engine.images import image_infos, label_filters
 from dockyard.core.errors import BuildFailed, RuntimeUnavailable
-from dockyard.core.runtime import LABEL_MANAGED
+from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,14 @@ class DockerBuilds(BuildLifecycle):
                 exc, f"tagging the image built as {job.temp_ref} as {job.tag}"
             ) from exc
         return image_id
+
+    async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
+        """Local images carrying every label (what a build made, for garbage collection)."""
+        try:
+            entries = await self.docker.images.list(filters=label_filters(labels))
+        except self._engine_errors() as exc:
+            raise self._error(exc, "listing images") from exc
+        return image_infos(list(entries or []), labels)
 
 
 __all__ = ["MAX_STREAM_MESSAGE", "DockerBuilds", "build_stream_messages"]

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,10 @@ from podman.errors import APIError
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BUILD_REPO, BuildJob, BuildLifecycle, split_ref
 from dockyard.backends.engine.buildlog import stream_message
+from dockyard.backends.engine.images import image_infos, label_filters_json
 from dockyard.backends.podman.processes import _shutdown_response, kill_marked_build_processes
 from dockyard.core.errors import BuildFailed
-from dockyard.core.runtime import LABEL_MANAGED
+from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,22 @@ class PodmanBuilds(BuildLifecycle):
 
     async def _tag_build(self, job: BuildJob) -> str:
         return await self._call(self._tag, job)
+
+    async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
+        """Local images carrying every label (what a build made, for garbage collection)."""
+
+        def listing() -> list[Any]:
+            # raw: podman-py's images.list() wraps each entry in an Image that re-inspects.
+            params = {"filters": label_filters_json(labels)}
+            for _attempt in range(2):  # an image removed meanwhile fails the whole listing
+                resp = self.client.api.get("/images/json", params=params)
+                if resp.ok:
+                    break
+                time.sleep(0.2)
+            self._check(resp, "listing images")
+            return list(resp.json() or [])
+
+        return image_infos(await self._call(listing), labels)
 
 
 def _response_text(resp: Any) -> str:

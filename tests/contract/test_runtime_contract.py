@@ -298,6 +298,20 @@ async def test_list_filters_by_labels_and_includes_stopped(
     assert len(managed) == 2
 
 
+async def test_list_images_by_labels(runtime: Runtime, test_image: TestImage, token: str) -> None:
+    """Garbage collection's view of images: the session's image is listed by its labels
+    (the managed one the runtime adds too) with its tag, size and creation time; a label it
+    lacks filters it out."""
+    found = await runtime.list_images({TEST_LABEL: "image", LABEL_MANAGED: "true"})
+    ours = [i for i in found if test_image.tag in i.tags]
+    assert len(ours) == 1, found
+    image = ours[0]
+    assert image.size > 0 and image.labels[TEST_LABEL] == "image"
+    assert test_image.built.id.removeprefix("sha256:").startswith(image.id[:12])
+    assert 0 < time.time() - image.created < 86400
+    assert await runtime.list_images({TEST_LABEL: f"none-{token}"}) == []
+
+
 async def test_fixed_host_port_on_loopback(runtime: Runtime, make_spec: MakeSpec) -> None:
     port = free_port()
     info = await started(runtime, make_spec("port", host_port=port))

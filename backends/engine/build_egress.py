@@ -98,10 +98,11 @@ def evidence(session: EgressSession, max_bytes: int) -> list[str]:
     lines.append(
         f"build proxy: {len(session.records)} requests, {total} bytes through {session.url}"
     )
-    if session.used_bytes is not None and session.used_bytes > max_bytes:
+    capped = session.used_bytes is not None and session.used_bytes >= max_bytes
+    if capped or any(record.too_large for record in session.records):
         lines.append(
             f"build proxy: download cap reached: more than {max_bytes} bytes "
-            "(build_proxy_max_bytes); the connection was reset"
+            "(build_proxy_max_bytes): the download was stopped"
         )
     refused = refused_hosts(session.records)
     if refused:
@@ -121,7 +122,7 @@ async def egress_session(
     """Apply the build firewall, start the build's proxy, grant it; on the way out stop it,
     revoke the grant, and ``emit`` the evidence lines (also after a failure)."""
     root = Path(state_dir or "/tmp") / PROXY_DIR
-    proxy = SquidProxy(config.binary, root / build_id, config.allow, config.max_bytes)
+    proxy = SquidProxy(config.binary, root / f"{build_id}.pid", config.allow, config.max_bytes)
     session = EgressSession(network, proxy)
     try:
         await asyncio.to_thread(firewall.apply, network.iface, network.gateway, network.subnet)

@@ -15,7 +15,9 @@ containers of the engine's build network (host interface :data:`BUILD_IFACE`):
 * ``bridge forward``: frames between two containers of the build network are dropped
   (concurrent builds cannot reach each other);
 * ``output``: what a proxy sends to the build network counts against that build's quota
-  (the map ``port_quota``, keyed by the proxy's port); past it, the connection is reset.
+  (the map ``port_quota``, keyed by the proxy's port); past it, the proxy's port joins
+  ``over_cap`` and its connections are reset, on both sides (the proxy's by ``output``,
+  the build's by ``input``).
 
 Applied atomically before each build (``nft -f``: a flushed ruleset heals); a build's port
 and quota are added when its proxy starts and removed when it stops."""
@@ -42,12 +44,14 @@ def build_ruleset(iface: str, gateway: str, subnet: str, table: str = TABLE) -> 
 add table {t}
 add set {t} proxy_ports {{ type inet_service; }}
 add map {t} port_quota {{ type inet_service : quota; }}
+add set {t} over_cap {{ type inet_service; flags dynamic; }}
 add chain {t} input {{ type filter hook input priority filter - 10; policy accept; }}
 add chain {t} forward {{ type filter hook forward priority filter - 10; policy accept; }}
 add chain {t} output {{ type filter hook output priority filter - 10; policy accept; }}
 flush chain {t} input
 flush chain {t} forward
 flush chain {t} output
+add rule {t} input iifname "{iface}" tcp dport @over_cap counter reject with tcp reset
 add rule {t} input iifname "{iface}" ct state established,related accept
 add rule {t} input iifname "{iface}" ip daddr {gateway} tcp dport @proxy_ports accept
 add rule {t} input iifname "{iface}" {reject}
@@ -55,7 +59,7 @@ add rule {t} input tcp dport @proxy_ports counter reject with tcp reset
 add rule {t} forward iifname "{iface}" {reject}
 add rule {t} forward oifname "{iface}" counter drop
 add rule {t} output oifname "{iface}" quota name tcp sport map @port_quota \
-counter reject with tcp reset
+add @over_cap {{ tcp sport }} counter reject with tcp reset
 add table {b}
 add set {b} build_subnets {{ type ipv4_addr; flags interval; }}
 add chain {b} forward {{ type filter hook forward priority -10; policy accept; }}
@@ -94,7 +98,6 @@ class BuildFirewall:
         t = f"inet {self.table}"
         lines = [
             f"add quota {t} q_{port} {{ over {max_bytes} bytes }}",
-            f"reset quota {t} q_{port}",
             f'add element {t} port_quota {{ {port} : "q_{port}" }}',
             f"add element {t} proxy_ports {{ {port} }}",
         ]
@@ -116,6 +119,7 @@ class BuildFirewall:
         """Remove the proxy's port and quota (never raises: the port may be gone already)."""
         t = f"inet {self.table}"
         for command in (
+            f"delete element {t} over_cap {{ {port} }}",
             f"delete element {t} proxy_ports {{ {port} }}",
             f"delete element {t} port_quota {{ {port} }}",
             f"delete quota {t} q_{port}",

@@ -21,8 +21,9 @@ does all three with stock directives. One instance per build keeps attribution e
 own log, its own port for the firewall's quota) and its lifetime the build's.
 
 Each instance records itself in a :class:`dockyard.core.children.PidFile` under the data
-directory and dies with dockyard (``PR_SET_PDEATHSIG``); :func:`reap_leftovers` stops what
-a killed dockyard left."""
+directory (``build-proxy/<build>.pid``; its files are in a temp directory of their own,
+which squid's unprivileged user can reach) and dies with dockyard (``PR_SET_PDEATHSIG``);
+:func:`reap_leftovers` stops what a killed dockyard left."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,7 +56,6 @@ PRIVATE_RANGES = (
 LOG_FORMAT = "%ts %rm %>rd %>rP %<st %Ss/%>Hs %<a"
 #: The proxy's directory under the data directory, one subdirectory per build.
 PROXY_DIR = "build-proxy"
-PID_NAME = "squid.pid"
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,17 @@ class ProxyRecord:
     allowed: bool
     status: str
 
+    @property
+    def too_large(self) -> bool:
+        """Refused for its reply's size (``reply_body_max_size``), not for its host."""
+        return self.status.startswith("TCP_DENIED_REPLY")
+
     def line(self) -> str:
         verdict = "allowed" if self.allowed else "REFUSED"
+        why = ", reply over build_proxy_max_bytes" if self.too_large else ""
         return (
             f"build proxy: {verdict} {self.method} {self.host}:{self.port} "
-            f"{self.bytes} bytes ({self.status})"
+            f"{self.bytes} bytes ({self.status}{why})"
         )
 
 
@@ -127,7 +134,7 @@ def refused_hosts(records: Iterable[ProxyRecord]) -> list[str]:
     seen: list[str] = []
     for record in records:
         where = f"{record.host}:{record.port}"
-        if not record.allowed and where not in seen:
+        if not record.allowed and not record.too_large and where not in seen:
             seen.append(where)
     return seen
 
@@ -159,17 +166,19 @@ class SquidProxy:
     def __init__(
         self,
         binary: str,
-        workdir: Path,
+        pid_path: Path,
         allow: Sequence[AllowedHost],
         max_bytes: int,
         port: int | None = None,
     ) -> None:
         self.binary = binary
-        self.workdir = workdir
+        # squid drops to an unprivileged user that may not traverse the data directory:
+        # its files live in a directory of their own in the temp dir, named in the pid file.
+        self.workdir = Path(tempfile.mkdtemp(prefix="dockyard-build-proxy-"))
         self.allow = list(allow)
         self.max_bytes = max_bytes
         self.port = port or free_port()
-        self.pidfile = PidFile(workdir / PID_NAME, "build proxy (squid)")
+        self.pidfile = PidFile(pid_path, "build proxy (squid)")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -184,7 +193,6 @@ class SquidProxy:
             raise RuntimeError(
                 f"{self.binary}: not found (install squid: contrib/ci/setup-podman.sh)"
             )
-        self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "squid.conf"
         config.write_text(squid_config(self.workdir, self.port, self.allow, self.max_bytes))
         if os.geteuid() == 0:  # squid drops to its cache_effective_user (Debian: proxy)
@@ -198,7 +206,7 @@ class SquidProxy:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.pidfile.record(self.process.pid, binary, port=self.port)
+        self.pidfile.record(self.process.pid, binary, port=self.port, workdir=str(self.workdir))
         deadline = time.monotonic() + timeout_s
         while not listening(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -231,6 +239,7 @@ class SquidProxy:
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self.pidfile.clear()
 
 
 def reap_leftovers(state_dir: str | os.PathLike[str] | None) -> int:
@@ -240,10 +249,14 @@ def reap_leftovers(state_dir: str | os.PathLike[str] | None) -> int:
         return 0
     root = Path(state_dir) / PROXY_DIR
     stopped = 0
-    for pid_path in sorted(root.glob(f"*/{PID_NAME}")):
-        if PidFile(pid_path, "build proxy (squid)").reap() is not None:
+    for pid_path in sorted(root.glob("*.pid")):
+        pidfile = PidFile(pid_path, "build proxy (squid)")
+        workdir = str((pidfile.read() or {}).get("workdir") or "")
+        if pidfile.reap() is not None:
             stopped += 1
-        shutil.rmtree(pid_path.parent, ignore_errors=True)
+        pidfile.clear()
+        if Path(workdir).name.startswith("dockyard-build-proxy-"):
+            shutil.rmtree(workdir, ignore_errors=True)
     return stopped
 
 

@@ -131,7 +131,7 @@ class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
         excludes = podman_api.prepare_containerignore(context)
         body = podman_api.create_tar(anchor=context, exclude=excludes)
         if job.dockerfile_override is not None:
-            add_to_tar(body, job.dockerfile, job.dockerfile_override)
+            body = add_to_tar(body, job.dockerfile, job.dockerfile_override)
         try:
             # raw: podman-py's images.build() has no nsoptions, ulimits or pull policy.
             build.response = self.client.api.post(

@@ -48,10 +48,9 @@ What holds, as verified with Podman 4.3.1 (Debian 12, runc, cgroupfs, cgroup v1 
   (a failed build leaves no dangling layer). ``RUN`` steps get the request's memory (swap
   included) and CPU caps where limits hold, nofile/nproc ulimits everywhere. Images carry
   the request's labels plus ``io.dockyard.managed=true``.
-* Build timeouts: the runtime kills the build's ``RUN`` processes itself (how, and what it
-  needs: ``backends/podman/processes.py``). A build that is not in a ``RUN`` step cannot be
-  stopped this way; it is abandoned, and because builds are tagged with a private temporary
-  name and only re-tagged on success, an abandoned build never produces the requested tag.
+* Build timeouts: the runtime kills the build's ``RUN`` processes itself (``processes.py``).
+  A build outside a ``RUN`` step cannot be stopped so; it is abandoned, and (tagged with a
+  private temporary name, re-tagged on success only) never produces the requested tag.
 """
 
 from __future__ import annotations

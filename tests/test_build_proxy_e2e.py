@@ -30,6 +30,7 @@ import urllib.request
 import uuid
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.podman]
 
 PACKAGE = "dockyardprobe"
 VALUE = "served-through-the-build-proxy"
-CAP = 1024 * 1024
+CAP = 4 * 1024 * 1024
 BIG = 4 * CAP
 HEALTH = {"interval_s": 0.3, "timeout_s": 2, "deadline_s": 40}
 
@@ -70,11 +71,24 @@ def wheel() -> tuple[str, bytes]:
     return name, buffer.getvalue()
 
 
+def pip_wheel() -> Path:
+    """The pip wheel this Python bundles (``ensurepip``): the offline base image has no
+    pip, so the build fetches it through the proxy as well."""
+    import ensurepip
+
+    found = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
+    if not found:
+        pytest.fail(f"no bundled pip wheel next to {ensurepip.__file__}")
+    return found[-1]
+
+
 class Index(http.server.ThreadingHTTPServer):
-    """A PEP 503 simple index with one wheel, and ``/big.bin`` (:data:`BIG` bytes)."""
+    """A PEP 503 simple index with one wheel, pip's wheel under ``/files/``, and
+    ``/big.bin`` (:data:`BIG` bytes)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.wheel_name, self.wheel = wheel()
+        self.pip = pip_wheel()
         self.hits: list[str] = []
         super().__init__((host, 0), IndexHandler)
 
@@ -95,6 +109,7 @@ class IndexHandler(http.server.BaseHTTPRequestHandler):
                 f"{self.server.wheel_name}</a>"
             ).encode(),
             f"/files/{self.server.wheel_name}": self.server.wheel,
+            f"/files/{self.server.pip.name}": self.server.pip.read_bytes(),
             "/big.bin": b"x" * BIG,
             "/": b"other service\n",
         }
@@ -103,6 +118,8 @@ class IndexHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
+        html = self.path.startswith("/simple/")
+        self.send_header("Content-Type", "text/html" if html else "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -228,6 +245,12 @@ APP_DOCKERFILE = """\
 FROM python:3.11-slim
 COPY requirements.txt probe.py /app/
 RUN python3 /app/probe.py
+# The offline base image (Debian's python3) has no pip and is "externally managed": pip
+# comes from the index through the proxy too, and may install into the system.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1
+RUN python3 -c "import urllib.request as u; u.urlretrieve('%(pip_url)s', '/tmp/%(pip)s')" \\
+    && python3 /tmp/%(pip)s/pip install --no-cache-dir --no-index /tmp/%(pip)s \\
+    && rm /tmp/%(pip)s
 RUN pip install --no-cache-dir --disable-pip-version-check -r /app/requirements.txt
 RUN mkdir -p /www && echo ok > /www/health \\
     && python3 -c "import dockyardprobe; open('/www/index.html', 'w').write(dockyardprobe.VALUE)"
@@ -317,12 +340,14 @@ def test_pip_install_through_the_proxy_builds_and_serves(
         PROBE % {"other": servers["other"].port, "host": servers["host"].port,
                  "neighbour": neighbour_ip},
     )  # fmt: skip
-    repo.write("Dockerfile", APP_DOCKERFILE)
+    pip = servers["index"].pip.name
+    pip_url = f"http://127.0.0.1:{index}/files/{pip}"
+    repo.write("Dockerfile", APP_DOCKERFILE % {"pip": pip, "pip_url": pip_url})
     repo.commit("app")
     body = _deploy(client, id="app", repo=f"{daemon.url}/app.git")
     log = _build_log(client, "app")
     slot = _slot(body)
-    assert slot["state"] == "PROMOTED", (body, log)
+    assert slot["state"] == "PROMOTED", f"{slot}\n{log}"
 
     # It serves what the package from the index says.
     with urllib.request.urlopen(f"http://127.0.0.1:{slot['host_port']}/", timeout=10) as r:

@@ -63,8 +63,8 @@ class BuildJob:
     progress: BuildProgress
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     handle: Any = None
-    #: The Dockerfile as sent when base image aliases rewrote it (then ``dockerfile`` names
-    #: it: the engine adds it to the context it sends, the checkout is never written).
+    #: The Dockerfile as sent when base image aliases rewrote it: the engine adds it to the
+    #: context it sends as :attr:`sent_dockerfile` (the checkout is never written).
     dockerfile_override: bytes | None = None
     #: The build's proxy (:class:`dockyard.backends.engine.build_egress.EgressSession`).
     egress: Any = None
@@ -72,6 +72,13 @@ class BuildJob:
     @property
     def tag(self) -> str:
         return self.request.tag
+
+    @property
+    def sent_dockerfile(self) -> str:
+        """The Dockerfile the engine is told to build: the rewritten one, if any."""
+        if self.dockerfile_override is None:
+            return self.dockerfile
+        return f".dockyard-Dockerfile-{self.build_id[:12]}"
 
     @property
     def temp_ref(self) -> str:
@@ -187,7 +194,6 @@ class BuildLifecycle(abc.ABC):
         if rewrites:
             rewritten = rewrite_images(text, rewrites, job.request.build_args)
             job.dockerfile_override = rewritten.encode()
-            job.dockerfile = f".dockyard-Dockerfile-{job.build_id[:12]}"
             for ref, image in rewrites.items():
                 job.progress.note(f"base image {ref} -> {image} (base_image_aliases)")
 

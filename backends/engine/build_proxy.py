@@ -56,6 +56,8 @@ PRIVATE_RANGES = (
 LOG_FORMAT = "%ts %rm %>rd %>rP %<st %Ss/%>Hs %<a"
 #: The proxy's directory under the data directory, one subdirectory per build.
 PROXY_DIR = "build-proxy"
+#: The account squid runs as when dockyard runs as root (Debian's squid package makes it).
+PROXY_USER = "proxy"
 
 
 @dataclass(frozen=True)
@@ -195,16 +197,22 @@ class SquidProxy:
             )
         config = self.workdir / "squid.conf"
         config.write_text(squid_config(self.workdir, self.port, self.allow, self.max_bytes))
-        if os.geteuid() == 0:  # squid drops to its cache_effective_user (Debian: proxy)
-            with contextlib.suppress(KeyError, OSError):
-                user = pwd.getpwnam("proxy")
+        account: dict[str, int] = {}
+        if os.geteuid() == 0:
+            # Started as squid's unprivileged user (Debian: proxy) rather than left to drop
+            # to it: a change of credentials would clear PR_SET_PDEATHSIG, and squid would
+            # outlive a killed dockyard.
+            with contextlib.suppress(KeyError):
+                user = pwd.getpwnam(PROXY_USER)
                 os.chown(self.workdir, user.pw_uid, user.pw_gid)
+                account = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         self.process = children.popen(
             args=[binary, "-N", "-f", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            **account,
         )
         self.pidfile.record(self.process.pid, binary, port=self.port, workdir=str(self.workdir))
         deadline = time.monotonic() + timeout_s

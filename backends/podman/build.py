@@ -88,7 +88,7 @@ class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
         build_args["no_proxy"] = f"{previous},{marker}" if previous else marker
         params: dict[str, Any] = {
             "t": job.temp_ref,
-            "dockerfile": job.dockerfile,
+            "dockerfile": job.sent_dockerfile,
             "buildargs": json.dumps(build_args),
             "labels": json.dumps({**request.labels, LABEL_MANAGED: "true"}),
             "rm": True,
@@ -131,7 +131,7 @@ class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
         excludes = podman_api.prepare_containerignore(context)
         body = podman_api.create_tar(anchor=context, exclude=excludes)
         if job.dockerfile_override is not None:
-            body = add_to_tar(body, job.dockerfile, job.dockerfile_override)
+            body = add_to_tar(body, job.sent_dockerfile, job.dockerfile_override)
         try:
             # raw: podman-py's images.build() has no nsoptions, ulimits or pull policy.
             build.response = self.client.api.post(

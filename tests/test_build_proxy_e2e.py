@@ -388,8 +388,16 @@ def test_pip_install_through_the_proxy_builds_and_serves(
 
 
 def _squids() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "build-proxy"], capture_output=True, text=True)
-    return [line for line in out.stdout.splitlines() if "squid" in line]
+    """Command lines of the build proxies running on this host (any dockyard's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "squid" in cmd and "dockyard-build-proxy-" in cmd:
+            found.append(cmd)
+    return found
 
 
 def test_from_without_a_local_image_fails_before_building(

@@ -279,6 +279,7 @@ try:
 except OSError as exc:
     print("cap tunnel stopped:", exc, flush=True)
 print("cap tunnel bytes:", total, flush=True)
+raise SystemExit(1)  # the build fails: its log is the evidence
 """
 
 
@@ -316,7 +317,12 @@ def test_download_over_the_cap_is_stopped(
     assert tunnel < BIG, log
     assert "build proxy: download cap reached" in log, log
     assert "build proxy: allowed CONNECT 127.0.0.1" in log, log
-    assert _slot(body)["state"] in ("PROMOTED", "FAILED")
+    slot = _slot(body)
+    assert (slot["state"], slot["reason"]) == ("FAILED", "build_failed"), slot
+    # The failed build's log ends with the proxy's summary (what an evaluation's
+    # build_log_tail carries).
+    assert log.splitlines()[-1].startswith("dockyard: build_failed"), log[-2000:]
+    assert "build proxy: download cap reached" in "\n".join(log.splitlines()[-6:])
 
 
 def test_pip_install_through_the_proxy_builds_and_serves(

@@ -37,6 +37,7 @@ import pytest
 from litestar.testing import TestClient
 
 from tests.conftest import AUTH, TEST_SETTINGS
+from tests.contract import conftest as contract
 from tests.gitserver import GitDaemon, RepoBuilder
 
 pytestmark = [pytest.mark.slow, pytest.mark.podman]
@@ -420,3 +421,51 @@ def test_from_without_a_local_image_fails_before_building(
     assert "python:3.12-bogus" in str(slot["message"]), body
     assert "base_image_aliases" in str(slot["message"]), body
     assert time.monotonic() - started < 60
+
+
+# ------------------------------------------------- where the proxy cannot hold: refused
+engine = contract.engine_fixture([*contract.PODMAN_RUNTIMES, *contract.DOCKER_RUNTIMES])
+
+
+async def test_a_build_proxy_that_cannot_hold_refuses_the_build(
+    engine: contract.Engine, tmp_path: Path
+) -> None:
+    """Rootless Podman (its bridges are out of the host firewall's reach), Docker (not
+    supported), and rootful Podman without ``nft``: the build is refused before it starts,
+    with ``network_policy_failed`` and the reason; no squid is left."""
+    from dockyard.backends.engine.build_egress import BuildEgressConfig
+    from dockyard.core.build_egress import parse_allowlist
+    from dockyard.core.errors import BuildFailed
+    from dockyard.core.runtime import BuildRequest
+
+    runtime: Any = engine.make_runtime()
+    runtime.build_egress = BuildEgressConfig(mode="squid", allow=parse_allowlist(["127.0.0.1:9"]))
+    rootful_podman = engine.kind.startswith("podman") and not engine.rootless
+    if rootful_podman:
+        runtime.options.nft_path = "/nonexistent/nft"
+        runtime.options.state_dir = str(tmp_path / "state")
+    context = tmp_path / "ctx"
+    context.mkdir()
+    shutil.copy2(contract.busybox_path(), context / "busybox")
+    (context / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /busybox\nRUN ["/busybox", "true"]\n'
+    )
+    await runtime.open()
+    try:
+        with pytest.raises(BuildFailed) as refused:
+            await runtime.build(
+                BuildRequest(
+                    context=str(context), tag=f"localhost/dockyard-test/bp:{uuid.uuid4().hex[:8]}"
+                )
+            )
+    finally:
+        await runtime.close()
+    assert refused.value.reason == "network_policy_failed", refused.value.message
+    message = refused.value.message
+    if rootful_podman:
+        assert "nft" in message and "not started" in message, message
+    elif engine.kind == "docker":
+        assert "cannot hold builds to their proxy" in message, message
+    else:
+        assert "rootless" in message, message
+    assert _squids() == []

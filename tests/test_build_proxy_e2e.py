@@ -469,3 +469,44 @@ async def test_a_build_proxy_that_cannot_hold_refuses_the_build(
     else:
         assert "rootless" in message, message
     assert _squids() == []
+
+
+test_image = contract.test_image
+
+
+async def test_base_image_aliases_on_every_engine(
+    engine: contract.Engine, test_image: contract.TestImage, tmp_path: Path
+) -> None:
+    """``FROM`` and ``COPY --from`` an aliased name build from the local image it maps to
+    (the checkout's Dockerfile untouched); a name that maps to nothing is refused before
+    the build, naming it."""
+    from dockyard.backends.engine.build_egress import BuildEgressConfig
+    from dockyard.core.errors import BuildFailed
+    from dockyard.core.runtime import BuildRequest
+
+    runtime: Any = engine.make_runtime()
+    runtime.build_egress = BuildEgressConfig(aliases={"python:3.11-slim": test_image.tag})
+    context = tmp_path / "ctx"
+    context.mkdir()
+    dockerfile = (
+        "FROM docker.io/library/python:3.11-slim AS base\n"
+        "COPY --from=python:3.11-slim /www/health /copied\n"
+        'RUN ["/bin/busybox", "cat", "/copied"]\n'
+    )
+    (context / "Dockerfile").write_text(dockerfile)
+    tag = f"localhost/dockyard-test/alias:{uuid.uuid4().hex[:8]}"
+    lines: list[str] = []
+    await runtime.open()
+    try:
+        built = await runtime.build(BuildRequest(context=str(context), tag=tag), lines.append)
+        assert built.id
+        note = f"base image docker.io/library/python:3.11-slim -> {test_image.tag}"
+        assert any(line.startswith(note) for line in lines), lines
+        assert any('{"status": "ok"}' in line for line in lines), lines
+        await runtime.remove_image(tag)
+        (context / "Dockerfile").write_text("FROM python:3.12-bogus\n")
+        with pytest.raises(BuildFailed, match=r"python:3.12-bogus.*base_image_aliases"):
+            await runtime.build(BuildRequest(context=str(context), tag=tag))
+    finally:
+        await runtime.close()
+    assert (context / "Dockerfile").read_text() == "FROM python:3.12-bogus\n"

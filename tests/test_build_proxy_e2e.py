@@ -171,6 +171,8 @@ def client(
     with TestClient(create_app(settings), timeout=300) as c:
         c.headers.update(AUTH)
         yield c
+        for name in ("cap", "app", "nobase"):  # what the tests deployed: nothing may stay
+            assert c.delete(f"/v1/repos/{name}").status_code in (200, 404)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,18 @@ class Settings(Model):
     monitor_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
     router_watch_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 2.0
     allow_build_network: bool = False
+    # The build egress proxy (backends/engine/build_proxy.py): "squid" gives builds network
+    # through one squid per build that reaches only ``build_proxy_allow`` (host:port
+    # entries, empty by default), at most ``build_proxy_max_bytes`` per build.
+    build_proxy: Literal["off", "squid"] = "off"
+    build_proxy_allow: list[str] = []
+    build_proxy_max_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024 * 1024
+    build_proxy_binary: str = "squid"
+    # ``FROM`` names mapped to local images (``python:3.11-slim`` -> ``localhost/base:x``).
+    base_image_aliases: dict[
+        Annotated[str, Meta(min_length=1, max_length=255)],
+        Annotated[str, Meta(min_length=1, max_length=255)],
+    ] = {}
     build_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 900.0
     build_memory_mb: Annotated[int, Meta(ge=64)] = 2048
     build_cpus: Annotated[float, Meta(gt=0)] = 2.0
@@ -136,6 +148,9 @@ class Settings(Model):
             from dockyard.core.policy import parse_gateway
 
             parse_gateway(self.agent_gateway)
+        from dockyard.core.build_egress import parse_allowlist
+
+        parse_allowlist(self.build_proxy_allow)
 
     def eval_gateway_variables(self) -> dict[str, str]:
         """The gateway variables of evaluated agents: ``eval_gateway_vars`` plus
@@ -219,8 +234,12 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             "allowed_base_images",
             "allowed_clients",
             "trusted_proxies",
+            "build_proxy_allow",
         ):
             values[name] = [p.strip() for p in raw.split(",") if p.strip()]
+        elif name == "base_image_aliases":  # python:3.11-slim=localhost/base:x,...
+            pairs = (p.strip().partition("=") for p in raw.split(",") if p.strip())
+            values[name] = {key.strip(): image.strip() for key, _, image in pairs}
         elif name == "eval_gateway_vars":  # NAME=suffix,NAME2=/openai/v1
             pairs = (p.strip().partition("=") for p in raw.split(",") if p.strip())
             values[name] = {key.strip(): suffix.strip() for key, _, suffix in pairs}

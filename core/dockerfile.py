@@ -127,6 +127,8 @@ class _Stages:
         self.global_args: dict[str, str | None] = {}
         self.names: list[str] = []  # lower-cased stage names ("" for an unnamed stage)
         self.found: list[str] = []
+        #: Where each external image is named: (line, the word as written, the image).
+        self.places: list[tuple[int, str, str]] = []
 
     def resolve(self, word: str, what: str) -> str:
         value = _expand(word, self.global_args).strip()
@@ -138,8 +140,11 @@ class _Stages:
             )
         return value
 
-    def need(self, image: str) -> None:
-        if image != "scratch" and image.lower() not in self.names and image not in self.found:
+    def need(self, image: str, line: int = 0, word: str = "") -> None:
+        if image == "scratch" or image.lower() in self.names:
+            return
+        self.places.append((line, word or image, image))
+        if image not in self.found:
             self.found.append(image)
 
     def read(self, instruction: Instruction) -> None:
@@ -154,7 +159,7 @@ class _Stages:
             words = [w for w in words if not w.startswith("--")]  # --platform=...
             if not words:
                 raise BuildFailed("Dockerfile FROM without an image", reason="dockerfile_refused")
-            self.need(self.resolve(words[0], "FROM"))
+            self.need(self.resolve(words[0], "FROM"), instruction.line, words[0])
             named = len(words) >= 3 and words[1].lower() == "as"
             self.names.append(words[2].lower() if named else "")
         elif instruction.keyword == "COPY":
@@ -163,7 +168,7 @@ class _Stages:
                     continue
                 source = self.resolve(word.removeprefix("--from="), "COPY --from")
                 if not (source.isdigit() and int(source) < len(self.names)):
-                    self.need(source)
+                    self.need(source, instruction.line, word)
 
 
 def external_images(text: str, build_args: Mapping[str, str] | None = None) -> list[str]:
@@ -179,4 +184,31 @@ def external_images(text: str, build_args: Mapping[str, str] | None = None) -> l
     return stages.found
 
 
-__all__ = ["Dockerfile", "Instruction", "external_images", "parse"]
+def rewrite_images(
+    text: str, images: Mapping[str, str], build_args: Mapping[str, str] | None = None
+) -> str:
+    """``text`` with every external image that ``images`` maps (``FROM python:3.11-slim``,
+    ``COPY --from=python:3.11-slim``) replaced by its local image, written literally; the
+    rest of the Dockerfile byte for byte.
+
+    :raises BuildFailed: a reference that cannot be resolved statically.
+    """
+    stages = _Stages(build_args or {})
+    for instruction in parse(text).instructions:
+        stages.read(instruction)
+    lines = text.split("\n")
+    for number, word, image in stages.places:
+        target = images.get(image)
+        if target is None or not 0 < number <= len(lines):
+            continue
+        old = lines[number - 1]
+        if word.startswith("--from="):
+            lines[number - 1] = old.replace(word, f"--from={target}", 1)
+        else:
+            keyword = re.match(r"^\s*FROM\s+(?:--\S+\s+)*", old, re.IGNORECASE)
+            at = keyword.end() if keyword else 0
+            lines[number - 1] = old[:at] + old[at:].replace(word, target, 1)
+    return "\n".join(lines)
+
+
+__all__ = ["Dockerfile", "Instruction", "external_images", "parse", "rewrite_images"]

@@ -35,6 +35,7 @@ SETUP_FILES = (
 #: is ``Essential: yes`` (on every Debian system, dpkg refuses to remove it).
 PROVIDERS: dict[str, tuple[str, str]] = {
     "nft": ("deb", "nftables"),
+    "squid": ("deb", "squid"),
     "podman": ("deb", "podman"),
     "runc": ("deb", "runc"),
     "catatonit": ("deb", "catatonit"),

@@ -17,6 +17,7 @@ from dockyard.backends.docker.context import context_tar
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BuildJob, BuildLifecycle, split_ref
 from dockyard.backends.engine.buildlog import BuildProgress, stream_message
+from dockyard.backends.engine.context import add_to_tar
 from dockyard.backends.engine.images import image_infos, label_filters
 from dockyard.core.errors import BuildFailed, RuntimeUnavailable
 from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
@@ -95,7 +96,7 @@ class DockerBuilds(BuildLifecycle):
         memory = int(request.memory_mb) * MIB
         return {
             "t": job.temp_ref,
-            "dockerfile": job.dockerfile,
+            "dockerfile": job.sent_dockerfile,
             "buildargs": json.dumps(dict(request.build_args)),
             "labels": json.dumps({**request.labels, LABEL_MANAGED: "true"}),
             "version": "1",  # the legacy builder: BuildKit ignores memory/CPU limits
@@ -118,6 +119,10 @@ class DockerBuilds(BuildLifecycle):
 
     async def _build_messages(self, job: BuildJob) -> AsyncIterator[dict[str, Any]]:
         body = await asyncio.to_thread(context_tar, job.context, job.dockerfile)
+        if job.dockerfile_override is not None:  # base image aliases rewrote it
+            body = await asyncio.to_thread(
+                add_to_tar, body, job.sent_dockerfile, job.dockerfile_override
+            )
         job.handle = {"body": body, "response": None}
         try:
             # raw: aiodocker's images.build() has no memory, CPU, network or ulimit

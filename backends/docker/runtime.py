@@ -83,6 +83,7 @@ from dockyard.backends.docker.daemon import (
     limits_status,
 )
 from dockyard.backends.engine.base import EngineRuntime, socket_candidates
+from dockyard.backends.engine.build_egress import BuildEgressConfig
 from dockyard.backends.engine.network import LABEL_NETWORK, AgentNetworkPlan, EngineNetwork
 from dockyard.backends.engine.options import EngineOptions
 from dockyard.core.errors import (
@@ -180,7 +181,10 @@ class DockerRuntime(DockerBuilds, EngineRuntime):
     def from_settings(cls, settings: Settings) -> DockerRuntime:
         """Build from the ``[plugins.docker]`` table; RuntimeUnavailable without aiodocker."""
         _aiodocker()
-        return cls(**settings.plugin_options("docker"))
+        runtime = cls(**settings.plugin_options("docker"))
+        # Base image aliases apply; the build proxy does not (its builds are refused).
+        runtime.build_egress = BuildEgressConfig.from_settings(settings)
+        return runtime
 
     @property
     def docker(self) -> aiodocker.Docker:

@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dockyard.backends.engine.build_egress import BuildEgressConfig, BuildNetwork, egress_session
+from dockyard.backends.engine.build_firewall import BuildFirewall
 from dockyard.backends.engine.buildlog import BuildProgress
-from dockyard.core.dockerfile import external_images
+from dockyard.backends.engine.firewall import local_nft
+from dockyard.core.build_egress import resolve_alias
+from dockyard.core.dockerfile import external_images, rewrite_images
 from dockyard.core.errors import (
     BuildFailed,
     BuildTimeout,
@@ -59,10 +63,22 @@ class BuildJob:
     progress: BuildProgress
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     handle: Any = None
+    #: The Dockerfile as sent when base image aliases rewrote it: the engine adds it to the
+    #: context it sends as :attr:`sent_dockerfile` (the checkout is never written).
+    dockerfile_override: bytes | None = None
+    #: The build's proxy (:class:`dockyard.backends.engine.build_egress.EgressSession`).
+    egress: Any = None
 
     @property
     def tag(self) -> str:
         return self.request.tag
+
+    @property
+    def sent_dockerfile(self) -> str:
+        """The Dockerfile the engine is told to build: the rewritten one, if any."""
+        if self.dockerfile_override is None:
+            return self.dockerfile
+        return f".dockyard-Dockerfile-{self.build_id[:12]}"
 
     @property
     def temp_ref(self) -> str:
@@ -81,6 +97,10 @@ class BuildLifecycle(abc.ABC):
     """The build template of :class:`dockyard.backends.engine.EngineRuntime`."""
 
     build_log_lines: int = 2000
+    options: Any
+    #: The build proxy and base image aliases (the runtime's settings set them).
+    build_egress: BuildEgressConfig = BuildEgressConfig()
+    _build_firewall: BuildFirewall | None = None
     #: Makes the progress of a build: engines that read more from the log subclass it.
     progress_type: Callable[[LogCallback | None, int], BuildProgress] = BuildProgress
 
@@ -108,6 +128,33 @@ class BuildLifecycle(abc.ABC):
         """Release what the build held open (a request body, a response)."""
         return None
 
+    async def _build_network(self) -> BuildNetwork:
+        """The engine's build network, held by the build firewall; BuildFailed
+        (``network_policy_failed``) when the engine cannot hold builds to their proxy."""
+        raise BuildFailed(
+            f"build_proxy is set but the {type(self).__name__} engine cannot hold builds to "
+            "their proxy, so builds are refused (use Podman rootful)",
+            reason="network_policy_failed",
+        )
+
+    @contextlib.asynccontextmanager
+    async def _build_egress(self, job: BuildJob) -> AsyncIterator[None]:
+        """The build's proxy for the build's lifetime (none when off or when the build has
+        the whole network)."""
+        config = self.build_egress
+        if not config.enabled or job.request.network:
+            yield
+            return
+        network = await self._build_network()
+        if self._build_firewall is None:
+            self._build_firewall = BuildFirewall(local_nft(self.options.nft_path))
+        state_dir = getattr(self.options, "state_dir", None)
+        async with egress_session(
+            config, self._build_firewall, network, state_dir, job.build_id, job.progress.note
+        ) as session:
+            job.egress = session
+            yield
+
     # ------------------------------------------------------------------ template
     def _build_job(self, request: BuildRequest, on_log: LogCallback | None) -> BuildJob:
         split_ref(request.tag)
@@ -124,17 +171,31 @@ class BuildLifecycle(abc.ABC):
         return BuildJob(request, context, dockerfile.relative_to(context).as_posix(), progress)
 
     async def _check_base_images(self, job: BuildJob) -> None:
-        """Refuse a build whose base images are not on this host (they are never pulled)."""
+        """Refuse a build whose base images are not on this host (they are never pulled);
+        a name ``base_image_aliases`` maps is replaced by its local image."""
         path = job.context / job.dockerfile
         text = path.read_bytes()[:MAX_DOCKERFILE_BYTES].decode("utf-8", "replace")
+        aliases = self.build_egress.aliases
+        rewrites: dict[str, str] = {}
         for ref in external_images(text, job.request.build_args):
-            if not IMAGE_REF.match(ref) or not await self.image_exists(ref):
+            image = resolve_alias(ref, aliases) if aliases else None
+            if image is not None:
+                rewrites[ref] = image
+            local = image or ref
+            if not IMAGE_REF.match(local) or not await self.image_exists(local):
+                alias = f" (its base_image_aliases entry maps it to {image!r})" if image else ""
                 raise BuildFailed(
-                    f"build of {job.tag}: image {ref!r} is not on this host, and "
-                    "dockyard never pulls images (build or load it first)",
+                    f"build of {job.tag}: image {ref!r}{alias} is not on this host, and "
+                    "dockyard never pulls images (map it to a local image in "
+                    "base_image_aliases, or build or load it first)",
                     tag=job.tag,
                     log_tail=[f"missing image: {ref}"],
                 )
+        if rewrites:
+            rewritten = rewrite_images(text, rewrites, job.request.build_args)
+            job.dockerfile_override = rewritten.encode()
+            for ref, image in rewrites.items():
+                job.progress.note(f"base image {ref} -> {image} (base_image_aliases)")
 
     async def _stream_build(self, job: BuildJob) -> None:
         """Read the build's stream until it ends or its deadline passes."""
@@ -172,7 +233,8 @@ class BuildLifecycle(abc.ABC):
         for what holds (no network, no pulls, limits, timeouts that stop the build)."""
         job = self._build_job(request, on_log)
         await self._check_base_images(job)
-        await self._stream_build(job)
+        async with self._build_egress(job):
+            await self._stream_build(job)
         job.progress.flush()
         if job.progress.error is not None:
             await self._discard_build(job)

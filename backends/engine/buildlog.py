@@ -59,6 +59,11 @@ class BuildProgress:
         if self._pending:
             self._text("\n")
 
+    def note(self, line: str) -> None:
+        """Add a line of dockyard's own (the build proxy's evidence) after the stream's."""
+        self.flush()
+        self._line(line[:MAX_LOG_LINE])
+
     def _text(self, text: str) -> None:
         self._pending += text
         *complete, self._pending = self._pending.split("\n")

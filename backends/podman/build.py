@@ -25,7 +25,9 @@ from podman.errors import APIError
 from dockyard.backends.engine.base import CPU_PERIOD_US, MIB
 from dockyard.backends.engine.build import BUILD_REPO, BuildJob, BuildLifecycle, split_ref
 from dockyard.backends.engine.buildlog import stream_message
+from dockyard.backends.engine.context import add_to_tar
 from dockyard.backends.engine.images import image_infos, label_filters_json
+from dockyard.backends.podman.build_network import PodmanBuildNetwork
 from dockyard.backends.podman.processes import _shutdown_response, kill_marked_build_processes
 from dockyard.core.errors import BuildFailed
 from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
@@ -60,7 +62,7 @@ def _pump(resp: Any, deliver: Callable[[Message], None]) -> None:
         deliver(("end", None))
 
 
-class PodmanBuilds(BuildLifecycle):
+class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
     """The build primitives of :class:`dockyard.backends.podman.PodmanRuntime`."""
 
     client: Any
@@ -80,11 +82,14 @@ class PodmanBuilds(BuildLifecycle):
     def _build_params(self, job: BuildJob, marker: str) -> dict[str, Any]:
         request, options = job.request, self.options
         build_args = dict(request.build_args)
+        session = job.egress
+        if session is not None:  # the build proxy: its variables win over the request's
+            build_args.update(session.build_args())
         previous = build_args.get("no_proxy")
         build_args["no_proxy"] = f"{previous},{marker}" if previous else marker
         params: dict[str, Any] = {
             "t": job.temp_ref,
-            "dockerfile": job.dockerfile,
+            "dockerfile": job.sent_dockerfile,
             "buildargs": json.dumps(build_args),
             "labels": json.dumps({**request.labels, LABEL_MANAGED: "true"}),
             "rm": True,
@@ -94,8 +99,17 @@ class PodmanBuilds(BuildLifecycle):
             "outputformat": "application/vnd.docker.distribution.manifest.v2+json",
             # Podman 4.3 ignores networkmode=none and would share the host's network
             # namespace: ask for a private one, configured (bridge) or not (only lo).
-            "networkmode": "2" if request.network else "1",
-            "nsoptions": json.dumps([{"Name": "network", "Host": False, "Path": ""}]),
+            "networkmode": "2" if request.network or session is not None else "1",
+            # The build proxy's network, by name (Podman 4.3 takes a name as the path).
+            "nsoptions": json.dumps(
+                [
+                    {
+                        "Name": "network",
+                        "Host": False,
+                        "Path": session.network.name if session is not None else "",
+                    }
+                ]
+            ),
             "ulimits": json.dumps(
                 [
                     f"nofile={options.build_nofile}:{options.build_nofile}",
@@ -117,6 +131,8 @@ class PodmanBuilds(BuildLifecycle):
         context = str(job.context)
         excludes = podman_api.prepare_containerignore(context)
         body = podman_api.create_tar(anchor=context, exclude=excludes)
+        if job.dockerfile_override is not None:
+            body = add_to_tar(body, job.sent_dockerfile, job.dockerfile_override)
         try:
             # raw: podman-py's images.build() has no nsoptions, ulimits or pull policy.
             build.response = self.client.api.post(

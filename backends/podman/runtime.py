@@ -42,17 +42,16 @@ What holds, as verified with Podman 4.3.1 (Debian 12, runc, cgroupfs, cgroup v1 
   engine's host. IPv6 is off inside. Rootless: each agent's own network namespace gets
   the policy before its process runs (``backends/podman/rootless_net.py``); a gateway on
   the host's loopback is refused there (slirp4netns does not reach it).
-* Builds: no network unless asked. Podman 4.3's build endpoint ignores ``networkmode=none``
-  and shares the *host's* network namespace unless ``nsoptions`` asks for a private one, so
-  both are sent (verified: only ``lo`` inside ``RUN``). Base images are never pulled
-  (``pullpolicy=never``), intermediate containers are always removed, no layer cache by
-  default (so a failed build leaves no dangling layer images). ``RUN`` steps get the
-  request's memory (swap included) and CPU caps where limits hold, and nofile/nproc
-  ulimits everywhere. Images carry the request's labels plus ``io.dockyard.managed=true``.
-* Build timeouts: the runtime kills the build's ``RUN`` processes itself (how, and what it
-  needs: ``backends/podman/processes.py``). A build that is not in a ``RUN`` step cannot be
-  stopped this way; it is abandoned, and because builds are tagged with a private temporary name and
-  only re-tagged on success, an abandoned build never produces the requested tag.
+* Builds: no network unless asked (or through the build proxy: ``build_network.py``); the
+  build endpoint gets a private network namespace through ``nsoptions`` (Podman 4.3 ignores
+  ``networkmode=none``; verified: only ``lo`` inside ``RUN``). Base images are never pulled
+  (``pullpolicy=never``), intermediate containers always removed, no layer cache by default
+  (a failed build leaves no dangling layer). ``RUN`` steps get the request's memory (swap
+  included) and CPU caps where limits hold, nofile/nproc ulimits everywhere. Images carry
+  the request's labels plus ``io.dockyard.managed=true``.
+* Build timeouts: the runtime kills the build's ``RUN`` processes itself (``processes.py``).
+  A build outside a ``RUN`` step cannot be stopped so; it is abandoned, and (tagged with a
+  private temporary name, re-tagged on success only) never produces the requested tag.
 """
 
 from __future__ import annotations
@@ -184,7 +183,8 @@ class PodmanRuntime(RootlessNetPolicy, PodmanBuilds, EngineRuntime):
         options = settings.plugin_options("podman")
         socket_option = options.pop("socket", None)
         options.setdefault("state_dir", str(settings.data_path))
-        return cls(socket=settings.podman_socket or socket_option, **options)
+        runtime = cls(socket=settings.podman_socket or socket_option, **options)
+        return runtime.with_build_proxy(settings)
 
     async def open(self) -> None:
         """Stop a private service a killed dockyard left, then connect (engine floor)."""

@@ -4,7 +4,9 @@
 # Run as root. Idempotent: every step checks before it changes anything, so running it
 # again is cheap and harmless. It
 #   1. installs podman, runc, uidmap, slirp4netns, fuse-overlayfs, catatonit, busybox-static
-#      and nftables (the agent firewall, backends/firewall.py), plus what only the tests
+#      nftables (the agent firewall, backends/engine/firewall.py) and squid (the build
+#      proxy, backends/engine/build_proxy.py: dockyard runs its own instances, so the
+#      Debian service is stopped and kept from starting), plus what only the tests
 #      run: git (their git servers), iproute2 and mount (apt is skipped when they are all
 #      installed already; tests/test_host_packages.py fails when the code runs an
 #      executable no setup script installs);
@@ -25,7 +27,7 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: $0 [--host-only]" >&2; exit 2 ;;
 esac
-PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static nftables)
+PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs catatonit busybox-static nftables squid)
 TEST_PACKAGES=(git iproute2 mount)  # tests only: git daemon/http-backend, ip netns, umount
 TEST_PACKAGES+=(systemd)  # tests only: systemd-analyze verify of the units dockyard install writes
 MARKER="# managed by dockyard contrib/ci/setup-podman.sh"
@@ -52,6 +54,13 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    if [[ " ${missing[*]} " == *" squid "* ]]; then
+        # dockyard starts one squid per build on a port of its own; the host-wide
+        # service (port 3128, every client on the host) is not wanted.
+        service squid stop >/dev/null 2>&1 || true
+        update-rc.d squid disable >/dev/null 2>&1 || true
+        systemctl disable --now squid >/dev/null 2>&1 || true
+    fi
 else
     log "packages already installed"
 fi

@@ -1,0 +1,174 @@
+"""A build's way out through its proxy: the settings (``build_proxy``, ``build_proxy_allow``,
+``build_proxy_max_bytes``, ``base_image_aliases``) as the engines read them, and the
+session that holds one build's squid (:mod:`dockyard.backends.engine.build_proxy`) and its
+firewall grant (:mod:`dockyard.backends.engine.build_firewall`) for the build's lifetime.
+
+A session starts after the engine has its build network and the firewall is applied (no
+firewall, no build: ``network_policy_failed``), gives the build the proxy's variables, and
+when the build ends stops the proxy, revokes the grant and writes what the build fetched
+into its log: one line per request, then the refused hosts and whether the byte cap was
+reached (the last lines, so a failed build's log tail carries them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dockyard.backends.engine.build_firewall import BuildFirewall
+from dockyard.backends.engine.build_proxy import (
+    PROXY_DIR,
+    ProxyRecord,
+    SquidProxy,
+    refused_hosts,
+)
+from dockyard.core.build_egress import AllowedHost, parse_allowlist
+from dockyard.core.errors import BuildFailed
+
+if TYPE_CHECKING:
+    from dockyard.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: The variables tools read their proxy from (build args: never in the image's history).
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+
+
+@dataclass(frozen=True)
+class BuildNetwork:
+    """The engine's build network: its name, host interface, bridge address and subnet."""
+
+    name: str
+    iface: str
+    gateway: str
+    subnet: str
+
+
+@dataclass
+class BuildEgressConfig:
+    """What the operator set for builds' egress."""
+
+    mode: str = "off"
+    allow: list[AllowedHost] = field(default_factory=list)
+    max_bytes: int = 1024 * 1024 * 1024
+    binary: str = "squid"
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BuildEgressConfig:
+        return cls(
+            mode=settings.build_proxy,
+            allow=parse_allowlist(settings.build_proxy_allow),
+            max_bytes=settings.build_proxy_max_bytes,
+            binary=settings.build_proxy_binary,
+            aliases=dict(settings.base_image_aliases),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass
+class EgressSession:
+    """One build's proxy as the build sees it: the network it joins, the build args."""
+
+    network: BuildNetwork
+    proxy: SquidProxy
+    records: list[ProxyRecord] = field(default_factory=list)
+    used_bytes: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.network.gateway}:{self.proxy.port}"
+
+    def build_args(self) -> dict[str, str]:
+        """The proxy for every tool, and ``NO_PROXY`` empty (nothing bypasses it)."""
+        return {**dict.fromkeys(PROXY_VARIABLES, self.url), "NO_PROXY": ""}
+
+
+def evidence(session: EgressSession, max_bytes: int) -> list[str]:
+    """The build log's lines about its proxy: each request, then the summary."""
+    lines = [record.line() for record in session.records]
+    total = sum(record.bytes for record in session.records)
+    lines.append(
+        f"build proxy: {len(session.records)} requests, {total} bytes through {session.url}"
+    )
+    capped = session.used_bytes is not None and session.used_bytes >= max_bytes
+    if capped or any(record.too_large for record in session.records):
+        lines.append(
+            f"build proxy: download cap reached: more than {max_bytes} bytes "
+            "(build_proxy_max_bytes): the download was stopped"
+        )
+    refused = refused_hosts(session.records)
+    if refused:
+        lines.append("build proxy refused: " + ", ".join(refused) + " (not in build_proxy_allow)")
+    return lines
+
+
+@contextlib.asynccontextmanager
+async def egress_session(
+    config: BuildEgressConfig,
+    firewall: BuildFirewall,
+    network: BuildNetwork,
+    state_dir: str | None,
+    build_id: str,
+    emit: Callable[[str], None],
+) -> AsyncIterator[EgressSession]:
+    """Apply the build firewall, start the build's proxy, grant it; on the way out stop it,
+    revoke the grant, and ``emit`` the evidence lines (also after a failure)."""
+    root = Path(state_dir or "/tmp") / PROXY_DIR
+    proxy = SquidProxy(config.binary, root / f"{build_id}.pid", config.allow, config.max_bytes)
+    session = EgressSession(network, proxy)
+    try:
+        await asyncio.to_thread(firewall.apply, network.iface, network.gateway, network.subnet)
+        await asyncio.to_thread(firewall.revoke, proxy.port)
+        await asyncio.to_thread(firewall.grant, proxy.port, config.max_bytes)
+    except BuildFailed:
+        raise
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise BuildFailed(
+            f"the build proxy cannot be enforced, so the build was not started: {message}",
+            reason="network_policy_failed",
+            log_tail=[message],
+        ) from exc
+    try:
+        try:
+            await asyncio.to_thread(proxy.start)
+        except RuntimeError as exc:
+            raise BuildFailed(
+                f"the build proxy did not start, so the build was not started: {exc}",
+                reason="build_proxy_failed",
+                log_tail=[str(exc)],
+            ) from exc
+        yield session
+    finally:
+        await asyncio.shield(_close(session, firewall, config.max_bytes, emit))
+
+
+async def _close(
+    session: EgressSession, firewall: BuildFirewall, max_bytes: int, emit: Callable[[str], None]
+) -> None:
+    proxy = session.proxy
+    await asyncio.to_thread(proxy.stop)
+    session.used_bytes = await asyncio.to_thread(firewall.used, proxy.port)
+    await asyncio.to_thread(firewall.revoke, proxy.port)
+    session.records = await asyncio.to_thread(proxy.records)
+    await asyncio.to_thread(proxy.remove)
+    for line in evidence(session, max_bytes):
+        emit(line)
+
+
+__all__ = [
+    "PROXY_VARIABLES",
+    "BuildEgressConfig",
+    "BuildNetwork",
+    "EgressSession",
+    "egress_session",
+    "evidence",
+]

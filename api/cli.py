@@ -408,7 +408,7 @@ def _plugins(settings: Settings) -> None:
         print(f"{plugin['name']:<16} {plugin['version']:<10} {plugin['module']}")
         for hook in plugin["hooks"]:
             print(f"    {hook}")
-    for kind in regs.KINDS:
+    for kind in regs.kinds():
         names = getattr(regs, kind).names()
         print(f"{kind}: {', '.join(names) or '-'}")
 

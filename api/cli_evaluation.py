@@ -20,7 +20,8 @@ from typing import Any
 
 from dockyard.api.client import DockyardClient
 from dockyard.client.models import Evaluation, TaskResult
-from dockyard.core.config import SANDBOX_IMAGE, Settings
+from dockyard.core.config import Settings
+from dockyard.plugins.evaluation.options import SANDBOX_IMAGE
 from dockyard.core.errors import DockyardError
 
 COMMANDS = {"evaluate", "sandbox-image"}

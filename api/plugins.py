@@ -79,9 +79,7 @@ def collect_api_plugins(pm: DockyardPluginManager, settings: Settings) -> ApiReg
 
 
 @contextlib.asynccontextmanager
-async def plugin_lifespans(
-    registrar: ApiRegistrar, context: PluginContext
-) -> AsyncIterator[None]:
+async def plugin_lifespans(registrar: ApiRegistrar, context: PluginContext) -> AsyncIterator[None]:
     """Enter every plugin lifespan in registration order; exit them newest first, also
     when a later one fails to start. A failure names the plugin."""
     async with contextlib.AsyncExitStack() as stack:

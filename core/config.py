@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 import tomllib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -103,7 +103,7 @@ class Settings(Model):
         ]
         | UnsetType
     ) = UNSET
-    eval_sandbox_image: Annotated[str, Meta(max_length=255)] | None | UnsetType = UNSET
+    eval_sandbox_image: Annotated[str, Meta(max_length=255)] | UnsetType | None = UNSET
     disable_plugins: list[str] = []
     log_level: str = "INFO"
     #: ``text`` for people, ``json`` for one JSON object per line (``core/logs.py``).

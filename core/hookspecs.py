@@ -46,8 +46,8 @@ def dockyard_add_hookspecs(add: Callable[[object], None]) -> None:
         ``add_hookspecs``. Implementations of a hook defined this way that may be loaded
         without the plugin defining it mark themselves ``@hookimpl(optionalhook=True)``.
 
-    A plugin implements this hook to let others extend it (the evaluation plugin's
-    ``dockyard_register_protocols`` is added this way); a ``dockyard_register_<kind>``
+    A third-party plugin implements this hook to let others extend it (the evaluation
+    plugin adds its agent-protocols registrar this way); a ``dockyard_register_<kind>``
     hookspec added so is collected as ``pm.registries.<kind>``.
     """
 
@@ -178,6 +178,6 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
         (``context`` holds the app, settings, services and controller). ``register.settings``
         is the app's settings (``settings.plugin_options(name)`` for the plugin's options).
 
-    A plugin implements this hook to run a service beside the controller and serve it (the
-    evaluation plugin's ``/v1/integration`` routes and evaluation service come this way).
+    A third-party plugin implements this hook to run a service beside the controller and
+    serve it (the evaluation plugin's routes and evaluation service come this way).
     """

@@ -78,8 +78,7 @@ class Registrar(Generic[T]):
             raise PluginError(f"plugin {plugin!r} registered a {self.kind} with an empty name")
         if name in self._items:
             raise PluginError(
-                f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and "
-                f"{plugin!r})"
+                f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and {plugin!r})"
             )
         self._items[name] = factory
         self._owners[name] = plugin
@@ -141,8 +140,9 @@ class Registries:
 
     def __getattr__(self, kind: str) -> Registrar[Any]:
         """A plugin-defined registry, filled once from ``dockyard_register_<kind>``."""
-        if kind.startswith("_") or not hasattr(self._pm.hook, f"dockyard_register_{kind}"):
-            raise AttributeError(kind)
+        caller = getattr(self._pm.hook, f"dockyard_register_{kind}", None)
+        if kind.startswith("_") or caller is None or caller.spec is None:
+            raise AttributeError(kind)  # no plugin defines this registrar hook
         registrar = collect(self._pm, kind, kind.rstrip("s"))
         setattr(self, kind, registrar)
         return registrar

@@ -49,12 +49,12 @@ from dockyard.core.models import (
 from dockyard.core.states import is_legal
 from dockyard.core.store import (
     MAX_STATUS_PAGE,
+    RECORD_NAME,
     DeploymentStatus,
+    PluginRecord,
     StateStore,
     StatusFilter,
     StatusPage,
-    RECORD_NAME,
-    PluginRecord,
 )
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 from dockyard.core import hookimpl
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import PluginError
+from dockyard.core.hookspecs import hookspec
 from dockyard.core.plugins import build_plugin_manager
 from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.models import Evaluation, Limits, Miner
@@ -109,7 +111,7 @@ def test_without_the_plugin_its_hookspec_is_absent_and_implementing_it_fails(
 ) -> None:
     pm = build_plugin_manager(disable=["testplugin"])
     assert not pm.has_plugin("testplugin")
-    with pytest.raises(PluginError, match="other.*testplugin_greetings"):
+    with pytest.raises(PluginError, match=r"other.*testplugin_greetings"):
         build_plugin_manager(disable=["testplugin"], extra_plugins=[("other", OtherGreeter())])
 
 
@@ -156,6 +158,36 @@ def test_the_plugin_brings_routes_records_hookspec_and_a_lifespan_task(
     assert [note.key for note in notes] == ["b", "a"]
 
 
+class GreetingSpecs:
+    """An in-process plugin's own hookspec."""
+
+    @staticmethod
+    @hookspec
+    def greeting_for(name: str) -> str:
+        """Greet ``name``."""
+
+
+class Definer:
+    @hookimpl
+    def dockyard_add_hookspecs(self, add: Any) -> None:
+        add(GreetingSpecs)
+
+
+class Implementer:
+    @hookimpl
+    def greeting_for(self, name: str) -> str:
+        return f"hey {name}"
+
+
+def test_dockyard_add_hookspecs_works_whichever_plugin_registers_first() -> None:
+    for order in (
+        [("def", Definer()), ("impl", Implementer())],
+        [("impl", Implementer()), ("def", Definer())],
+    ):
+        pm = build_plugin_manager(load_entry_points=False, extra_plugins=order)
+        assert pm.hook.greeting_for(name="bo") == ["hey bo"]
+
+
 def test_a_plugin_route_needs_its_declared_scope(
     testplugin: Path, tmp_path: Path, example_plugin_module: Any
 ) -> None:
@@ -177,9 +209,16 @@ def test_a_lifespan_that_fails_to_start_names_its_plugin(
 
             register.lifespan(lifespan)
 
-    with pytest.raises(PluginError, match="'broken' failed to start: no database here"):
-        with serving(tmp_path, example_plugin_module, ("broken", Broken())):
-            pass
+    with (
+        pytest.raises(BaseException) as raised,
+        serving(tmp_path, example_plugin_module, ("broken", Broken())),
+    ):
+        pass
+    errors = [raised.value]
+    while isinstance(errors[-1], BaseExceptionGroup):  # the test client's task group
+        errors.append(errors[-1].exceptions[0])
+    assert isinstance(errors[-1], PluginError)
+    assert "'broken' failed to start: no database here" in str(errors[-1])
 
 
 # ---------------------------------------------------------------- the evaluation plugin
@@ -227,7 +266,7 @@ def test_the_evaluation_plugin_owns_its_protocols_hookspec() -> None:
     # without the evaluation plugin the hook does not exist, and the built-in protocols
     # (an optional implementation) load without it
     bare = build_plugin_manager(load_entry_points=False, disable=["evaluation"])
-    assert not hasattr(bare.hook, "dockyard_register_protocols")
+    assert bare.hook.dockyard_register_protocols.spec is None  # only the optional impl
     with pytest.raises(AttributeError):
         bare.registries.protocols  # noqa: B018
 
@@ -264,8 +303,10 @@ def test_old_eval_names_still_work_with_one_deprecation_warning(
     caplog.set_level(logging.WARNING, logger="dockyard.core.config")
     with pytest.warns(DeprecationWarning, match="eval_max_agents"):
         first = load_settings(environ={"DOCKYARD_EVAL_MAX_AGENTS": "9"})
-    with pytest.warns(DeprecationWarning, match="eval_max_agents"):
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
         Settings(eval_max_agents=3)  # type: ignore[call-arg]
+    assert again == []  # once per process
     warned = [r for r in caplog.records if "eval_max_agents" in r.getMessage()]
     assert len(warned) == 1 and "[plugins.evaluation]" in warned[0].getMessage()
     assert EvaluationConfig.from_settings(first).max_agents == 9

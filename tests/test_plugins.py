@@ -347,7 +347,12 @@ async def test_event_observers_run_in_pluggy_order_and_a_wrapper_sees_them() -> 
 
     pm = build_plugin_manager(
         load_entry_points=False,
-        extra_plugins=[("last", Last()), ("broken", Broken()), ("around", Around()), ("first", First())],
+        extra_plugins=[
+            ("last", Last()),
+            ("broken", Broken()),
+            ("around", Around()),
+            ("first", First()),
+        ],
     )
     await emit_event(pm, Event(deployment_id="app", kind="probe"))
     assert seen[0] == "around probe" and seen[1] == "first"

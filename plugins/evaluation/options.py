@@ -49,9 +49,9 @@ class EvaluationConfig(Model):
     # The variables an evaluated agent finds its gateway in (name -> suffix of the gateway's
     # URL), as Autoppia's validator sets them; ``gateway_env`` is added (suffix "") when it
     # is not one of them. Each holds the address the container really reaches.
-    gateway_vars: dict[
-        EnvName, Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")]
-    ] = msgspec.field(default_factory=lambda: dict(VALIDATOR_GATEWAY_VARS))
+    gateway_vars: dict[EnvName, Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")]] = (
+        msgspec.field(default_factory=lambda: dict(VALIDATOR_GATEWAY_VARS))
+    )
     # The image ``build_mode: "image"`` evaluations run when the miner names none
     # (``dockyard sandbox-image build`` makes it).
     sandbox_image: Annotated[str, Meta(max_length=255)] | None = SANDBOX_IMAGE

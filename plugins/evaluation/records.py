@@ -66,9 +66,7 @@ async def delete(store: StateStore, evaluation_id: str) -> None:
 async def evaluations_older_than(store: StateStore, before: float) -> list[str]:
     """Ids of the finished evaluations last written before ``before`` (a Unix time),
     oldest first: what a garbage collector may prune."""
-    stale = await store.list_records(
-        NAMESPACE, labels={"finished": "true"}, updated_before=before
-    )
+    stale = await store.list_records(NAMESPACE, labels={"finished": "true"}, updated_before=before)
     return [record.key for record in stale]
 
 

@@ -41,9 +41,7 @@ from dockyard.core.plugins import check_spec
 from dockyard.core.runtime import LABEL_DEPLOYMENT
 from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.events import announce
-from dockyard.plugins.evaluation.options import EvaluationConfig
 from dockyard.plugins.evaluation.models import (
-    FINAL_STATES,
     Batch,
     BatchProgress,
     EvaluateBatchRequest,
@@ -56,6 +54,7 @@ from dockyard.plugins.evaluation.models import (
     Session,
     TaskResult,
 )
+from dockyard.plugins.evaluation.options import EvaluationConfig
 from dockyard.plugins.protocols import AgentEndpoint, AgentError, AgentProtocol, task_id_of
 
 log = logging.getLogger(__name__)
@@ -256,9 +255,7 @@ class EvaluationService:
 
     async def submit_batch(self, request: EvaluateBatchRequest) -> Batch:
         """Queue one evaluation per miner, run at most ``concurrency`` at once."""
-        concurrency = min(
-            request.concurrency or self.config.max_agents, self.config.max_agents
-        )
+        concurrency = min(request.concurrency or self.config.max_agents, self.config.max_agents)
         batch_id = new_id(BATCH_PREFIX)
         runs = [self._new(m, request, batch_id, concurrency) for m in request.miners]
         for run in runs:

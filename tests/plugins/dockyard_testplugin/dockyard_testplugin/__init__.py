@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import get, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, QueryParameter
 
 from dockyard.api.plugins import ApiRegistrar, PluginContext
 from dockyard.core.hookspecs import hookimpl
@@ -57,7 +59,9 @@ def testplugin_greetings(name: str) -> str:
 
 
 @post("/v1/testplugin/notes", operation_id="testpluginAddNote", opt={"scope": "deploy"})
-async def add_note(data: dict[str, Any], services: Services) -> dict[str, Any]:
+async def add_note(
+    data: JSONBody[dict[str, Any]], services: NamedDependency[Services]
+) -> dict[str, Any]:
     key = str(data["key"])
     stored = await services.store.put_record(
         PluginRecord(namespace=NAMESPACE, key=key, value=data, labels={"kind": "note"})
@@ -66,18 +70,20 @@ async def add_note(data: dict[str, Any], services: Services) -> dict[str, Any]:
 
 
 @get("/v1/testplugin/notes", operation_id="testpluginNotes", opt={"scope": "read"})
-async def list_notes(services: Services) -> list[dict[str, Any]]:
+async def list_notes(services: NamedDependency[Services]) -> list[dict[str, Any]]:
     notes = await services.store.list_records(NAMESPACE, labels={"kind": "note"})
     return [note.value for note in notes]
 
 
 @get("/v1/testplugin/greet", operation_id="testpluginGreet", opt={"scope": "read"})
-async def greet(name: str, services: Services) -> list[str]:
+async def greet(
+    name: Annotated[str, QueryParameter()], services: NamedDependency[Services]
+) -> list[str]:
     return sorted(services.pm.hook.testplugin_greetings(name=name))
 
 
 @get("/v1/testplugin/ticks", operation_id="testpluginTicks", opt={"scope": "read"})
-async def ticks(ticker: Ticker) -> dict[str, Any]:
+async def ticks(ticker: NamedDependency[Ticker]) -> dict[str, Any]:
     running = ticker.task is not None and not ticker.task.done()
     return {"ticks": ticker.ticks, "running": running}
 

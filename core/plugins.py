@@ -3,8 +3,14 @@
 ``build_plugin_manager()`` makes a fresh manager (no import-time globals): it registers the
 built-in plugins listed in :data:`DEFAULT_PLUGINS`, then every entry point in the group
 ``dockyard``, skipping names blocked by ``DOCKYARD_DISABLE_PLUGINS`` (comma-separated), and
-fails loudly on an implementation that matches no hookspec. Registrar hooks are then called
-once to fill the registries of runtimes, routers, stores, strategies, protocols and sources.
+fails loudly on an implementation that matches no hookspec (a plugin may add its own
+hookspecs through ``dockyard_add_hookspecs`` as it registers). Registrar hooks are then
+called once to fill the registries of runtimes, routers, stores, strategies and sources, and
+of any ``dockyard_register_<kind>`` hook a plugin added (``registries.<kind>``).
+
+Every hook is called through pluggy (``pm.hook.<name>``), so ``tryfirst``/``trylast`` and
+hook wrappers are honoured; each implementation is wrapped as its plugin registers
+(:func:`_attributed`) so what it registers and what it raises carry the plugin's name.
 """
 
 from __future__ import annotations
@@ -309,6 +315,10 @@ def _register(pm: DockyardPluginManager, plugin: object, name: str) -> None:
         pm.register(plugin, name=name)
     except (pluggy.PluginValidationError, ValueError) as exc:
         raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from None
+    except DockyardError:
+        raise
+    except Exception as exc:  # its dockyard_add_hookspecs, called as it registers
+        raise PluginError(f"plugin {name!r} failed while registering: {exc}") from exc
 
 
 async def await_me_maybe(value: Any) -> Any:

@@ -32,6 +32,7 @@ from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS, document_errors
 from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
 from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
+from dockyard.api.plugins import PluginContext, collect_api_plugins, plugin_lifespans
 from dockyard.api.schema import fix_options_allow, serve_true_schema
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
@@ -41,8 +42,6 @@ from dockyard.core.errors import ValidationError
 from dockyard.core.gc import GarbageCollector, GcSchedule
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 from dockyard.core.services import Services
-from dockyard.plugins.evaluation import PLUGIN_NAME as EVALUATION_PLUGIN
-from dockyard.plugins.evaluation import EvaluationService
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +92,21 @@ def _controller(state: State) -> Controller:
     return state.controller  # type: ignore[no-any-return]
 
 
-def _evaluations(state: State) -> EvaluationService:
-    return state.evaluations  # type: ignore[no-any-return]
-
-
 def create_app(
     settings: Settings | None = None,
     *,
     services: Services | None = None,
     pm: DockyardPluginManager | None = None,
 ) -> Litestar:
-    """Build the API. Plugins' ``dockyard_api_handlers`` are mounted beside the built-ins.
+    """Build the API. Plugins' ``dockyard_api_handlers`` and ``dockyard_api_plugins``
+    routes are mounted beside the built-ins, with their dependencies and lifespans.
 
     Services that are not started yet are started by the app's lifespan and closed with it.
     """
     settings = settings or (services.settings if services else Settings())
     pm = services.pm if services else (pm or build_plugin_manager(settings.disable_plugins))
+
+    extensions = collect_api_plugins(pm, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -120,26 +118,28 @@ def create_app(
         controller = Controller.from_services(ours)
         app.state.services = ours
         app.state.controller = controller
-        evaluations = None
-        if pm.has_plugin(EVALUATION_PLUGIN):
-            evaluations = app.state.evaluations = EvaluationService(controller)
-        gc = app.state.gc = GcSchedule(GarbageCollector(ours.settings, ours.store, ours.runtime))
+        gc = app.state.gc = GcSchedule(
+            GarbageCollector(ours.settings, ours.store, ours.runtime, pm=ours.pm)
+        )
         try:
             await controller.start()
-            if evaluations is not None:
-                await evaluations.start()  # after resume: ends what a restart cut short
-            gc.start()
-            yield
+            # Plugins' services start after resume (the evaluation service ends what a
+            # restart cut short) and stop before the controller does.
+            context = PluginContext(app, settings, ours, controller)
+            async with plugin_lifespans(extensions, context):
+                gc.start()
+                try:
+                    yield
+                finally:
+                    await gc.stop()
         finally:
-            await gc.stop()
-            if evaluations is not None:
-                await evaluations.stop()  # cancels and cleans up running evaluations
             await controller.stop()
             if owned:
                 await ours.close()
 
     handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes, *OBSERVE_HANDLERS]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
+    handlers.extend(extensions.routes)
     tokens = TokenBook.from_settings(settings)
     app = Litestar(
         route_handlers=handlers,
@@ -155,8 +155,8 @@ def create_app(
         dependencies={
             "services": Provide(_services, sync_to_thread=False),
             "controller": Provide(_controller, sync_to_thread=False),
-            "evaluations": Provide(_evaluations, sync_to_thread=False),
             "tokens": Provide(lambda: tokens, sync_to_thread=False),
+            **extensions.dependencies,
         },
         lifespan=[lifespan, event_hub_lifespan],
         logging_config=LOGGING_CONFIG,

@@ -413,7 +413,7 @@ def _plugins(settings: Settings) -> None:
         print(f"{plugin['name']:<16} {plugin['version']:<10} {plugin['module']}")
         for hook in plugin["hooks"]:
             print(f"    {hook}")
-    for kind in regs.KINDS:
+    for kind in regs.kinds():
         names = getattr(regs, kind).names()
         print(f"{kind}: {', '.join(names) or '-'}")
 
@@ -469,9 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "plugins":
             _plugins(settings)
         elif args.command == "config" and args.what == "example":
-            from dockyard.core.config_example import example_toml
+            from dockyard.core.config_example import example_toml, plugin_tables
 
-            print(example_toml(), end="")
+            pm = build_plugin_manager(settings.disable_plugins)
+            print(example_toml(plugin_tables(pm.list_name_plugin())), end="")
         elif args.command == "config":
             print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
         elif args.command == "sandbox-image":

@@ -98,7 +98,9 @@ async def run_gc(settings: Settings, *, dry_run: bool) -> GcReport:
     except DockyardError as exc:
         runtime, runtime_error = None, f"images: runtime unavailable: {exc.message}"
     try:
-        report = await GarbageCollector(settings, services.store, runtime).collect(dry_run=dry_run)
+        report = await GarbageCollector(settings, services.store, runtime, pm=services.pm).collect(
+            dry_run=dry_run
+        )
     finally:
         if runtime is not None:
             await runtime.close()

@@ -20,8 +20,9 @@ from typing import Any
 
 from dockyard.api.client import DockyardClient
 from dockyard.client.models import Evaluation, TaskResult
-from dockyard.core.config import SANDBOX_IMAGE, Settings
+from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
+from dockyard.plugins.evaluation.options import SANDBOX_IMAGE
 
 COMMANDS = {"evaluate", "sandbox-image"}
 #: ``evaluate`` talks to a running dockyard; ``sandbox-image`` to the engine directly.

@@ -7,26 +7,27 @@ Precedence, lowest first: built-in defaults, the file named by ``--config`` or
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tomllib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from dockyard.core.errors import ConfigError
 from dockyard.core.models import Model
 
-#: The validator's sandbox: its gateway variables and their URL suffixes.
-VALIDATOR_GATEWAY_VARS = {
-    "SANDBOX_GATEWAY_URL": "",
-    "OPENAI_BASE_URL": "/openai/v1",
-    "CHUTES_BASE_URL": "/chutes/v1",
-}
-#: The tag ``dockyard sandbox-image build`` gives the agent sandbox image by default.
-SANDBOX_IMAGE = "localhost/dockyard/agent-sandbox:latest"
+log = logging.getLogger(__name__)
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+#: Deprecated top-level prefixes of plugin options, read for one release: a setting
+#: ``<prefix><option>`` becomes option ``<option>`` of ``[plugins.<plugin>]``.
+LEGACY_OPTION_PREFIXES = {"eval_": "evaluation"}
+_warned_legacy: set[str] = set()
 
 
 def default_data_dir() -> str:
@@ -96,30 +97,27 @@ class Settings(Model):
     # The LLM gateway agents may reach (the only address besides their own), passed to
     # evaluated agents as env ``eval_gateway_env``; provider keys are never passed.
     agent_gateway: str | None = None
-    # Evaluations (plugins/evaluation): admission limits, default timeouts, image policy.
-    eval_max_builds: Annotated[int, Meta(ge=1, le=64)] = 2
-    eval_max_agents: Annotated[int, Meta(ge=1, le=256)] = 4
-    eval_request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 25.0
-    eval_task_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 180.0
-    eval_tasks_per_agent: Annotated[int, Meta(ge=1, le=64)] = 5
-    eval_max_steps: Annotated[int, Meta(ge=1, le=100)] = 12
-    eval_health_deadline_s: Annotated[float, Meta(gt=0, le=1800)] = 20.0
-    eval_session_ttl_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
-    eval_max_lifetime_s: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
-    eval_keep_images: bool = True
-    eval_gateway_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] = (
-        "OPENAI_BASE_URL"
-    )
-    # The variables an evaluated agent finds its gateway in (name -> suffix of the gateway's
-    # URL), as Autoppia's validator sets them; ``eval_gateway_env`` is added (suffix "")
-    # when it is not one of them. Each holds the address the container really reaches.
-    eval_gateway_vars: dict[
-        Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")],
-        Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")],
-    ] = msgspec.field(default_factory=lambda: dict(VALIDATOR_GATEWAY_VARS))
-    # The image ``build_mode: "image"`` evaluations run when the miner names none
-    # (``dockyard sandbox-image build`` makes it).
-    eval_sandbox_image: Annotated[str, Meta(max_length=255)] | None = SANDBOX_IMAGE
+    # Deprecated (one release): the evaluation plugin's options, now ``[plugins.evaluation]``
+    # without the ``eval_`` prefix. Set, they are moved there (see ``_move_legacy_options``).
+    eval_max_builds: Annotated[int, Meta(ge=1, le=64)] | UnsetType = UNSET
+    eval_max_agents: Annotated[int, Meta(ge=1, le=256)] | UnsetType = UNSET
+    eval_request_timeout_s: Annotated[float, Meta(gt=0, le=600)] | UnsetType = UNSET
+    eval_task_timeout_s: Annotated[float, Meta(gt=0, le=3600)] | UnsetType = UNSET
+    eval_tasks_per_agent: Annotated[int, Meta(ge=1, le=64)] | UnsetType = UNSET
+    eval_max_steps: Annotated[int, Meta(ge=1, le=100)] | UnsetType = UNSET
+    eval_health_deadline_s: Annotated[float, Meta(gt=0, le=1800)] | UnsetType = UNSET
+    eval_session_ttl_s: Annotated[float, Meta(gt=0, le=86400)] | UnsetType = UNSET
+    eval_max_lifetime_s: Annotated[float, Meta(gt=0, le=86400)] | UnsetType = UNSET
+    eval_keep_images: bool | UnsetType = UNSET
+    eval_gateway_env: Annotated[str, Meta(pattern=_ENV_NAME)] | UnsetType = UNSET
+    eval_gateway_vars: (
+        dict[
+            Annotated[str, Meta(pattern=_ENV_NAME)],
+            Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9._~/-]{0,255})?$")],
+        ]
+        | UnsetType
+    ) = UNSET
+    eval_sandbox_image: Annotated[str, Meta(max_length=255)] | UnsetType | None = UNSET
     disable_plugins: list[str] = []
     log_level: str = "INFO"
     #: ``text`` for people, ``json`` for one JSON object per line (``core/logs.py``).
@@ -151,11 +149,7 @@ class Settings(Model):
         from dockyard.core.build_egress import parse_allowlist
 
         parse_allowlist(self.build_proxy_allow)
-
-    def eval_gateway_variables(self) -> dict[str, str]:
-        """The gateway variables of evaluated agents: ``eval_gateway_vars`` plus
-        ``eval_gateway_env`` (suffix ``""``) when it is not one of them."""
-        return {self.eval_gateway_env: "", **self.eval_gateway_vars}
+        _move_legacy_options(self)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         """The ``[plugins.<name>]`` table, empty when absent."""
@@ -170,6 +164,27 @@ class Settings(Model):
         """Names this dockyard among others on the host: a hash of its data directory."""
         real = os.path.realpath(self.data_path)
         return hashlib.sha256(real.encode()).hexdigest()[:12]
+
+
+def _move_legacy_options(settings: Settings) -> None:
+    """Move deprecated ``eval_*`` settings into ``plugins["evaluation"]`` (an option set
+    there wins), warning once per process which names to change."""
+    for name in _LEGACY_FIELDS:
+        value = getattr(settings, name)
+        if value is UNSET:
+            continue
+        prefix = next(p for p in LEGACY_OPTION_PREFIXES if name.startswith(p))
+        plugin, option = LEGACY_OPTION_PREFIXES[prefix], name.removeprefix(prefix)
+        options = {option: value, **settings.plugins.get(plugin, {})}
+        settings.plugins = {**settings.plugins, plugin: options}  # the caller's dicts stay
+        if name not in _warned_legacy:
+            _warned_legacy.add(name)
+            message = (
+                f"setting {name!r} is deprecated and goes in the next release: "
+                f"set {option!r} under [plugins.{plugin}] instead"
+            )
+            log.warning("DeprecationWarning: %s", message)
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
 
 
 #: Where Linux says which local ports it picks for outgoing connections.
@@ -215,6 +230,7 @@ def ephemeral_overlap(start: int, end: int, sysctl: Path = IPV4_SYSCTL) -> str |
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+_LEGACY_FIELDS = tuple(n for n in _FIELDS if n.startswith(tuple(LEGACY_OPTION_PREFIXES)))
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -3,14 +3,19 @@
 Every field of :class:`dockyard.core.config.Settings` gets one line of meaning
 (:data:`MEANINGS`) and its default, as TOML that loads back to exactly the defaults; a
 setting whose default is unset or depends on the host is shown commented out, with an
-example. ``dockyard config example`` prints it; ``tests/test_config_example.py`` fails when
-the file and the model drift apart, or when a new setting has no line here.
+example. Deprecated aliases (fields whose default is ``UNSET``, such as the old ``eval_*``
+names) are left out. A plugin's own table (``[plugins.<name>]``) is listed, commented out,
+when the plugin module exposes its options model as ``OPTIONS`` and one line per option
+as ``OPTION_MEANINGS`` (the evaluation plugin does). ``dockyard config example`` prints
+it; ``tests/test_config_example.py`` fails when the file and the model drift apart, or
+when a new setting has no line here.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -64,19 +69,6 @@ MEANINGS: dict[str, str] = {
     "fetch_max_bytes": "Bytes a source fetch may receive.",
     "fetch_max_files": "Files a fetched checkout may hold.",
     "agent_gateway": "The LLM gateway agents may reach: IPv4 host:port or http://host:port/path.",
-    "eval_max_builds": "Evaluations building at once.",
-    "eval_max_agents": "Evaluated agents running at once.",
-    "eval_request_timeout_s": "Seconds an evaluated agent may take to answer one request.",
-    "eval_task_timeout_s": "Seconds one evaluation task may take.",
-    "eval_tasks_per_agent": "Tasks each evaluated agent gets by default.",
-    "eval_max_steps": "Steps per task by default.",
-    "eval_health_deadline_s": "Seconds an evaluated agent has to become healthy.",
-    "eval_session_ttl_s": "Seconds an idle evaluation session is kept.",
-    "eval_max_lifetime_s": "Seconds an evaluated agent's container may run.",
-    "eval_keep_images": "Keep an evaluation's image for the next evaluation of the same commit.",
-    "eval_gateway_env": "The variable evaluated agents find their gateway in.",
-    "eval_gateway_vars": "More gateway variables of evaluated agents: name -> URL suffix.",
-    "eval_sandbox_image": "The image build_mode image evaluations run when the miner names none.",
     "disable_plugins": "Plugins not to load, by name.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text for people, json for one JSON object per line.",
@@ -140,10 +132,13 @@ def toml_value(value: Any) -> str:
 
 
 def defaults() -> dict[str, Any]:
-    """Each setting's default as plain data; None when unset or host-dependent."""
+    """Each setting's default as plain data; None when unset or host-dependent. Deprecated
+    aliases (default ``UNSET``) are left out."""
     host_dependent = {"data_dir"}
     out: dict[str, Any] = {}
     for field in msgspec.structs.fields(Settings):
+        if field.default is msgspec.UNSET:
+            continue
         if field.name in host_dependent:
             out[field.name] = None
         elif field.default is not msgspec.NODEFAULT:
@@ -153,8 +148,42 @@ def defaults() -> dict[str, Any]:
     return out
 
 
-def example_toml() -> str:
-    """The whole example file."""
+class PluginTable(msgspec.Struct, frozen=True):
+    """A plugin's ``[plugins.<name>]`` table: its options model and a line per option."""
+
+    name: str
+    options: type[msgspec.Struct]
+    meanings: dict[str, str]
+
+
+def plugin_tables(plugins: Iterable[tuple[str, object]]) -> list[PluginTable]:
+    """The tables of the plugins (``(name, module)`` pairs) that expose ``OPTIONS`` and
+    ``OPTION_MEANINGS``, by name."""
+    tables = [
+        PluginTable(name, plugin.OPTIONS, dict(plugin.OPTION_MEANINGS))  # type: ignore[attr-defined]
+        for name, plugin in plugins
+        if hasattr(plugin, "OPTIONS") and hasattr(plugin, "OPTION_MEANINGS")
+    ]
+    return sorted(tables, key=lambda table: table.name)
+
+
+def table_toml(table: PluginTable) -> str:
+    """A plugin's table, commented out, each option with its meaning and default."""
+    lines = [f"\n# [plugins.{table.name}]"]
+    for field in msgspec.structs.fields(table.options):
+        if field.name not in table.meanings:
+            raise KeyError(f"[plugins.{table.name}] option without a meaning: {field.name}")
+        default = field.default if field.default is not msgspec.NODEFAULT else None
+        if default is None and field.default_factory is not msgspec.NODEFAULT:
+            default = field.default_factory()
+        value = msgspec.to_builtins(default)
+        shown = toml_value(value) if value is not None else '""'
+        lines.append(f"# {table.meanings[field.name]}\n# {field.name} = {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def example_toml(tables: Iterable[PluginTable] = ()) -> str:
+    """The whole example file, with the given plugins' tables last."""
     missing = [name for name in defaults() if name not in MEANINGS]
     if missing:
         raise KeyError(f"settings without a line in MEANINGS: {', '.join(missing)}")
@@ -168,4 +197,5 @@ def example_toml() -> str:
             line = f"{name} = {toml_value(value)}"
         parts.append(f"\n# {MEANINGS[name]}\n{line}\n")
     parts.append("\n" + PLUGINS_BLOCK.format(meaning=MEANINGS["plugins"]))
+    parts.extend(table_toml(table) for table in tables)
     return "".join(parts)

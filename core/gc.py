@@ -2,7 +2,9 @@
 
 Five kinds of things pile up on a host that deploys and evaluates round after round:
 
-* ``evaluations``: stored evaluation records and their results (the state store);
+* ``evaluations``: stored evaluation records and their results (plugin records in the
+  state store; the kind is the evaluation plugin's, registered through the
+  ``dockyard_register_gc_kinds`` hook like any plugin's kind);
 * ``events``: the event journal's entries (``<data_dir>/events.sqlite3``) of deployments
   that no longer exist (finished deployments, ephemeral evaluation deployments);
 * ``build_logs``: ``<data_dir>/builds/<deployment>/`` of deployments that no longer exist;
@@ -15,9 +17,9 @@ Each kind has a retention (:class:`Retention`, from the ``gc_<kind>_max_age_days
 ``gc_<kind>_max_mb`` settings): entries older than the age go, then the oldest until the
 kind fits the size. Never removed, whatever the retention says: what an existing deployment
 uses (its build logs and journal entries, any slot's revision's checkout, view and image),
-what a running evaluation uses (its record, journal entries and image), the configured
-sandbox and base images, and anything younger than the grace period (a build or fetch
-under way has not reached a slot yet).
+what a plugin's running work uses (a running evaluation's record, journal entries and
+image: the kind's ``mark_used``), the configured base images, and anything younger than
+the grace period (a build or fetch under way has not reached a slot yet).
 
 :class:`GarbageCollector` runs one pass (``dockyard gc [--dry-run]``); :class:`GcSchedule`
 runs it periodically in the server and keeps the disk use of each kind for ``/v1/healthz``.
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
+import pluggy
 
 from dockyard.core.builds import LABEL_INPUTS, LOGS_DIR
 from dockyard.core.config import Settings
@@ -50,7 +52,8 @@ from dockyard.core.store import StateStore
 
 log = logging.getLogger(__name__)
 
-KINDS = ("evaluations", "events", "build_logs", "sources", "images")
+#: The core's kinds; plugins add theirs (the evaluation plugin: ``evaluations``).
+KINDS = ("events", "build_logs", "sources", "images")
 MIB = 1024 * 1024
 DAY_S = 86400.0
 #: Nothing younger than this is removed (at least; builds and fetches may take longer).
@@ -71,9 +74,11 @@ class Retention(Model):
 
 def retention_of(settings: Settings, kind: str) -> Retention:
     """The retention ``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` say (0: no
-    such limit)."""
-    days = getattr(settings, f"gc_{kind}_max_age_days")
-    mb = getattr(settings, f"gc_{kind}_max_mb")
+    such limit). A plugin's kind without such settings reads ``gc_max_age_days`` and
+    ``gc_max_mb`` from the plugin's table, ``[plugins.<kind>]``."""
+    options = settings.plugin_options(kind)
+    days = getattr(settings, f"gc_{kind}_max_age_days", options.get("gc_max_age_days", 0))
+    mb = getattr(settings, f"gc_{kind}_max_mb", options.get("gc_max_mb", 0))
     return Retention(
         max_age_s=float(days) * DAY_S if days else None,
         max_bytes=int(float(mb) * MIB) if mb else None,
@@ -160,10 +165,12 @@ def choose(
 
 @dataclass
 class InUse:
-    """What active deployments and running evaluations use."""
+    """What active deployments and plugins' running work (an evaluation, ...) use."""
 
     deployments: set[str] = field(default_factory=set)
-    evaluations: set[str] = field(default_factory=set)
+    #: Ids of plugins' running work whose journal entries stay (the journal's
+    #: ``evaluation_id`` column); plugin kinds add them through ``Kind.mark_used``.
+    running: set[str] = field(default_factory=set)
     #: ``(sha256(repo)[:32], commit)`` of every slot's revision: its cached checkout.
     checkouts: set[tuple[str, str]] = field(default_factory=set)
     #: ``(repo, commit, subdir)`` of every slot's revision: its source view.
@@ -177,8 +184,8 @@ def repo_key(repo: str) -> str:
 
 
 async def gather_in_use(store: StateStore, settings: Settings) -> InUse:
-    """Every existing deployment with its slots' revisions, every running evaluation, and
-    the images the configuration names."""
+    """Every existing deployment with its slots' revisions and the images the configuration
+    names (plugin kinds add their own through ``Kind.mark_used``)."""
     used = InUse()
     for deployment in await store.list_deployments():
         used.deployments.add(deployment.id)
@@ -189,10 +196,7 @@ async def gather_in_use(store: StateStore, settings: Settings) -> InUse:
             used.checkouts.add((repo_key(revision.repo), revision.commit))
             used.sources.add((revision.repo, revision.commit, revision.subdir))
             used.images.update(x for x in (revision.image_tag, revision.image_id) if x)
-    ids, images = await running_evaluations(store)
-    used.evaluations |= ids
-    used.images |= images
-    used.images.update(x for x in [settings.eval_sandbox_image, *settings.allowed_base_images] if x)
+    used.images.update(x for x in settings.allowed_base_images if x)
     return used
 
 
@@ -203,35 +207,24 @@ class Kind:
     name: str
     inventory: Callable[[InUse], Awaitable[list[Item]]]
     remove: Callable[[Item], Awaitable[None]]
+    #: Adds what this kind's active things use (ids, images) before any kind is listed.
+    mark_used: Callable[[InUse], Awaitable[None]] | None = None
 
 
-# -- evaluations: the one evaluation-specific part (re-point it when the records move) ------
-async def running_evaluations(store: StateStore) -> tuple[set[str], set[str]]:
-    """The ids of evaluations not finished yet and the images they use."""
-    running = await store.list_evaluations(finished=False)
-    images = {str(e.body["image"]) for e in running if e.body.get("image")}
-    return {e.id for e in running}, images
+@dataclass
+class GcContext:
+    """What a plugin's gc kind factory gets (``dockyard_register_gc_kinds``)."""
+
+    settings: Settings
+    store: StateStore
+    runtime: Runtime | None
 
 
-def evaluation_records(store: StateStore) -> Kind:
-    """Stored evaluation records: a finished one is removable, its age is its last update,
-    its size its JSON body."""
-
-    async def inventory(used: InUse) -> list[Item]:
-        return [
-            Item(
-                name=record.id,
-                bytes=len(msgspec.json.encode(record.body)),
-                at=record.updated_at,
-                in_use=not record.finished or record.id in used.evaluations,
-            )
-            for record in await store.list_evaluations()
-        ]
-
-    async def remove(item: Item) -> None:
-        await store.delete_evaluation(item.name)
-
-    return Kind("evaluations", inventory, remove)
+def plugin_kinds(pm: pluggy.PluginManager | None, context: GcContext) -> list[Kind]:
+    """The kinds plugins register through ``dockyard_register_gc_kinds``."""
+    if pm is None or not hasattr(pm, "registries"):
+        return []
+    return [factory(context) for _, factory in pm.registries.gc_kinds.items()]
 
 
 # -- the other kinds ------------------------------------------------------------------------
@@ -354,7 +347,7 @@ def journal_events(data: Path) -> Kind:
             db.close()
         items = []
         for deployment, last_id, size, at, evaluations in rows:
-            running = set((evaluations or "").split(",")) & used.evaluations
+            running = set((evaluations or "").split(",")) & used.running
             in_use = deployment in used.deployments or bool(running)
             items.append(Item(deployment, int(size or 0), float(at or 0), in_use, last_id))
         return items
@@ -411,19 +404,23 @@ class GarbageCollector:
         store: StateStore,
         runtime: Runtime | None = None,
         *,
+        pm: pluggy.PluginManager | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
         data = settings.data_path
-        self.kinds = [evaluation_records(store), journal_events(data), build_logs(data)]
-        self.kinds.append(sources(data))
+        self.kinds = plugin_kinds(pm, GcContext(settings, store, runtime))
+        self.kinds += [journal_events(data), build_logs(data), sources(data)]
         if runtime is not None:
             self.kinds.append(built_images(runtime, settings.instance_id))
 
     async def _inventories(self, errors: list[str]) -> tuple[InUse, dict[str, list[Item]]]:
         used = await gather_in_use(self.store, self.settings)
+        for kind in self.kinds:
+            if kind.mark_used is not None:
+                await kind.mark_used(used)
         found: dict[str, list[Item]] = {}
         for kind in self.kinds:
             try:

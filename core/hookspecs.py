@@ -5,7 +5,10 @@ after a hook below. Built-in runtimes, stores and flows are ordinary plugins tha
 same hooks. Third-party plugins ship as packages exposing an entry point in the group
 ``dockyard`` (see the README's "Writing a plugin").
 
-Hooks may return awaitables; dockyard awaits them (pluggy itself is synchronous).
+Hooks may return awaitables; dockyard awaits them (pluggy itself is synchronous). Every hook
+is called through pluggy (``pm.hook.<name>``), so ``@hookimpl(tryfirst=True)``,
+``trylast=True`` and hook wrappers (``wrapper=True``) are honoured; an implementation's
+failure is reported naming its plugin.
 """
 
 from __future__ import annotations
@@ -15,12 +18,38 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dockyard.api.plugins import ApiRegistrar
     from dockyard.core.models import DeploymentSpec, Event
     from dockyard.core.plugins import Registrar
+    from dockyard.core.router import RouterFactory
+    from dockyard.core.runtime import RuntimeFactory
+    from dockyard.core.store import StoreFactory
 
 PROJECT = "dockyard"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ----------------------------------------------------------------------------------------
+# A plugin's own hooks: called as each plugin is registered.
+# ----------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def dockyard_add_hookspecs(add: Callable[[object], None]) -> None:
+    """Add a plugin's own hook specifications, so other plugins can implement them.
+
+    :param add: call ``add(module_or_class)`` with functions marked by
+        ``@hookspec`` (``dockyard.core.hookspecs.hookspec``); the plugin manager's
+        ``add_hookspecs``. Implementations of a hook defined this way that may be loaded
+        without the plugin defining it mark themselves ``@hookimpl(optionalhook=True)``.
+
+    A third-party plugin implements this hook to let others extend it (the evaluation
+    plugin adds its agent-protocols registrar this way); a ``dockyard_register_<kind>``
+    hookspec added so is collected as ``pm.registries.<kind>``.
+    """
 
 
 # ----------------------------------------------------------------------------------------
@@ -30,7 +59,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def dockyard_register_runtimes(register: Registrar) -> None:
+def dockyard_register_runtimes(register: Registrar[RuntimeFactory]) -> None:
     """Register container runtimes (Podman, Docker, ...).
 
     :param register: call ``register(name, factory)``; ``factory(settings)`` returns a
@@ -42,7 +71,7 @@ def dockyard_register_runtimes(register: Registrar) -> None:
 
 
 @hookspec
-def dockyard_register_routers(register: Registrar) -> None:
+def dockyard_register_routers(register: Registrar[RouterFactory]) -> None:
     """Register reverse-proxy routers (Traefik, Caddy, none).
 
     :param register: call ``register(name, factory)``; ``factory(settings)`` returns a router,
@@ -53,7 +82,7 @@ def dockyard_register_routers(register: Registrar) -> None:
 
 
 @hookspec
-def dockyard_register_stores(register: Registrar) -> None:
+def dockyard_register_stores(register: Registrar[StoreFactory]) -> None:
     """Register state stores (SQLite, ...).
 
     :param register: call ``register(name, factory)``; ``factory(settings)`` returns a
@@ -65,7 +94,7 @@ def dockyard_register_stores(register: Registrar) -> None:
 
 
 @hookspec
-def dockyard_register_strategies(register: Registrar) -> None:
+def dockyard_register_strategies(register: Registrar[Callable[..., Any]]) -> None:
     """Register deploy strategies (blue/green, ...).
 
     :param register: call ``register(name, factory)``; ``settings.strategy`` selects one.
@@ -75,26 +104,27 @@ def dockyard_register_strategies(register: Registrar) -> None:
 
 
 @hookspec
-def dockyard_register_protocols(register: Registrar) -> None:
-    """Register agent protocols (Autoppia's ``step`` and ``solve_task``, ...).
-
-    :param register: call ``register(name, factory)``; ``factory(settings)`` returns a
-        :class:`dockyard.plugins.protocols.AgentProtocol` whose ``solve(agent, task)`` relays
-        one task and returns a normalized ``TaskAnswer``; an evaluation names its protocol
-        (built in: ``solve_task``, ``step``, ``act``).
-
-    A third-party plugin implements this hook to relay tasks in another agent protocol.
-    """
-
-
-@hookspec
-def dockyard_register_sources(register: Registrar) -> None:
+def dockyard_register_sources(register: Registrar[Callable[..., Any]]) -> None:
     """Register source fetchers (git, ...).
 
     :param register: call ``register(name, factory)``; a deployment's repository URL is
         fetched by the source that accepts it.
 
     A third-party plugin implements this hook to fetch code from somewhere other than git.
+    """
+
+
+@hookspec
+def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
+    """Register kinds of stored things garbage collection prunes (``core/gc.py``).
+
+    :param register: call ``register(name, factory)``; ``factory(context: GcContext)``
+        returns a :class:`dockyard.core.gc.Kind` named ``name``: how to list its items
+        (marking those in use), remove one, and (``mark_used``) what its active things use.
+        Its retention is ``gc_<name>_max_age_days``/``gc_<name>_max_mb`` when the settings
+        have them, else ``gc_max_age_days``/``gc_max_mb`` in ``[plugins.<name>]``.
+
+    The evaluation plugin registers ``evaluations`` (finished evaluations' records).
     """
 
 
@@ -136,7 +166,7 @@ def dockyard_check_spec(spec: DeploymentSpec) -> Any:
 
 
 @hookspec
-def dockyard_api_handlers(register: Registrar) -> None:
+def dockyard_api_handlers(register: Registrar[Any]) -> None:
     """Add HTTP routes to dockyard's API.
 
     :param register: call ``register(name, handler)`` with a Litestar route handler,
@@ -144,5 +174,24 @@ def dockyard_api_handlers(register: Registrar) -> None:
         the token scope it needs, ``opt={"scope": "read"|"deploy"|"evaluate"|"admin"}``;
         one that declares none is refused to everybody (403).
 
-    A third-party plugin implements this hook to expose its own endpoints.
+    A third-party plugin implements this hook to expose its own endpoints; to bring a
+    lifespan, dependencies or app state with them, implement ``dockyard_api_plugins``.
+    """
+
+
+@hookspec
+def dockyard_api_plugins(register: ApiRegistrar) -> None:
+    """Bring a plugin's part of the API: routes, dependencies and a lifespan, together.
+
+    :param register: a :class:`dockyard.api.plugins.ApiRegistrar`, called once per app
+        built: ``register.route(handler)`` mounts a Litestar route handler, controller or
+        router (declare its scope as for ``dockyard_api_handlers``);
+        ``register.dependency(name, provide)`` adds a Litestar dependency;
+        ``register.lifespan(factory)`` adds ``factory(context)``, an async context manager
+        entered after the deployment controller has started and exited before it stops
+        (``context`` holds the app, settings, services and controller). ``register.settings``
+        is the app's settings (``settings.plugin_options(name)`` for the plugin's options).
+
+    A third-party plugin implements this hook to run a service beside the controller and
+    serve it (the evaluation plugin's routes and evaluation service come this way).
     """

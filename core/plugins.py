@@ -3,12 +3,20 @@
 ``build_plugin_manager()`` makes a fresh manager (no import-time globals): it registers the
 built-in plugins listed in :data:`DEFAULT_PLUGINS`, then every entry point in the group
 ``dockyard``, skipping names blocked by ``DOCKYARD_DISABLE_PLUGINS`` (comma-separated), and
-fails loudly on an implementation that matches no hookspec. Registrar hooks are then called
-once to fill the registries of runtimes, routers, stores, strategies, protocols and sources.
+fails loudly on an implementation that matches no hookspec (a plugin may add its own
+hookspecs through ``dockyard_add_hookspecs`` as it registers). Registrar hooks are then
+called once to fill the registries of runtimes, routers, stores, strategies and sources, and
+of any ``dockyard_register_<kind>`` hook a plugin added (``registries.<kind>``).
+
+Every hook is called through pluggy (``pm.hook.<name>``), so ``tryfirst``/``trylast`` and
+hook wrappers are honoured; each implementation is wrapped as its plugin registers
+(:func:`_attributed`) so what it registers and what it raises carry the plugin's name.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib
 import inspect
 import logging
@@ -46,6 +54,22 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 T = TypeVar("T")
 
 
+#: The plugin whose hook implementation is running (set by :func:`_attributed`), so a
+#: registrar knows who registered what and an error names the plugin that raised it.
+_current_plugin: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "dockyard_current_plugin", default="?"
+)
+
+#: Hooks whose implementations only observe: a failure is logged, never propagated, and
+#: the other observers still run.
+OBSERVER_HOOKS = frozenset({"dockyard_event"})
+
+
+def current_plugin() -> str:
+    """The name of the plugin whose hook implementation is running ("?" outside one)."""
+    return _current_plugin.get()
+
+
 class Registrar(Generic[T]):
     """What a ``dockyard_register_*`` hook receives: call it as ``register(name, factory)``."""
 
@@ -53,20 +77,17 @@ class Registrar(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
-        self._current_plugin = "?"
 
     def __call__(self, name: str, factory: T) -> None:
+        plugin = _current_plugin.get()
         if not isinstance(name, str) or not name:
-            raise PluginError(
-                f"plugin {self._current_plugin!r} registered a {self.kind} with an empty name"
-            )
+            raise PluginError(f"plugin {plugin!r} registered a {self.kind} with an empty name")
         if name in self._items:
             raise PluginError(
-                f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and "
-                f"{self._current_plugin!r})"
+                f"{self.kind} {name!r} registered twice (by {self._owners[name]!r} and {plugin!r})"
             )
         self._items[name] = factory
-        self._owners[name] = self._current_plugin
+        self._owners[name] = plugin
 
     def get(self, name: str) -> T:
         """The factory registered under ``name``; UnknownPluginError lists the known ones."""
@@ -95,34 +116,90 @@ class Registrar(Generic[T]):
 
 
 class Registries:
-    """Everything the registrar hooks registered, by kind."""
+    """Everything the registrar hooks registered, by kind.
 
-    KINDS = ("runtimes", "routers", "stores", "strategies", "protocols", "sources")
+    The core kinds are filled when first read; a plugin that adds its own registrar hookspec
+    ``dockyard_register_<kind>`` (see ``dockyard_add_hookspecs``) is read the same way, as
+    ``registries.<kind>`` (the evaluation plugin's ``protocols``).
+    """
+
+    KINDS = ("runtimes", "routers", "stores", "strategies", "sources")
 
     def __init__(self, pm: DockyardPluginManager) -> None:
-        self.runtimes: Registrar[Callable[..., Any]] = Registrar("runtime")
-        self.routers: Registrar[Callable[..., Any]] = Registrar("router")
-        self.stores: Registrar[Callable[..., Any]] = Registrar("store")
-        self.strategies: Registrar[Callable[..., Any]] = Registrar("strategy")
-        self.protocols: Registrar[Callable[..., Any]] = Registrar("protocol")
-        self.sources: Registrar[Callable[..., Any]] = Registrar("source")
+        self._pm = pm
+        self.runtimes: Registrar[Callable[..., Any]] = collect(pm, "runtimes", "runtime")
+        self.routers: Registrar[Callable[..., Any]] = collect(pm, "routers", "router")
+        self.stores: Registrar[Callable[..., Any]] = collect(pm, "stores", "store")
+        self.strategies: Registrar[Callable[..., Any]] = collect(pm, "strategies", "strategy")
+        self.sources: Registrar[Callable[..., Any]] = collect(pm, "sources", "source")
         self.api_handlers: Registrar[Any] = Registrar("API handler")
-        for kind in self.KINDS:
-            _call_registrar(pm, f"dockyard_register_{kind}", getattr(self, kind))
-        _call_registrar(pm, "dockyard_api_handlers", self.api_handlers)
+        call_registrar(pm, "dockyard_api_handlers", self.api_handlers)
+
+    def kinds(self) -> list[str]:
+        """The core kinds, then those plugins added (``protocols``, ...)."""
+        added = sorted(
+            name.removeprefix("dockyard_register_")
+            for name, caller in vars(self._pm.hook).items()
+            if name.startswith("dockyard_register_") and caller.spec is not None
+        )
+        return [*self.KINDS, *(kind for kind in added if kind not in self.KINDS)]
+
+    def __getattr__(self, kind: str) -> Registrar[Any]:
+        """A plugin-defined registry, filled once from ``dockyard_register_<kind>``."""
+        caller = getattr(self._pm.hook, f"dockyard_register_{kind}", None)
+        if kind.startswith("_") or caller is None or caller.spec is None:
+            raise AttributeError(kind)  # no plugin defines this registrar hook
+        registrar = collect(self._pm, kind, kind.rstrip("s"))
+        setattr(self, kind, registrar)
+        return registrar
 
 
-def _call_registrar(pm: DockyardPluginManager, hook_name: str, registrar: Registrar[Any]) -> None:
-    caller = getattr(pm.hook, hook_name)
-    # Oldest registration first, so built-ins are seen before third-party plugins.
-    for impl in reversed(caller.get_hookimpls()):
-        registrar._current_plugin = impl.plugin_name
+def collect(pm: pluggy.PluginManager, kind: str, label: str) -> Registrar[Any]:
+    """A registrar filled by every ``dockyard_register_<kind>`` implementation."""
+    registrar: Registrar[Any] = Registrar(label)
+    call_registrar(pm, f"dockyard_register_{kind}", registrar)
+    return registrar
+
+
+def call_registrar(pm: pluggy.PluginManager, hook_name: str, registrar: object) -> None:
+    """Call a registrar hook through pluggy (``tryfirst``, ``trylast`` and wrappers are
+    honoured); a failure names the plugin whose implementation raised it."""
+    getattr(pm.hook, hook_name)(register=registrar)
+
+
+def _attributed(plugin_name: str, hook_name: str, function: Callable[..., Any]) -> Any:
+    """``function`` (one plugin's implementation of ``hook_name``) wrapped so the registrars
+    know the plugin, and its failure is a PluginError naming it (a DockyardError passes as
+    it is: a policy's refusal is the caller's answer). An observer's failure is logged and
+    swallowed, awaited or not, so the next observer still runs."""
+    observer = hook_name in OBSERVER_HOOKS
+
+    async def observed(value: Awaitable[Any]) -> Any:
         try:
-            impl.function(register=registrar)
+            return await value
+        except Exception:
+            log.exception("plugin %r failed in %s", plugin_name, hook_name)
+            return None
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        token = _current_plugin.set(plugin_name)
+        try:
+            result = function(*args, **kwargs)
         except DockyardError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+            if observer:
+                log.exception("plugin %r failed in %s", plugin_name, hook_name)
+                return None
+            raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {exc}") from exc
+        finally:
+            _current_plugin.reset(token)
+        if observer and inspect.isawaitable(result):
+            return observed(result)
+        return result
+
+    return call
 
 
 class DockyardPluginManager(pluggy.PluginManager):
@@ -134,6 +211,22 @@ class DockyardPluginManager(pluggy.PluginManager):
         self._registries: Registries | None = None
         self.versions: dict[str, str] = {}
         self.disabled: set[str] = set()
+        # Historic: a plugin registered later still gets the call, so its hookspecs exist
+        # before check_pending() looks for implementations without one.
+        self.hook.dockyard_add_hookspecs.call_historic(kwargs={"add": self.add_hookspecs})
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register ``plugin``; each of its implementations is wrapped (:func:`_attributed`)
+        so pluggy calls it with the plugin's name attached to what it registers or raises.
+        Hook wrappers (``wrapper=True``) are left as they are."""
+        plugin_name = super().register(plugin, name)
+        if plugin_name is None:
+            return None
+        for caller in self.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _attributed(plugin_name, caller.name, impl.function)
+        return plugin_name
 
     @property
     def registries(self) -> Registries:
@@ -222,6 +315,10 @@ def _register(pm: DockyardPluginManager, plugin: object, name: str) -> None:
         pm.register(plugin, name=name)
     except (pluggy.PluginValidationError, ValueError) as exc:
         raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from None
+    except DockyardError:
+        raise
+    except Exception as exc:  # its dockyard_add_hookspecs, called as it registers
+        raise PluginError(f"plugin {name!r} failed while registering: {exc}") from exc
 
 
 async def await_me_maybe(value: Any) -> Any:
@@ -237,16 +334,19 @@ async def call_all(results: Iterable[Any | Awaitable[Any]]) -> list[Any]:
 
 
 async def emit_event(pm: pluggy.PluginManager, event: Any) -> None:
-    """Hand ``event`` to every ``dockyard_event`` observer; an observer's failure is logged
-    and never propagated."""
-    for impl in pm.hook.dockyard_event.get_hookimpls():
-        try:
-            await await_me_maybe(impl.function(event=event))
-        except Exception:
-            log.exception("plugin %r failed in dockyard_event", impl.plugin_name)
+    """Hand ``event`` to every ``dockyard_event`` observer, through pluggy; an observer's
+    failure is logged (naming it) and never propagated (see :func:`_attributed`)."""
+    await call_all(pm.hook.dockyard_event(event=event))
 
 
 async def check_spec(pm: pluggy.PluginManager, spec: Any) -> None:
-    """Run every ``dockyard_check_spec`` policy; the first that raises refuses ``spec``."""
-    for impl in pm.hook.dockyard_check_spec.get_hookimpls():
-        await await_me_maybe(impl.function(spec=spec))
+    """Run every ``dockyard_check_spec`` policy, in pluggy's order; the first that raises
+    refuses ``spec``."""
+    results = pm.hook.dockyard_check_spec(spec=spec)
+    try:
+        for result in results:
+            await await_me_maybe(result)
+    finally:
+        for result in results:  # a refusal leaves the later policies' coroutines unawaited
+            if inspect.iscoroutine(result):
+                result.close()

@@ -1,17 +1,19 @@
 """The state-store contract: what every store plugin (SQLite by default) provides.
 
 The contract suite in ``tests/contract/test_store_contract.py`` checks any implementation:
-deployments, revisions, slots, the append-only event history and host-port leases that are
-never handed out twice, even to two processes at once.
+deployments, revisions, slots, the append-only event history, host-port leases that are
+never handed out twice, even to two processes at once, and records plugins own
+(:class:`PluginRecord`, namespaced by plugin).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, ClassVar
 
 import msgspec
+from msgspec import Meta
 
 from dockyard.core.models import (
     Color,
@@ -29,17 +31,22 @@ from dockyard.core.models import (
 MAX_STATUS_PAGE = 1000
 
 
-class StoredEvaluation(Model):
-    """An evaluation as the store keeps it: the queried fields, and the evaluation plugin's
-    own record as an opaque JSON object (``body``)."""
+#: A plugin record's namespace (the owning plugin's name) and label names.
+RECORD_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-    id: str
-    state: str
-    finished: bool = False
-    batch_id: str | None = None
+
+class PluginRecord(Model):
+    """A record a plugin owns, kept by the store apart from deployments (so it outlives
+    them): a JSON object ``value`` under ``(namespace, key)``, and string ``labels`` the
+    store can filter on. The namespace is the plugin's name (the evaluation plugin keeps
+    its evaluations under ``evaluation``)."""
+
+    namespace: Annotated[str, Meta(pattern=RECORD_NAME)]
+    key: Annotated[str, Meta(min_length=1, max_length=255)]
+    value: dict[str, Any] = {}
+    labels: dict[Annotated[str, Meta(pattern=RECORD_NAME)], str] = {}
     created_at: float = msgspec.field(default_factory=now)
     updated_at: float = msgspec.field(default_factory=now)
-    body: dict[str, Any] = {}
 
 
 class DeploymentStatus(Model):
@@ -231,26 +238,31 @@ class StateStore(abc.ABC):
     async def list_leases(self) -> dict[int, str]:
         """Every leased port and its owner."""
 
-    # evaluations ------------------------------------------------------------------------
+    # plugin records ---------------------------------------------------------------------
     @abc.abstractmethod
-    async def save_evaluation(self, evaluation: StoredEvaluation) -> StoredEvaluation:
-        """Create or replace an evaluation record (by id); independent of deployments, so a
-        record outlives the ephemeral deployment it ran in."""
+    async def put_record(self, record: PluginRecord) -> PluginRecord:
+        """Create or replace ``record`` (by namespace and key); replacing keeps the first
+        ``created_at``. Returns what is stored. Independent of deployments."""
 
     @abc.abstractmethod
-    async def get_evaluation(self, evaluation_id: str) -> StoredEvaluation | None:
-        """One evaluation, or None."""
+    async def get_record(self, namespace: str, key: str) -> PluginRecord | None:
+        """One record, or None."""
 
     @abc.abstractmethod
-    async def list_evaluations(
-        self, *, finished: bool | None = None, batch_id: str | None = None
-    ) -> list[StoredEvaluation]:
-        """Evaluations, oldest first (by ``created_at``, then insertion), filtered by
-        ``finished`` and ``batch_id`` when given."""
+    async def list_records(
+        self,
+        namespace: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        updated_before: float | None = None,
+    ) -> list[PluginRecord]:
+        """A namespace's records, oldest first (by ``created_at``, then insertion): those
+        carrying every label in ``labels`` (same value) and, with ``updated_before``,
+        last written before that time."""
 
     @abc.abstractmethod
-    async def delete_evaluation(self, evaluation_id: str) -> None:
-        """Remove an evaluation record; an unknown id is not an error."""
+    async def delete_record(self, namespace: str, key: str) -> None:
+        """Remove a record; an unknown one is not an error."""
 
 
 StoreFactory = Callable[..., StateStore]

@@ -441,7 +441,7 @@ BUILTIN_PROTOCOLS: dict[str, Callable[..., AgentProtocol]] = {
 }
 
 
-@hookimpl
+@hookimpl(optionalhook=True)  # the hookspec is the evaluation plugin's: absent without it
 def dockyard_register_protocols(register: Any) -> None:
     """Register ``solve_task``, ``step`` and ``act``."""
     for name, factory in BUILTIN_PROTOCOLS.items():

@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,11 +49,12 @@ from dockyard.core.models import (
 from dockyard.core.states import is_legal
 from dockyard.core.store import (
     MAX_STATUS_PAGE,
+    RECORD_NAME,
     DeploymentStatus,
+    PluginRecord,
     StateStore,
     StatusFilter,
     StatusPage,
-    StoredEvaluation,
 )
 
 if TYPE_CHECKING:
@@ -131,6 +133,33 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX evaluations_by_finished ON evaluations(finished, created_at)",
         "CREATE INDEX evaluations_by_batch ON evaluations(batch_id, created_at)",
     ),
+    (
+        # 3: records plugins own, namespaced by plugin; the evaluations of step 2 move in
+        # (namespace "evaluation", their queried fields as labels) and their table goes.
+        """CREATE TABLE plugin_records (
+            namespace TEXT NOT NULL CHECK (namespace <> ''),
+            key TEXT NOT NULL CHECK (key <> ''),
+            labels TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (namespace, key)
+        )""",
+        "CREATE INDEX plugin_records_by_age ON plugin_records(namespace, created_at)",
+        "CREATE INDEX plugin_records_by_update ON plugin_records(namespace, updated_at)",
+        """INSERT INTO plugin_records (namespace, key, labels, created_at, updated_at, value)
+        SELECT 'evaluation', id,
+            json_patch(
+                json_object(
+                    'state', state,
+                    'finished', CASE finished WHEN 1 THEN 'true' ELSE 'false' END
+                ),
+                CASE WHEN batch_id IS NULL THEN '{}' ELSE json_object('batch_id', batch_id) END
+            ),
+            created_at, updated_at, body
+        FROM evaluations ORDER BY created_at, rowid""",
+        "DROP TABLE evaluations",
+    ),
 ]
 
 _ENCODER = msgspec.json.Encoder()
@@ -140,6 +169,8 @@ _SLOT = msgspec.json.Decoder(Slot)
 _SLOTS = msgspec.json.Decoder(list[Slot])
 _EVENT = msgspec.json.Decoder(Event)
 _BODY = msgspec.json.Decoder(dict[str, Any])
+_LABELS = msgspec.json.Decoder(dict[str, str])
+_RECORD_COLUMNS = "namespace, key, labels, created_at, updated_at, value"
 
 
 class _SpecHead(msgspec.Struct):
@@ -846,94 +877,96 @@ class SqliteStore(StateStore):
 
         return await self._run("list port leases", read)
 
-    # -- evaluations ----------------------------------------------------------------------
+    # -- plugin records -------------------------------------------------------------------
     @staticmethod
-    def _evaluation(row: Sequence[Any]) -> StoredEvaluation:
-        id_, batch_id, state, finished, created_at, updated_at, body = row
-        return StoredEvaluation(
-            id=id_,
-            batch_id=batch_id,
-            state=state,
-            finished=bool(finished),
+    def _record(row: Sequence[Any]) -> PluginRecord:
+        namespace, key, labels, created_at, updated_at, value = row
+        return PluginRecord(
+            namespace=namespace,
+            key=key,
+            labels=_decode(_LABELS, labels, "plugin record"),
             created_at=created_at,
             updated_at=updated_at,
-            body=_decode(_BODY, body, "evaluation"),
+            value=_decode(_BODY, value, "plugin record"),
         )
 
-    async def save_evaluation(self, evaluation: StoredEvaluation) -> StoredEvaluation:
+    async def put_record(self, record: PluginRecord) -> PluginRecord:
         """Insert or replace the record (``created_at`` of an existing one is kept)."""
-        if not evaluation.id:
-            raise ValidationError("an evaluation needs an id")
-        body = _encode(evaluation.body, "evaluation")
+        try:
+            record = msgspec.convert(msgspec.to_builtins(record), PluginRecord)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"plugin record: {exc}") from None
+        value = _encode(record.value, "plugin record")
+        labels = _encode(record.labels, "plugin record")
 
-        def write(conn: sqlite3.Connection) -> StoredEvaluation:
+        def write(conn: sqlite3.Connection) -> PluginRecord:
             with _transaction(conn):
                 row = conn.execute(
-                    "SELECT created_at FROM evaluations WHERE id = ?", (evaluation.id,)
+                    "SELECT created_at FROM plugin_records WHERE namespace = ? AND key = ?",
+                    (record.namespace, record.key),
                 ).fetchone()
-                created_at = row[0] if row else evaluation.created_at
+                created_at = row[0] if row else record.created_at
                 conn.execute(
-                    "INSERT OR REPLACE INTO evaluations"
-                    " (id, batch_id, state, finished, created_at, updated_at, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        evaluation.id,
-                        evaluation.batch_id,
-                        evaluation.state,
-                        int(evaluation.finished),
-                        created_at,
-                        evaluation.updated_at,
-                        body,
-                    ),
+                    "INSERT OR REPLACE INTO plugin_records"
+                    " (namespace, key, labels, created_at, updated_at, value)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.namespace, record.key, labels, created_at, record.updated_at, value),
                 )
-            return msgspec.structs.replace(evaluation, created_at=created_at)
+            return msgspec.structs.replace(record, created_at=created_at)
 
-        return await self._run("save an evaluation", write)
+        return await self._run("save a plugin record", write)
 
-    async def get_evaluation(self, evaluation_id: str) -> StoredEvaluation | None:
-        """One evaluation, or None."""
+    async def get_record(self, namespace: str, key: str) -> PluginRecord | None:
+        """One record, or None."""
 
-        def read(conn: sqlite3.Connection) -> StoredEvaluation | None:
+        def read(conn: sqlite3.Connection) -> PluginRecord | None:
             row = conn.execute(
-                "SELECT id, batch_id, state, finished, created_at, updated_at, body"
-                " FROM evaluations WHERE id = ?",
-                (evaluation_id,),
+                f"SELECT {_RECORD_COLUMNS} FROM plugin_records WHERE namespace = ? AND key = ?",
+                (namespace, key),
             ).fetchone()
-            return None if row is None else self._evaluation(row)
+            return None if row is None else self._record(row)
 
-        return await self._run("read an evaluation", read)
+        return await self._run("read a plugin record", read)
 
-    async def list_evaluations(
-        self, *, finished: bool | None = None, batch_id: str | None = None
-    ) -> list[StoredEvaluation]:
-        """Evaluations, oldest first, filtered by ``finished`` and ``batch_id``."""
-        where, args = [], []
-        if finished is not None:
-            where.append("finished = ?")
-            args.append(int(finished))
-        if batch_id is not None:
-            where.append("batch_id = ?")
-            args.append(batch_id)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+    async def list_records(
+        self,
+        namespace: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        updated_before: float | None = None,
+    ) -> list[PluginRecord]:
+        """A namespace's records, oldest first, filtered by labels and age."""
+        where, args = ["namespace = ?"], [namespace]
+        for name, value in sorted((labels or {}).items()):
+            if not re.match(RECORD_NAME, name):
+                raise ValidationError(f"labels: {name!r} is not a label name", field="labels")
+            where.append("json_extract(labels, ?) = ?")
+            args.extend([f'$."{name}"', value])
+        if updated_before is not None:
+            where.append("updated_at < ?")
+            args.append(updated_before)
 
-        def read(conn: sqlite3.Connection) -> list[StoredEvaluation]:
+        def read(conn: sqlite3.Connection) -> list[PluginRecord]:
             rows = conn.execute(
-                "SELECT id, batch_id, state, finished, created_at, updated_at, body"
-                f" FROM evaluations{clause} ORDER BY created_at, rowid",
+                f"SELECT {_RECORD_COLUMNS} FROM plugin_records"
+                f" WHERE {' AND '.join(where)} ORDER BY created_at, rowid",
                 args,
             ).fetchall()
-            return [self._evaluation(row) for row in rows]
+            return [self._record(row) for row in rows]
 
-        return await self._run("list evaluations", read)
+        return await self._run("list plugin records", read)
 
-    async def delete_evaluation(self, evaluation_id: str) -> None:
-        """Remove the record; an unknown id is not an error."""
+    async def delete_record(self, namespace: str, key: str) -> None:
+        """Remove the record; an unknown one is not an error."""
 
         def write(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
-                conn.execute("DELETE FROM evaluations WHERE id = ?", (evaluation_id,))
+                conn.execute(
+                    "DELETE FROM plugin_records WHERE namespace = ? AND key = ?",
+                    (namespace, key),
+                )
 
-        await self._run("delete an evaluation", write)
+        await self._run("delete a plugin record", write)
 
 
 @hookimpl

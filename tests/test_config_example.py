@@ -13,16 +13,24 @@ import pytest
 
 from dockyard.api.cli import main
 from dockyard.core.config import Settings, load_settings
-from dockyard.core.config_example import MEANINGS, defaults, example_toml
+from dockyard.core.config_example import MEANINGS, defaults, example_toml, plugin_tables
+from dockyard.core.plugins import build_plugin_manager
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "contrib" / "dockyard.toml.example"
 SETTING_LINE = re.compile(r"^(#\s*)?([a-z_][a-z0-9_]*)\s*=", re.M)
-FIELDS = [f.name for f in msgspec.structs.fields(Settings)]
+#: The settings; deprecated aliases (default UNSET, the old eval_* names) are left out.
+FIELDS = [f.name for f in msgspec.structs.fields(Settings) if f.default is not msgspec.UNSET]
+
+
+def settings_part(text: str) -> str:
+    """The file up to the plugin tables (each commented out, with its own option lines)."""
+    return text.split("\n# [plugins.sqlite]\n")[0]
 
 
 def test_the_file_is_what_the_model_generates() -> None:
-    assert EXAMPLE.read_text() == example_toml(), (
+    pm = build_plugin_manager()
+    assert EXAMPLE.read_text() == example_toml(plugin_tables(pm.list_name_plugin())), (
         "contrib/dockyard.toml.example is stale: "
         "dockyard config example > contrib/dockyard.toml.example"
     )
@@ -30,7 +38,7 @@ def test_the_file_is_what_the_model_generates() -> None:
 
 def test_every_setting_once_and_nothing_else() -> None:
     text = EXAMPLE.read_text()
-    named = [m.group(2) for m in SETTING_LINE.finditer(text) if m.group(2) != "busy_timeout_s"]
+    named = [m.group(2) for m in SETTING_LINE.finditer(settings_part(text))]
     assert sorted(named) == sorted(name for name in FIELDS if name != "plugins")
     assert "\n# [plugins.sqlite]\n" in text
     assert set(MEANINGS) == set(FIELDS), "MEANINGS and the Settings fields differ"
@@ -39,7 +47,7 @@ def test_every_setting_once_and_nothing_else() -> None:
 def test_each_value_is_its_default_and_each_unset_one_is_unset() -> None:
     text = EXAMPLE.read_text()
     written = tomllib.loads(text)
-    commented = {m.group(2) for m in SETTING_LINE.finditer(text) if m.group(1)}
+    commented = {m.group(2) for m in SETTING_LINE.finditer(settings_part(text)) if m.group(1)}
     for name, default in defaults().items():
         if name == "plugins":
             continue
@@ -72,3 +80,12 @@ def test_a_setting_without_a_meaning_is_refused(monkeypatch: pytest.MonkeyPatch)
 def test_the_command_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "example"]) == 0
     assert capsys.readouterr().out == EXAMPLE.read_text()
+
+
+def test_the_evaluation_plugins_table_lists_each_option_with_its_default() -> None:
+    from dockyard.plugins.evaluation import EvaluationConfig
+
+    table = EXAMPLE.read_text().split("\n# [plugins.evaluation]\n")[1]
+    options = (m.group(0)[2:] for m in re.finditer(r"^# [a-z_]+ = .*$", table, re.M))
+    shown = tomllib.loads("\n".join(options))
+    assert shown == msgspec.to_builtins(EvaluationConfig())

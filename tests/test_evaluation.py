@@ -25,8 +25,7 @@ from dockyard.core.errors import Conflict
 from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
-from dockyard.core.store import StoredEvaluation
-from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService
+from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService, records
 from tests.fakes import FakeRuntime, FakeSource
 
 #: The auth engineer's test token and settings, when the suite has them.
@@ -734,13 +733,8 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         first._clean_up_protected = _no_cleanup  # type: ignore[method-assign]
         with contextlib.suppress(BaseException):
             await run.task
-        await first.services.store.save_evaluation(
-            StoredEvaluation(
-                id=evaluation.id,
-                state="running",
-                created_at=evaluation.created_at,
-                body=msgspec.to_builtins(msgspec.structs.replace(evaluation, state="running")),
-            )
+        await records.save(
+            first.services.store, msgspec.structs.replace(evaluation, state="running")
         )
         await runtime.run(
             ContainerSpec(

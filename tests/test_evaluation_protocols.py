@@ -205,11 +205,12 @@ def test_the_defaults_are_the_validators(tmp_path: Any) -> None:
     from dockyard.client.models import Evaluation as EvaluationView
     from dockyard.core.config import Settings
     from dockyard.plugins.evaluation.models import EvaluationOptions
+    from dockyard.plugins.evaluation.options import EvaluationConfig
 
     assert EvaluationOptions().protocol == "step" and EvaluationOptions().path_fallback is False
     assert EvaluationOptions().tools is None and EvaluationOptions().include_reasoning is False
     assert ValidatorIntegration("http://127.0.0.1:1").protocol == "step"
     assert EvaluationView(id="ev-1", state="queued").protocol == "step"
-    settings = Settings(data_dir=str(tmp_path))
-    assert (settings.eval_request_timeout_s, settings.eval_task_timeout_s) == (25.0, 180.0)
-    assert (settings.eval_max_steps, settings.eval_tasks_per_agent) == (12, 5)
+    config = EvaluationConfig.from_settings(Settings(data_dir=str(tmp_path)))
+    assert (config.request_timeout_s, config.task_timeout_s) == (25.0, 180.0)
+    assert (config.max_steps, config.tasks_per_agent) == (12, 5)

@@ -37,8 +37,24 @@ from dockyard.core.models import DeploymentSpec, HealthCheck
 from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, BuildRequest
 from dockyard.core.services import Services
-from dockyard.core.store import StoredEvaluation
+from dockyard.core.store import PluginRecord
 from tests.fakes import FakeRuntime, FakeSource
+
+
+def stored_evaluation(
+    ev_id: str, finished: bool, at: float, value: dict[str, Any] | None = None
+) -> PluginRecord:
+    """An evaluation as the evaluation plugin stores it (namespace ``evaluation``)."""
+    flag = "true" if finished else "false"
+    return PluginRecord(
+        namespace="evaluation",
+        key=ev_id,
+        value=value or {},
+        labels={"state": "x", "finished": flag},
+        created_at=at,
+        updated_at=at,
+    )
+
 
 REPO = "https://github.com/acme/agent"
 #: The fake clock: twenty days from now, so what is made now is twenty days old.
@@ -125,10 +141,7 @@ async def seed(services: Services) -> dict[str, Any]:
         ("ev-running", False, now),
     ]:
         body = {"image": "localhost/dockyard/eval:1"} if not finished else {}
-        record = StoredEvaluation(
-            id=ev_id, state="x", finished=finished, created_at=at, updated_at=at, body=body
-        )
-        await store.save_evaluation(record)
+        await store.put_record(stored_evaluation(ev_id, finished, at, body))
     # the journal: groups by deployment.
     journal = EventJournal(data / "events.sqlite3")
     for deployment, evaluation, at in [
@@ -181,14 +194,16 @@ async def test_a_pass_removes_exactly_what_retention_says(services: Services) ->
     seeded = await seed(services)
     data = services.settings.data_path
     runtime: FakeRuntime = services.runtime  # type: ignore[assignment]
-    collector = GarbageCollector(services.settings, services.store, runtime, clock=lambda: LATER)
+    collector = GarbageCollector(
+        services.settings, services.store, runtime, pm=services.pm, clock=lambda: LATER
+    )
 
     dry = await collector.collect(dry_run=True)
     assert {(r.kind, r.name) for r in dry.removed} == EXPECTED
     assert all(r.reason == "age" for r in dry.removed)
     assert dry.errors == []
     assert (data / "builds" / "gone").exists()
-    assert await services.store.get_evaluation("ev-old") is not None
+    assert await services.store.get_record("evaluation", "ev-old") is not None
     assert "localhost/dockyard/gone:1" in runtime.images
 
     report = await collector.collect()
@@ -196,7 +211,7 @@ async def test_a_pass_removes_exactly_what_retention_says(services: Services) ->
     assert report.freed_bytes == sum(r.bytes for r in report.removed) > 0
     assert report.errors == []
     # what went
-    assert await services.store.get_evaluation("ev-old") is None
+    assert await services.store.get_record("evaluation", "ev-old") is None
     assert not (data / "builds" / "gone").exists()
     assert not (data / "sources" / repo_key(REPO) / ("1" * 40)).exists()
     assert not (data / "views" / "stale").exists()
@@ -207,7 +222,7 @@ async def test_a_pass_removes_exactly_what_retention_says(services: Services) ->
     assert left == {"app", "gone-new", "eval-x"}
     # what stayed: everything the deployment and the running evaluation use, and the recent
     for ev_id in ("ev-new", "ev-running"):
-        assert await services.store.get_evaluation(ev_id) is not None
+        assert await services.store.get_record("evaluation", ev_id) is not None
     assert (data / "builds" / "app" / "blue.log").exists()
     assert (data / "builds" / "gone-new").exists()
     assert (data / "sources" / repo_key(REPO) / seeded["commit"]).exists()
@@ -232,7 +247,9 @@ async def test_size_retention_removes_the_oldest_unused_first(services: Services
         gc_sources_max_mb=(size - 100) / 1024 / 1024,
         gc_sources_max_age_days=0,
     )
-    collector = GarbageCollector(settings, services.store, None, clock=lambda: LATER)
+    collector = GarbageCollector(
+        settings, services.store, None, pm=services.pm, clock=lambda: LATER
+    )
     report = await collector.collect()
     assert [(r.name, r.reason) for r in report.removed] == [(f"sources/r/{'3' * 40}", "size")]
     assert not old.exists() and mid.exists() and new.exists()
@@ -261,7 +278,9 @@ def test_choose_never_takes_what_is_used_or_too_young() -> None:
 
 async def test_the_schedule_keeps_usage_and_stops(services: Services) -> None:
     await seed(services)
-    collector = GarbageCollector(services.settings, services.store, services.runtime)
+    collector = GarbageCollector(
+        services.settings, services.store, services.runtime, pm=services.pm
+    )
     schedule = GcSchedule(collector, refresh_s=0.05)
     schedule.start()
     deadline = time.monotonic() + 5
@@ -275,13 +294,15 @@ async def test_the_schedule_keeps_usage_and_stops(services: Services) -> None:
     assert kinds["build_logs"].bytes >= 300
     # the interval has not passed: nothing was collected
     assert schedule.last_report is None
-    assert await services.store.get_evaluation("ev-old") is not None
+    assert await services.store.get_record("evaluation", "ev-old") is not None
 
 
 async def test_the_schedule_collects_every_interval(services: Services) -> None:
     await seed(services)
     settings = msgspec_settings(services.settings, gc_interval_s=0.1)
-    collector = GarbageCollector(settings, services.store, services.runtime, clock=lambda: LATER)
+    collector = GarbageCollector(
+        settings, services.store, services.runtime, pm=services.pm, clock=lambda: LATER
+    )
     schedule = GcSchedule(collector, refresh_s=0.05)
     schedule.start()
     deadline = time.monotonic() + 10
@@ -290,7 +311,7 @@ async def test_the_schedule_collects_every_interval(services: Services) -> None:
     await schedule.stop()
     assert schedule.last_report is not None
     assert {(r.kind, r.name) for r in schedule.last_report.removed} == EXPECTED
-    assert await services.store.get_evaluation("ev-old") is None
+    assert await services.store.get_record("evaluation", "ev-old") is None
     assert schedule.usage.kinds["evaluations"].count == 2  # what the pass left
 
 
@@ -332,10 +353,7 @@ def test_the_command_prints_then_removes(
 
     async def record() -> None:
         await store.open()
-        old = StoredEvaluation(
-            id="ev-old", state="done", finished=True, created_at=long_ago, updated_at=long_ago
-        )
-        await store.save_evaluation(old)
+        await store.put_record(stored_evaluation("ev-old", True, long_ago))
         await store.close()
 
     asyncio.run(record())

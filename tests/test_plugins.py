@@ -268,3 +268,104 @@ def test_dockyard_api_handlers_mounts_plugin_routes(api_client_factory: Any) -> 
         response = client.get("/v1/undeclared")
         assert response.status_code == 403
         assert "declares no scope" in response.json()["message"]
+
+
+def test_hooks_are_called_through_pluggy_honouring_tryfirst_trylast_and_wrappers() -> None:
+    calls: list[str] = []
+
+    class Late:
+        @hookimpl(trylast=True)
+        def dockyard_register_sources(self, register: Any) -> None:
+            calls.append("late")
+            register("late-src", "late")
+
+    class Plain:
+        @hookimpl
+        def dockyard_register_sources(self, register: Any) -> None:
+            calls.append("plain")
+            register("plain-src", "plain")
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def dockyard_register_sources(self, register: Any) -> None:
+            calls.append("early")
+            register("early-src", "early")
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def dockyard_register_sources(self, register: Any) -> Any:
+            calls.append("before")
+            register("wrapped-src", "wrapped")
+            result = yield
+            calls.append(f"after {len(register)}")
+            return result
+
+    # Registered in the order least likely to give this result by accident: the trylast
+    # one last (newest first would put it first) and the tryfirst one first.
+    pm = build_plugin_manager(
+        load_entry_points=False,
+        extra_plugins=[
+            ("early", Early()),
+            ("plain", Plain()),
+            ("wrapper", Wrapper()),
+            ("late", Late()),
+        ],
+    )
+    sources = pm.registries.sources
+    assert calls[0] == "before" and calls[-1] == f"after {len(sources)}"
+    ours = [c for c in calls if c in ("early", "plain", "late")]
+    assert ours == ["early", "plain", "late"]
+    assert sources.owner("early-src") == "early" and sources.owner("late-src") == "late"
+    assert sources.get("wrapped-src") == "wrapped"  # the wrapper ran around the others
+
+
+async def test_event_observers_run_in_pluggy_order_and_a_wrapper_sees_them() -> None:
+    seen: list[str] = []
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def dockyard_event(self, event: Event) -> None:
+            seen.append("first")
+
+    class Last:
+        @hookimpl(trylast=True)
+        async def dockyard_event(self, event: Event) -> None:
+            seen.append("last")
+
+    class Broken:
+        @hookimpl
+        def dockyard_event(self, event: Event) -> None:
+            raise RuntimeError("observer bug")
+
+    class Around:
+        @hookimpl(wrapper=True)
+        def dockyard_event(self, event: Event) -> Any:
+            seen.append(f"around {event.kind}")
+            results = yield
+            seen.append(f"{len(results)} results")
+            return results
+
+    pm = build_plugin_manager(
+        load_entry_points=False,
+        extra_plugins=[
+            ("last", Last()),
+            ("broken", Broken()),
+            ("around", Around()),
+            ("first", First()),
+        ],
+    )
+    await emit_event(pm, Event(deployment_id="app", kind="probe"))
+    assert seen[0] == "around probe" and seen[1] == "first"
+    assert seen[-1] == "last"  # awaited after the wrapper saw the results
+    assert "results" in seen[-2]
+
+
+def test_a_failing_registrar_names_its_plugin() -> None:
+    class Faulty:
+        @hookimpl
+        def dockyard_register_routers(self, register: Any) -> None:
+            raise RuntimeError("boom")
+
+    pm = build_plugin_manager(load_entry_points=False, extra_plugins=[("faulty", Faulty())])
+    with pytest.raises(PluginError, match="plugin 'faulty' failed in dockyard_register_routers"):
+        pm.registries  # noqa: B018

@@ -30,6 +30,7 @@ from dockyard.core.policy import (
 )
 from dockyard.core.runtime import ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
+from dockyard.plugins.evaluation.options import EvaluationConfig
 from tests.fakes import FakeRuntime, FakeSource
 
 S = SlotState
@@ -105,7 +106,12 @@ def test_sandbox_settings_come_from_the_environment() -> None:
         environ={"DOCKYARD_EVAL_GATEWAY_VARS": "SANDBOX_GATEWAY_URL=, LLM=/v1"}
     )
     assert settings.eval_gateway_vars == {"SANDBOX_GATEWAY_URL": "", "LLM": "/v1"}
-    assert Settings().eval_gateway_variables() == {
+    assert EvaluationConfig.from_settings(settings).gateway_variables() == {
+        "OPENAI_BASE_URL": "",
+        "SANDBOX_GATEWAY_URL": "",
+        "LLM": "/v1",
+    }
+    assert EvaluationConfig.from_settings(Settings()).gateway_variables() == {
         "SANDBOX_GATEWAY_URL": "",
         "OPENAI_BASE_URL": "/openai/v1",
         "CHUTES_BASE_URL": "/chutes/v1",

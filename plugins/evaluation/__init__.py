@@ -1,16 +1,26 @@
 """The evaluation plugin: evaluate miners' agents from their git code.
 
-It mounts the ``/v1/integration`` routes (``dockyard.api.integration``) through
-``dockyard_api_handlers``; the app's lifespan runs one :class:`EvaluationService` beside
-the deployment controller while this plugin is loaded. Agent protocols come from
-``dockyard_register_protocols`` (``dockyard.plugins.protocols``).
+Built like any third-party plugin, with nothing about it in ``core/`` or ``api/``:
+
+- its HTTP surface (the ``/v1/integration`` routes, :mod:`.routes`), the ``evaluations``
+  dependency they use and a lifespan that runs one :class:`EvaluationService` beside the
+  deployment controller come through ``dockyard_api_plugins``;
+- its evaluations are plugin records in the store (namespace ``evaluation``, :mod:`.records`);
+- its options are ``[plugins.evaluation]`` (:mod:`.options`);
+- its own hook, ``dockyard_register_protocols`` (:mod:`.hookspecs`), is added through
+  ``dockyard_add_hookspecs``; the built-in protocols come from ``dockyard.plugins.protocols``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from litestar.datastructures import State
 
 from dockyard.core.hookspecs import hookimpl
+from dockyard.plugins.evaluation import hookspecs, records
 from dockyard.plugins.evaluation.models import (
     Batch,
     EvaluateBatchRequest,
@@ -19,28 +29,87 @@ from dockyard.plugins.evaluation.models import (
     Miner,
     TaskResult,
 )
+from dockyard.plugins.evaluation.options import PLUGIN_NAME, EvaluationConfig
 from dockyard.plugins.evaluation.service import EVALUATION_LABEL, EvaluationService
+
+if TYPE_CHECKING:
+    from dockyard.api.plugins import ApiRegistrar, PluginContext
+    from dockyard.core.plugins import Registrar
+
+#: The plugin's options model (``[plugins.evaluation]``) and a line per option, for
+#: ``dockyard config example``.
+OPTIONS = EvaluationConfig
+OPTION_MEANINGS = {
+    "max_builds": "Evaluations building at once.",
+    "max_agents": "Evaluated agents running at once.",
+    "request_timeout_s": "Seconds an evaluated agent may take to answer one request.",
+    "task_timeout_s": "Seconds one evaluation task may take.",
+    "tasks_per_agent": "Tasks each evaluated agent gets by default.",
+    "max_steps": "Steps per task by default.",
+    "health_deadline_s": "Seconds an evaluated agent has to become healthy.",
+    "session_ttl_s": "Seconds an idle evaluation session is kept.",
+    "max_lifetime_s": "Seconds an evaluated agent's container may run.",
+    "keep_images": "Keep an evaluation's image for the next evaluation of the same commit.",
+    "gateway_env": "The variable evaluated agents find their gateway in.",
+    "gateway_vars": "The gateway variables of evaluated agents: name -> URL suffix.",
+    "sandbox_image": "The image build_mode image evaluations run when the miner names none.",
+}
 
 __all__ = [
     "EVALUATION_LABEL",
+    "OPTIONS",
+    "OPTION_MEANINGS",
+    "PLUGIN_NAME",
     "Batch",
     "EvaluateBatchRequest",
     "EvaluateMinerRequest",
     "Evaluation",
+    "EvaluationConfig",
     "EvaluationService",
     "Miner",
     "TaskResult",
-    "dockyard_api_handlers",
+    "dockyard_add_hookspecs",
+    "dockyard_api_plugins",
+    "dockyard_register_gc_kinds",
 ]
-
-#: The name this plugin registers under (``DOCKYARD_DISABLE_PLUGINS=evaluation`` removes
-#: the routes and the service).
-PLUGIN_NAME = "evaluation"
 
 
 @hookimpl
-def dockyard_api_handlers(register: Any) -> None:
-    """Mount the validator integration routes."""
-    from dockyard.api.integration import IntegrationRoutes
+def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
+    """Finished evaluations' records are pruned by garbage collection (``evaluations``)."""
+    register("evaluations", records.gc_kind)
 
-    register("integration", IntegrationRoutes)
+
+@hookimpl
+def dockyard_add_hookspecs(add: Callable[[object], None]) -> None:
+    """Add ``dockyard_register_protocols``, this plugin's own hook."""
+    add(hookspecs)
+
+
+def _evaluations(state: State) -> EvaluationService:
+    return state.evaluations  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def _serve(context: PluginContext) -> AsyncIterator[None]:
+    """Run the evaluation service while the app serves: started after the controller's
+    resume (it ends what a restart cut short), stopped before the controller stops
+    (cancelling and cleaning up running evaluations)."""
+    service = EvaluationService(context.controller)
+    context.app.state.evaluations = service
+    try:
+        await service.start()
+        yield
+    finally:
+        await service.stop()
+
+
+@hookimpl
+def dockyard_api_plugins(register: ApiRegistrar) -> None:
+    """Mount the validator integration routes with their service."""
+    from dockyard.plugins.evaluation.routes import IntegrationRoutes
+
+    EvaluationConfig.from_settings(register.settings)  # a bad option fails at startup
+    register.route(IntegrationRoutes)
+    register.dependency("evaluations", _evaluations)
+    register.lifespan(_serve)

@@ -2,8 +2,8 @@
 (or hand the validator a session), record every answer, and always clean up.
 
 One :class:`EvaluationService` per dockyard process, started and stopped by the app's
-lifespan after the deployment controller. Admission control: at most ``eval_max_agents``
-evaluations hold a running agent, at most ``eval_max_builds`` build-mode ones deploy (fetch,
+lifespan after the deployment controller. Admission control: at most ``max_agents``
+evaluations hold a running agent, at most ``max_builds`` build-mode ones deploy (fetch,
 build, start, probe) at once (image-mode ones need no build and are not held back), a batch
 at most its ``concurrency``; the rest wait in one FIFO queue whose
 positions are visible. Every evaluation is stored at each change; on start, unfinished ones
@@ -39,10 +39,9 @@ from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState, now
 from dockyard.core.plugins import check_spec
 from dockyard.core.runtime import LABEL_DEPLOYMENT
-from dockyard.core.store import StoredEvaluation
+from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.events import announce
 from dockyard.plugins.evaluation.models import (
-    FINAL_STATES,
     Batch,
     BatchProgress,
     EvaluateBatchRequest,
@@ -55,6 +54,7 @@ from dockyard.plugins.evaluation.models import (
     Session,
     TaskResult,
 )
+from dockyard.plugins.evaluation.options import EvaluationConfig
 from dockyard.plugins.protocols import AgentEndpoint, AgentError, AgentProtocol, task_id_of
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class EvaluationService:
         self.controller = controller
         self.services = controller.services
         self.settings = controller.services.settings
+        self.config = EvaluationConfig.from_settings(self.settings)
         self.protocols: dict[str, AgentProtocol] = {
             name: factory(self.settings)
             for name, factory in self.services.pm.registries.protocols.items()
@@ -177,7 +178,7 @@ class EvaluationService:
         self._runs: dict[str, Run] = {}
         self._queue: list[str] = []
         self._admitted: set[str] = set()
-        self._builds = asyncio.Semaphore(self.settings.eval_max_builds)
+        self._builds = asyncio.Semaphore(self.config.max_builds)
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
 
@@ -208,14 +209,14 @@ class EvaluationService:
         """Unfinished stored evaluations end ``failed`` with ``controller_restarted``; every
         deployment, container and lease labelled as an evaluation's is removed."""
         store = self.services.store
-        for record in await store.list_evaluations(finished=False):
-            if record.id in self._runs:
+        for record in await records.list_stored(store, finished=False):
+            if record.key in self._runs:
                 continue
             try:
-                evaluation = msgspec.convert(record.body, Evaluation)
+                evaluation = msgspec.convert(record.value, Evaluation)
             except msgspec.ValidationError:
-                log.warning("stored evaluation %s cannot be read; dropping it", record.id)
-                await store.delete_evaluation(record.id)
+                log.warning("stored evaluation %s cannot be read; dropping it", record.key)
+                await records.delete(store, record.key)
                 continue
             await self._remove_deployment(evaluation.deployment_id)
             evaluation.state = "failed"
@@ -254,9 +255,7 @@ class EvaluationService:
 
     async def submit_batch(self, request: EvaluateBatchRequest) -> Batch:
         """Queue one evaluation per miner, run at most ``concurrency`` at once."""
-        concurrency = min(
-            request.concurrency or self.settings.eval_max_agents, self.settings.eval_max_agents
-        )
+        concurrency = min(request.concurrency or self.config.max_agents, self.config.max_agents)
         batch_id = new_id(BATCH_PREFIX)
         runs = [self._new(m, request, batch_id, concurrency) for m in request.miners]
         for run in runs:
@@ -294,19 +293,19 @@ class EvaluationService:
                 f"env: {', '.join(bad)}: keys and secrets are never passed to agents "
                 "(agents reach LLMs through the operator's gateway)"
             )
-        if miner.build_mode == "image" and not (miner.image or self.settings.eval_sandbox_image):
+        if miner.build_mode == "image" and not (miner.image or self.config.sandbox_image):
             raise Unprocessable("miner.image: required when build_mode is 'image'")
-        s, t = self.settings, options.timeouts
+        s, t = self.config, options.timeouts
         limits = Limits(
-            request_s=t.request_s or s.eval_request_timeout_s,
-            task_s=t.task_s or s.eval_task_timeout_s,
-            health_s=t.health_s or s.eval_health_deadline_s,
+            request_s=t.request_s or s.request_timeout_s,
+            task_s=t.task_s or s.task_timeout_s,
+            health_s=t.health_s or s.health_deadline_s,
             health_interval_s=t.health_interval_s,
-            session_ttl_s=t.session_ttl_s or s.eval_session_ttl_s,
-            lifetime_s=s.eval_max_lifetime_s,
-            max_parallel_tasks=options.max_parallel_tasks or s.eval_tasks_per_agent,
-            max_steps=options.max_steps or s.eval_max_steps,
-            keep_image=s.eval_keep_images if options.keep_image is None else options.keep_image,
+            session_ttl_s=t.session_ttl_s or s.session_ttl_s,
+            lifetime_s=s.max_lifetime_s,
+            max_parallel_tasks=options.max_parallel_tasks or s.tasks_per_agent,
+            max_steps=options.max_steps or s.max_steps,
+            keep_image=s.keep_images if options.keep_image is None else options.keep_image,
         )
         evaluation_id = new_id(EVALUATION_PREFIX)
         evaluation = Evaluation(
@@ -376,7 +375,7 @@ class EvaluationService:
         its concurrency lets later ones pass; then renumber the queue."""
         if not self._stopping:
             for evaluation_id in list(self._queue):
-                if len(self._admitted) >= self.settings.eval_max_agents:
+                if len(self._admitted) >= self.config.max_agents:
                     break
                 run = self._runs[evaluation_id]
                 evaluation = run.evaluation
@@ -439,7 +438,7 @@ class EvaluationService:
         await self._save(run)
         spec = self._spec(run)
         # Only a build needs a build slot: image-mode agents start in parallel (up to
-        # eval_max_agents, the admission limit), while builds stay capped.
+        # max_agents, the admission limit), while builds stay capped.
         gate = self._builds if spec.build_mode == "dockerfile" else contextlib.nullcontext()
         async with gate:
             try:
@@ -482,7 +481,7 @@ class EvaluationService:
         evaluation = run.evaluation
         miner = evaluation.miner
         env = {**run.env, **self.sandbox_env(miner)}
-        gateway_vars = self.settings.eval_gateway_variables()
+        gateway_vars = self.config.gateway_variables()
         gateway = (self.settings.agent_gateway or "").strip()
         if gateway:
             # The gateway as the host sees it; a runtime that enforces the network policy
@@ -499,7 +498,7 @@ class EvaluationService:
             build_mode=miner.build_mode,
             dockerfile=miner.dockerfile,
             image=miner.image
-            or (self.settings.eval_sandbox_image if miner.build_mode == "image" else None),
+            or (self.config.sandbox_image if miner.build_mode == "image" else None),
             command=list(miner.command),
             env=env,
             container_port=miner.container_port,
@@ -769,17 +768,7 @@ class EvaluationService:
 
     async def _store(self, evaluation: Evaluation) -> None:
         evaluation.updated_at = now()
-        await self.services.store.save_evaluation(
-            StoredEvaluation(
-                id=evaluation.id,
-                state=evaluation.state,
-                finished=evaluation.state in FINAL_STATES,
-                batch_id=evaluation.batch_id,
-                created_at=evaluation.created_at,
-                updated_at=evaluation.updated_at,
-                body=msgspec.to_builtins(evaluation),
-            )
-        )
+        await records.save(self.services.store, evaluation)
         await announce(self.services.pm, evaluation)
 
     # -- queries and commands ------------------------------------------------------------
@@ -787,16 +776,16 @@ class EvaluationService:
         run = self._runs.get(evaluation_id)
         if run is not None:
             return run.evaluation
-        record = await self.services.store.get_evaluation(evaluation_id)
+        record = await records.load(self.services.store, evaluation_id)
         if record is None:
             raise NotFound(f"evaluation {evaluation_id!r} does not exist")
-        return msgspec.convert(record.body, Evaluation)
+        return msgspec.convert(record.value, Evaluation)
 
     async def batch(self, batch_id: str) -> Batch:
-        records = await self.services.store.list_evaluations(batch_id=batch_id)
-        if not records:
+        members = await records.list_stored(self.services.store, batch_id=batch_id)
+        if not members:
             raise NotFound(f"batch {batch_id!r} does not exist")
-        evaluations = [await self.get(record.id) for record in records]
+        evaluations = [await self.get(record.key) for record in members]
         progress = BatchProgress(
             total=len(evaluations),
             finished=sum(e.final for e in evaluations),
@@ -816,9 +805,9 @@ class EvaluationService:
         """Active ones first (in queue order), then the stored ones, newest first."""
         out = [run.evaluation for run in self._runs.values()]
         seen = {e.id for e in out}
-        for record in reversed(await self.services.store.list_evaluations()):
-            if record.id not in seen:
-                out.append(msgspec.convert(record.body, Evaluation))
+        for record in reversed(await records.list_stored(self.services.store)):
+            if record.key not in seen:
+                out.append(msgspec.convert(record.value, Evaluation))
         if state is not None:
             out = [e for e in out if e.state == state]
         return out[:limit]

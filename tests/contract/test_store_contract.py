@@ -17,7 +17,11 @@ Conventions the suite pins beyond the ABC's signatures:
   state machine does not connect, a move to FAILED without a reason, and a write whose
   ``event.from_state`` is not the stored state (the caller's read is stale); a same-state
   save is a field update; an event of another deployment or another ``to_state`` than the
-  slot's is refused too.
+  slot's is refused too;
+- plugin records (``put_record``/``get_record``/``list_records``/``delete_record``) are
+  kept per namespace, listed oldest first by ``created_at``, filtered by exact label values
+  and ``updated_before``; a replacement keeps ``created_at``; a namespace or key that does
+  not match :class:`~dockyard.core.store.PluginRecord` is a ValidationError.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dockyard.core.errors import (
     IllegalTransition,
     NotFound,
     PortPoolExhausted,
+    ValidationError,
 )
 from dockyard.core.models import (
     Color,
@@ -48,7 +53,7 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.states import TRANSITIONS, transition
-from dockyard.core.store import StateStore, StatusFilter, StatusPage, StoredEvaluation
+from dockyard.core.store import PluginRecord, StateStore, StatusFilter, StatusPage
 from dockyard.plugins.sqlite_store import SqliteStore
 
 S = SlotState
@@ -711,60 +716,98 @@ async def test_two_handles_on_one_store_never_double_lease(make_store: MakeStore
         await two.lease_port("late")
 
 
-# ---------------------------------------------------------------- evaluations
-def evaluation(evaluation_id: str, **fields: Any) -> StoredEvaluation:
-    values: dict[str, Any] = {"state": "queued", "body": {"id": evaluation_id, "tasks": [1, 2]}}
+# ---------------------------------------------------------------- plugin records
+def record(key: str, namespace: str = "flow", **fields: Any) -> PluginRecord:
+    values: dict[str, Any] = {"labels": {"state": "queued"}, "value": {"id": key, "tasks": [1, 2]}}
     values.update(fields)
-    return StoredEvaluation(id=evaluation_id, **values)
+    return PluginRecord(namespace=namespace, key=key, **values)
 
 
-async def test_evaluations_are_saved_replaced_and_read_back(store: StateStore) -> None:
-    assert await store.get_evaluation("ev-1") is None
-    first = await store.save_evaluation(evaluation("ev-1", created_at=100.0, updated_at=100.0))
-    assert await store.get_evaluation("ev-1") == first
-    later = evaluation(
+async def test_plugin_records_are_saved_replaced_and_read_back(store: StateStore) -> None:
+    assert await store.get_record("flow", "ev-1") is None
+    first = await store.put_record(record("ev-1", created_at=100.0, updated_at=100.0))
+    assert await store.get_record("flow", "ev-1") == first
+    later = record(
         "ev-1",
-        state="finished",
-        finished=True,
+        labels={"state": "finished", "finished": "true"},
         created_at=999.0,
         updated_at=200.0,
-        body={"id": "ev-1", "nested": {"results": [{"task_id": "t", "ok": True}]}},
+        value={"id": "ev-1", "nested": {"results": [{"task_id": "t", "ok": True}]}},
     )
-    saved = await store.save_evaluation(later)
+    saved = await store.put_record(later)
     assert saved.created_at == 100.0  # a replacement keeps when it was created
-    got = await store.get_evaluation("ev-1")
+    got = await store.get_record("flow", "ev-1")
     assert got == saved
-    assert got is not None and got.body["nested"]["results"][0]["ok"] is True
+    assert got is not None and got.value["nested"]["results"][0]["ok"] is True
+    assert got.labels == {"state": "finished", "finished": "true"}
 
 
-async def test_evaluations_are_listed_oldest_first_and_filtered(store: StateStore) -> None:
-    await store.save_evaluation(evaluation("c", created_at=3.0))
-    await store.save_evaluation(evaluation("a", created_at=1.0, batch_id="b1"))
-    await store.save_evaluation(
-        evaluation("b", created_at=2.0, batch_id="b1", state="failed", finished=True)
+async def test_plugin_records_are_listed_oldest_first_and_filtered_by_labels(
+    store: StateStore,
+) -> None:
+    await store.put_record(record("c", created_at=3.0, labels={"finished": "false"}))
+    await store.put_record(
+        record("a", created_at=1.0, labels={"finished": "false", "batch_id": "b1"})
     )
-    assert [e.id for e in await store.list_evaluations()] == ["a", "b", "c"]
-    assert [e.id for e in await store.list_evaluations(finished=False)] == ["a", "c"]
-    assert [e.id for e in await store.list_evaluations(finished=True)] == ["b"]
-    assert [e.id for e in await store.list_evaluations(batch_id="b1")] == ["a", "b"]
-    assert [e.id for e in await store.list_evaluations(batch_id="b1", finished=False)] == ["a"]
+    await store.put_record(
+        record("b", created_at=2.0, labels={"finished": "true", "batch_id": "b1"})
+    )
+
+    async def keys(**labels: str) -> list[str]:
+        return [r.key for r in await store.list_records("flow", labels=labels)]
+
+    assert await keys() == ["a", "b", "c"]
+    assert await keys(finished="false") == ["a", "c"]
+    assert await keys(finished="true") == ["b"]
+    assert await keys(batch_id="b1") == ["a", "b"]
+    assert await keys(batch_id="b1", finished="false") == ["a"]
+    assert await keys(batch_id="nope") == []
 
 
-async def test_evaluations_outlive_deployments_and_are_deleted_alone(store: StateStore) -> None:
+async def test_plugin_records_are_filtered_by_age(store: StateStore) -> None:
+    await store.put_record(record("old", created_at=1.0, updated_at=10.0))
+    await store.put_record(record("new", created_at=2.0, updated_at=20.0))
+    older = await store.list_records("flow", updated_before=15.0)
+    assert [r.key for r in older] == ["old"]
+    assert await store.list_records("flow", updated_before=5.0) == []
+
+
+async def test_plugin_records_are_kept_apart_by_namespace(store: StateStore) -> None:
+    await store.put_record(record("k", namespace="one", value={"who": "one"}))
+    await store.put_record(record("k", namespace="two", value={"who": "two"}))
+    one, two = await store.get_record("one", "k"), await store.get_record("two", "k")
+    assert one is not None and one.value == {"who": "one"}
+    assert two is not None and two.value == {"who": "two"}
+    await store.delete_record("one", "k")
+    assert await store.get_record("one", "k") is None
+    assert [r.namespace for r in await store.list_records("two")] == ["two"]
+
+
+async def test_a_plugin_record_with_a_bad_namespace_or_key_is_refused(store: StateStore) -> None:
+    with pytest.raises(ValidationError, match="namespace"):
+        await store.put_record(record("k", namespace="bad space"))
+    with pytest.raises(ValidationError, match="key"):
+        await store.put_record(record(""))
+    assert await store.list_records("bad space") == []
+
+
+async def test_plugin_records_outlive_deployments_and_are_deleted_alone(
+    store: StateStore,
+) -> None:
     await store.create_deployment(spec("ev-1"))
-    await store.save_evaluation(evaluation("ev-1"))
+    await store.put_record(record("ev-1"))
     await store.delete_deployment("ev-1")
-    assert await store.get_evaluation("ev-1") is not None
-    await store.delete_evaluation("ev-1")
-    await store.delete_evaluation("ev-1")  # unknown: not an error
-    assert await store.get_evaluation("ev-1") is None
-    assert await store.list_evaluations() == []
+    assert await store.get_record("flow", "ev-1") is not None
+    await store.delete_record("flow", "ev-1")
+    await store.delete_record("flow", "ev-1")  # unknown: not an error
+    assert await store.get_record("flow", "ev-1") is None
+    assert await store.list_records("flow") == []
 
 
-async def test_evaluations_are_shared_between_stores_on_one_directory(
+async def test_plugin_records_are_shared_between_stores_on_one_directory(
     make_store: MakeStore,
 ) -> None:
     first, second = await make_store(), await make_store()
-    await first.save_evaluation(evaluation("ev-9", state="running"))
-    got = await second.get_evaluation("ev-9")
-    assert got is not None and got.state == "running" and got.finished is False
+    await first.put_record(record("ev-9", labels={"state": "running"}))
+    got = await second.get_record("flow", "ev-9")
+    assert got is not None and got.labels == {"state": "running"}

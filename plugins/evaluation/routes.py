@@ -1,6 +1,7 @@
 """The validator integration routes: evaluate miners from their git code.
 
-Mounted by the evaluation plugin (``dockyard.plugins.evaluation``); every route needs the
+Mounted by the evaluation plugin through ``dockyard_api_plugins`` (its ``__init__``), with the
+``evaluations`` dependency (the plugin's :class:`EvaluationService`); every route needs the
 ``evaluate`` scope. Evaluations are asynchronous: a POST answers 202 with the evaluation
 (or batch) and its id; ``GET /v1/integration/evaluation/{id}`` shows its progress and
 per-task results as they come.

@@ -1,0 +1,116 @@
+"""An out-of-tree dockyard plugin, built the way the evaluation plugin is.
+
+The test suite pip-installs it (``tests/test_plugin_parts.py``) and finds it through its
+entry point in the group ``dockyard``. It brings, through ``dockyard_api_plugins``:
+
+- routes: ``POST /v1/testplugin/notes`` keeps a note as a plugin record (namespace
+  ``testplugin``), ``GET /v1/testplugin/notes`` lists them, ``GET /v1/testplugin/greet``
+  calls its own hook, ``GET /v1/testplugin/ticks`` reads its lifespan task's count;
+- a lifespan task that counts ticks while the app serves and, when it stops, stores a
+  ``lifespan`` record saying how many ticks it saw;
+- its own hookspec, ``testplugin_greetings`` (added by ``dockyard_add_hookspecs``), which
+  it implements itself and other plugins may too. Its option ``tick_s`` is read from
+  ``[plugins.testplugin]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from litestar import get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, QueryParameter
+
+from dockyard.api.plugins import ApiRegistrar, PluginContext
+from dockyard.core.hookspecs import hookimpl
+from dockyard.core.services import Services
+from dockyard.core.store import PluginRecord
+from dockyard_testplugin import hookspecs
+
+NAMESPACE = "testplugin"
+
+
+class Ticker:
+    """The lifespan's task: counts ticks until the app stops."""
+
+    def __init__(self, tick_s: float) -> None:
+        self.tick_s = tick_s
+        self.ticks = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(self.tick_s)
+
+
+@hookimpl
+def dockyard_add_hookspecs(add: Callable[[object], None]) -> None:
+    add(hookspecs)
+
+
+@hookimpl
+def testplugin_greetings(name: str) -> str:
+    return f"hello {name} from the test plugin"
+
+
+@post("/v1/testplugin/notes", operation_id="testpluginAddNote", opt={"scope": "deploy"})
+async def add_note(
+    data: JSONBody[dict[str, Any]], services: NamedDependency[Services]
+) -> dict[str, Any]:
+    key = str(data["key"])
+    stored = await services.store.put_record(
+        PluginRecord(namespace=NAMESPACE, key=key, value=data, labels={"kind": "note"})
+    )
+    return {"key": stored.key, "created_at": stored.created_at}
+
+
+@get("/v1/testplugin/notes", operation_id="testpluginNotes", opt={"scope": "read"})
+async def list_notes(services: NamedDependency[Services]) -> list[dict[str, Any]]:
+    notes = await services.store.list_records(NAMESPACE, labels={"kind": "note"})
+    return [note.value for note in notes]
+
+
+@get("/v1/testplugin/greet", operation_id="testpluginGreet", opt={"scope": "read"})
+async def greet(
+    name: Annotated[str, QueryParameter()], services: NamedDependency[Services]
+) -> list[str]:
+    return sorted(services.pm.hook.testplugin_greetings(name=name))
+
+
+@get("/v1/testplugin/ticks", operation_id="testpluginTicks", opt={"scope": "read"})
+async def ticks(ticker: NamedDependency[Ticker]) -> dict[str, Any]:
+    running = ticker.task is not None and not ticker.task.done()
+    return {"ticks": ticker.ticks, "running": running}
+
+
+def _ticker(state: State) -> Ticker:
+    return state.testplugin_ticker  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(context: PluginContext) -> AsyncIterator[None]:
+    tick_s = float(context.settings.plugin_options(NAMESPACE).get("tick_s", 0.01))
+    ticker = context.app.state.testplugin_ticker = Ticker(tick_s)
+    ticker.task = asyncio.create_task(ticker.run())
+    try:
+        yield
+    finally:
+        ticker.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker.task
+        await context.services.store.put_record(
+            PluginRecord(namespace=NAMESPACE, key="lifespan", value={"ticks": ticker.ticks})
+        )
+
+
+@hookimpl
+def dockyard_api_plugins(register: ApiRegistrar) -> None:
+    for handler in (add_note, list_notes, greet, ticks):
+        register.route(handler)
+    register.dependency("ticker", _ticker)
+    register.lifespan(_lifespan)

@@ -1,0 +1,428 @@
+"""Plugins that own their parts: an out-of-tree plugin (``tests/plugins/dockyard_testplugin``),
+pip-installed and found through its entry point, brings a route, a lifespan task, its own
+records and its own hookspec; the evaluation plugin is built the same way, so ``core/`` and
+``api/`` import nothing of it; evaluations stored by the previous schema survive the
+migration to plugin records; deprecated ``eval_*`` settings still work."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from dockyard.core import hookimpl
+from dockyard.core.config import Settings, load_settings
+from dockyard.core.errors import PluginError
+from dockyard.core.hookspecs import hookspec
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.plugins.evaluation import records
+from dockyard.plugins.evaluation.models import Evaluation, Limits, Miner
+from dockyard.plugins.evaluation.options import EvaluationConfig
+from dockyard.plugins.sqlite_store import DB_FILENAME, MIGRATIONS, SqliteStore
+from tests.conftest import AUTH, ROOT, TEST_SETTINGS
+
+TEST_PLUGIN = ROOT / "tests" / "plugins" / "dockyard_testplugin"
+
+
+@pytest.fixture(scope="module")
+def testplugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test plugin pip-installed (with its entry point) into a private directory."""
+    target = tmp_path_factory.mktemp("testplugin-site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(TEST_PLUGIN),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
+@pytest.fixture
+def testplugin(testplugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The installed test plugin on ``sys.path`` for one test, then gone again."""
+    monkeypatch.syspath_prepend(str(testplugin_site))
+    monkeypatch.delenv("DOCKYARD_DISABLE_PLUGINS", raising=False)
+    yield testplugin_site
+    for name in [m for m in sys.modules if m.split(".")[0] == "dockyard_testplugin"]:
+        del sys.modules[name]
+
+
+class OtherGreeter:
+    """A second plugin implementing the test plugin's own hook."""
+
+    @hookimpl
+    def testplugin_greetings(self, name: str) -> str:
+        return f"hi {name} from another plugin"
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, example_plugin_module: Any, *extra: tuple[str, object]) -> Any:
+    from litestar.testing import TestClient
+
+    from dockyard.api.app import create_app
+    from dockyard.core.services import Services
+
+    cfg = Settings(
+        data_dir=str(tmp_path / "data"),
+        runtime="example",
+        plugins={"testplugin": {"tick_s": 0.01}},
+        **TEST_SETTINGS,
+    )
+    pm = build_plugin_manager(extra_plugins=list(extra))
+    services = Services.build(cfg, pm, runtime=example_plugin_module.ExampleRuntime(cfg))
+    with TestClient(create_app(cfg, services=services)) as client:
+        client.headers.update(AUTH)
+        yield client
+
+
+def test_the_out_of_tree_plugin_is_found_through_its_entry_point(testplugin: Path) -> None:
+    pm = build_plugin_manager()
+    assert pm.has_plugin("testplugin")
+    assert next(p for p in pm.describe() if p["name"] == "testplugin")["version"] == "0.1.0"
+    # Its own hookspec exists only because it added it.
+    assert pm.hook.testplugin_greetings.spec is not None
+    assert pm.hook.testplugin_greetings(name="x") == ["hello x from the test plugin"]
+
+
+def test_without_the_plugin_its_hookspec_is_absent_and_implementing_it_fails(
+    testplugin: Path,
+) -> None:
+    pm = build_plugin_manager(disable=["testplugin"])
+    assert not pm.has_plugin("testplugin")
+    with pytest.raises(PluginError, match=r"other.*testplugin_greetings"):
+        build_plugin_manager(disable=["testplugin"], extra_plugins=[("other", OtherGreeter())])
+
+
+def test_the_plugin_brings_routes_records_hookspec_and_a_lifespan_task(
+    testplugin: Path, tmp_path: Path, example_plugin_module: Any
+) -> None:
+    with serving(tmp_path, example_plugin_module, ("other", OtherGreeter())) as client:
+        # its route, storing its own records
+        for key in ("b", "a"):
+            response = client.post("/v1/testplugin/notes", json={"key": key, "text": key * 3})
+            assert response.status_code == 201, response.text
+        assert client.get("/v1/testplugin/notes").json() == [
+            {"key": "b", "text": "bbb"},
+            {"key": "a", "text": "aaa"},
+        ]
+        # its own hook, implemented by itself and by another plugin
+        assert client.get("/v1/testplugin/greet", params={"name": "ada"}).json() == [
+            "hello ada from the test plugin",
+            "hi ada from another plugin",
+        ]
+        # its lifespan task runs while the app serves
+        for _ in range(200):
+            state = client.get("/v1/testplugin/ticks").json()
+            if state["ticks"] >= 3:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert state["running"] is True and state["ticks"] >= 3
+        # the routes are in the schema like the built-ins'
+        paths = client.get("/docs/openapi.json").json()["paths"]
+        assert "/v1/testplugin/notes" in paths
+
+    async def stored() -> tuple[Any, list[Any]]:
+        store = SqliteStore(tmp_path / "data" / DB_FILENAME)
+        await store.open()
+        try:
+            lifespan = await store.get_record("testplugin", "lifespan")
+            return lifespan, await store.list_records("testplugin", labels={"kind": "note"})
+        finally:
+            await store.close()
+
+    lifespan, notes = asyncio.run(stored())
+    # the lifespan's exit ran (after the task stopped) and its records outlive the app
+    assert lifespan is not None and lifespan.value["ticks"] >= 3
+    assert [note.key for note in notes] == ["b", "a"]
+
+
+class GreetingSpecs:
+    """An in-process plugin's own hookspec."""
+
+    @staticmethod
+    @hookspec
+    def greeting_for(name: str) -> str:
+        """Greet ``name``."""
+
+
+class Definer:
+    @hookimpl
+    def dockyard_add_hookspecs(self, add: Any) -> None:
+        add(GreetingSpecs)
+
+
+class Implementer:
+    @hookimpl
+    def greeting_for(self, name: str) -> str:
+        return f"hey {name}"
+
+
+def test_dockyard_add_hookspecs_works_whichever_plugin_registers_first() -> None:
+    for order in (
+        [("def", Definer()), ("impl", Implementer())],
+        [("impl", Implementer()), ("def", Definer())],
+    ):
+        pm = build_plugin_manager(load_entry_points=False, extra_plugins=order)
+        assert pm.hook.greeting_for(name="bo") == ["hey bo"]
+
+
+def test_a_plugin_route_needs_its_declared_scope(
+    testplugin: Path, tmp_path: Path, example_plugin_module: Any
+) -> None:
+    with serving(tmp_path, example_plugin_module) as client:
+        client.headers.pop("Authorization")
+        assert client.get("/v1/testplugin/notes").status_code == 401
+
+
+def test_a_lifespan_that_fails_to_start_names_its_plugin(
+    tmp_path: Path, example_plugin_module: Any
+) -> None:
+    class Broken:
+        @hookimpl
+        def dockyard_api_plugins(self, register: Any) -> None:
+            @contextlib.asynccontextmanager
+            async def lifespan(context: Any) -> Any:
+                raise RuntimeError("no database here")
+                yield
+
+            register.lifespan(lifespan)
+
+    with (
+        pytest.raises(BaseException) as raised,
+        serving(tmp_path, example_plugin_module, ("broken", Broken())),
+    ):
+        pass
+    errors = [raised.value]
+    while isinstance(errors[-1], BaseExceptionGroup):  # the test client's task group
+        errors.append(errors[-1].exceptions[0])
+    assert isinstance(errors[-1], PluginError)
+    assert "'broken' failed to start: no database here" in str(errors[-1])
+
+
+# ---------------------------------------------------------------- the evaluation plugin
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+#: Modules of ``api/`` that still import the evaluation plugin, and why. The server side
+#: (app, routes, dependencies, lifespan, settings, store) knows nothing of it.
+API_EXCEPTIONS = {
+    # the CLI's ``dockyard evaluate``/``sandbox-image`` commands: a client of the routes
+    "cli_evaluation.py",
+    # the deployments list's public ``evaluation=true|false`` filter reads the plugin's label
+    "deployments.py",
+}
+
+
+def test_core_and_api_import_nothing_of_the_evaluation_plugin() -> None:
+    offenders = []
+    for package in ("core", "api"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if package == "api" and path.name in API_EXCEPTIONS:
+                continue
+            if any(name.startswith("dockyard.plugins.evaluation") for name in _imports(path)):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+    for path in (ROOT / "core").rglob("*.py"):
+        text = path.read_text()
+        assert "StoredEvaluation" not in text and "_evaluation(" not in text, path
+        assert "dockyard_register_protocols" not in text, path
+    assert "EvaluationService" not in (ROOT / "api" / "app.py").read_text()
+    assert not (ROOT / "api" / "integration.py").exists()
+
+
+def test_the_evaluation_plugin_owns_its_protocols_hookspec() -> None:
+    pm = build_plugin_manager(load_entry_points=False)
+    assert {"act", "solve_task", "step"} <= set(pm.registries.protocols.names())
+    assert pm.registries.protocols.owner("step") == "protocols"
+    # without the evaluation plugin the hook does not exist, and the built-in protocols
+    # (an optional implementation) load without it
+    bare = build_plugin_manager(load_entry_points=False, disable=["evaluation"])
+    assert bare.hook.dockyard_register_protocols.spec is None  # only the optional impl
+    with pytest.raises(AttributeError):
+        bare.registries.protocols  # noqa: B018
+
+
+def test_without_the_evaluation_plugin_its_routes_are_gone(
+    api_client_factory: Any, tmp_path: Path
+) -> None:
+    pm = build_plugin_manager(load_entry_points=False, disable=["evaluation"])
+    from dockyard.api.app import create_app
+
+    app = create_app(Settings(data_dir=str(tmp_path / "bare"), **TEST_SETTINGS), pm=pm)
+    paths = {route.path for route in app.routes}
+    assert not any(p.startswith("/v1/integration") for p in paths)
+    with api_client_factory() as client:
+        assert client.get("/v1/integration/evaluations").status_code == 200
+
+
+# ---------------------------------------------------------------- options and migration
+def test_evaluation_options_are_read_from_their_plugin_table(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = EvaluationConfig.from_settings(
+        Settings(plugins={"evaluation": {"max_agents": 7, "keep_images": False}})
+    )
+    assert (config.max_agents, config.keep_images, config.max_builds) == (7, False, 2)
+
+
+def test_old_eval_names_still_work_with_one_deprecation_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dockyard.core import config as config_module
+
+    monkeypatch.setattr(config_module, "_warned_legacy", set())
+    caplog.set_level(logging.WARNING, logger="dockyard.core.config")
+    with pytest.warns(DeprecationWarning, match="eval_max_agents"):
+        first = load_settings(environ={"DOCKYARD_EVAL_MAX_AGENTS": "9"})
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        Settings(eval_max_agents=3)  # type: ignore[call-arg]
+    assert again == []  # once per process
+    warned = [r for r in caplog.records if "eval_max_agents" in r.getMessage()]
+    assert len(warned) == 1 and "[plugins.evaluation]" in warned[0].getMessage()
+    assert EvaluationConfig.from_settings(first).max_agents == 9
+    # the new table wins over the old name
+    both = Settings(eval_max_agents=3, plugins={"evaluation": {"max_agents": 5}})  # type: ignore[call-arg]
+    assert EvaluationConfig.from_settings(both).max_agents == 5
+
+
+def _previous_schema_database(path: Path, evaluations: list[Evaluation]) -> None:
+    """A database as the schema before plugin records (version 2) made it."""
+    conn = sqlite3.connect(path)
+    try:
+        for version, steps in enumerate(MIGRATIONS[:2], start=1):
+            for statement in steps:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        for rowid, evaluation in enumerate(evaluations, start=1):
+            conn.execute(
+                "INSERT INTO evaluations"
+                " (rowid, id, batch_id, state, finished, created_at, updated_at, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rowid,
+                    evaluation.id,
+                    evaluation.batch_id,
+                    evaluation.state,
+                    int(evaluation.final),
+                    evaluation.created_at,
+                    evaluation.updated_at,
+                    msgspec.json.encode(evaluation).decode(),
+                ),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _evaluation(evaluation_id: str, state: str, batch_id: str | None = None) -> Evaluation:
+    limits = Limits(
+        request_s=25,
+        task_s=180,
+        health_s=20,
+        health_interval_s=0.5,
+        session_ttl_s=600,
+        lifetime_s=3600,
+        max_parallel_tasks=5,
+        max_steps=12,
+        keep_image=True,
+    )
+    return Evaluation(
+        id=evaluation_id,
+        deployment_id=f"dep-{evaluation_id}",
+        state=state,  # type: ignore[arg-type]
+        batch_id=batch_id,
+        miner=Miner(github_url="https://github.com/acme/agent"),
+        limits=limits,
+        created_at=1000.0 + len(evaluation_id),
+        updated_at=2000.0,
+    )
+
+
+def test_evaluations_stored_by_the_previous_schema_are_readable_after_the_migration(
+    api_client_factory: Any, tmp_path: Path
+) -> None:
+    old = [
+        _evaluation("ev-old", "finished"),
+        _evaluation("ev-batch-1", "failed", batch_id="batch-x"),
+        _evaluation("ev-batch-22", "finished", batch_id="batch-x"),
+    ]
+    (tmp_path / "data").mkdir()
+    _previous_schema_database(tmp_path / "data" / DB_FILENAME, old)
+    with api_client_factory() as client:
+        one = client.get("/v1/integration/evaluation/ev-old")
+        assert one.status_code == 200, one.text
+        assert one.json()["state"] == "finished"
+        assert one.json()["miner"]["github_url"] == "https://github.com/acme/agent"
+        batch = client.get("/v1/integration/evaluation/batch-x").json()
+        assert [e["id"] for e in batch["evaluations"]] == ["ev-batch-1", "ev-batch-22"]
+        listed = client.get("/v1/integration/evaluations").json()["evaluations"]
+        assert {e["id"] for e in listed} == {e.id for e in old}
+
+    async def migrated() -> tuple[int, list[Any], list[str]]:
+        store = SqliteStore(tmp_path / "data" / DB_FILENAME)
+        await store.open()
+        try:
+            assert await store.get_record("evaluation", "ev-old") is not None
+            unfinished = await records.list_stored(store, finished=False)
+            prunable = await records.evaluations_older_than(store, 3000.0)
+        finally:
+            await store.close()
+        conn = sqlite3.connect(tmp_path / "data" / DB_FILENAME)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+        finally:
+            conn.close()
+        assert "evaluations" not in tables
+        return version, unfinished, prunable
+
+    version, unfinished, prunable = asyncio.run(migrated())
+    assert version == len(MIGRATIONS) == 3
+    assert unfinished == []
+    assert prunable == ["ev-old", "ev-batch-1", "ev-batch-22"]
+
+
+async def test_old_evaluations_can_be_pruned_by_age(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / DB_FILENAME)
+    await store.open()
+    try:
+        done = msgspec.structs.replace(_evaluation("ev-done", "finished"), updated_at=10.0)
+        live = msgspec.structs.replace(_evaluation("ev-live", "running"), updated_at=10.0)
+        fresh = msgspec.structs.replace(_evaluation("ev-fresh", "failed"), updated_at=99.0)
+        for evaluation in (done, live, fresh):
+            await records.save(store, evaluation)
+        assert await records.delete_evaluations_older_than(store, 50.0) == ["ev-done"]
+        left = [r.key for r in await records.list_stored(store)]
+        assert sorted(left) == ["ev-fresh", "ev-live"]
+    finally:
+        await store.close()

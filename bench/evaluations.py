@@ -5,8 +5,9 @@ at a time, in the same run.
 
 Real rootful Podman (dockyard's own API service), the git source on a loopback ``git
 daemon``, the ``none`` router and the evaluation service in process. Each miner is a
-repository holding a shell agent (``nc -ll -e``) that answers ``/health`` and
-``/solve_task`` after ``--task-s``; it runs in image mode on a busybox base image built
+repository holding a shell agent (``nc -ll -e``) that answers ``/health``, and ``POST
+/step`` (the validator's protocol, dockyard's default) after ``--task-s`` with no tool
+call, which ends the task after one step; it runs in image mode on a busybox base image built
 here once (the source mounted at ``/app``), as Autoppia's validator runs miners. The
 baseline submits one miner, waits until it is final, then the next; the batch submits all
 at once (``eval_max_agents`` at a time). Target: batch ÷ one at a time ≤ 0.33. Every
@@ -45,7 +46,8 @@ BASE_DOCKERFILE = (
     'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
 )
 PORTS = (48700, 48760)
-#: One HTTP exchange per connection: /health, and /solve_task after SLEEP seconds.
+#: One HTTP exchange per connection: /health, and /step after SLEEP seconds, answered as the
+#: validator's agents answer a step: no tool call (``actions`` empty) ends the task.
 AGENT_SH = r"""#!/bin/sh
 read -r method path proto
 len=0
@@ -61,7 +63,7 @@ reply() {
 }
 case "$path" in
   /health) reply "200 OK" '{"status":"ok"}' ;;
-  /solve_task) sleep __SLEEP__; reply "200 OK" '{"actions":[],"web_agent_id":"bench"}' ;;
+  /step) sleep __SLEEP__; reply "200 OK" '{"actions":[]}' ;;
   *) reply "404 Not Found" '{"error":"not found"}' ;;
 esac
 """

@@ -41,6 +41,7 @@ from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT
 from dockyard.core.services import Services
+from dockyard.core.store import MAX_STATUS_PAGE
 from dockyard.core.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -511,6 +512,19 @@ class Controller:
             except Exception:
                 log.exception("router watch round failed")
 
+    async def _every_slot(self) -> dict[str, list[Any]]:
+        """Every deployment's slots, a status page (a fixed few reads) at a time, not one
+        read per deployment: a round over 1000 deployments would otherwise hold the store
+        for 1000 round trips every ``router_watch_interval_s``."""
+        found: dict[str, list[Any]] = {}
+        cursor = None
+        while True:
+            page = await self.services.store.list_status(after=cursor, limit=MAX_STATUS_PAGE)
+            found.update((d.id, d.slots) for d in page.deployments)
+            if page.cursor is None:
+                return found
+            cursor = page.cursor
+
     def _expected_route(self, deployment: Deployment, slots: list[Any]) -> Route | None:
         promoted = next((s for s in slots if s.state is S.PROMOTED and s.host_port), None)
         return self.ops.route(deployment, promoted) if promoted else None
@@ -534,8 +548,9 @@ class Controller:
         self._router_ok = True
         restored = []
         deployments = {d.id: d for d in await store.list_deployments()}
+        slots = await self._every_slot()
         for deployment in deployments.values():
-            expected = self._expected_route(deployment, await store.list_slots(deployment.id))
+            expected = self._expected_route(deployment, slots.get(deployment.id, []))
             if expected is None or served.get(deployment.id) == expected.token:
                 continue
             lock = self._lock(deployment.id)

@@ -41,10 +41,11 @@ from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT
 from dockyard.core.services import Services
-from dockyard.core.store import MAX_STATUS_PAGE
 from dockyard.core.strategy import Strategy
 
 log = logging.getLogger(__name__)
+#: Deployments per store read when the router watch reads every slot.
+ROUTE_CHECK_PAGE = 100
 S = SlotState
 T = TypeVar("T")
 #: How long a stop waits, in all, for cancelled operations to clean up.
@@ -515,11 +516,12 @@ class Controller:
     async def _every_slot(self) -> dict[str, list[Any]]:
         """Every deployment's slots, a status page (a fixed few reads) at a time, not one
         read per deployment: a round over 1000 deployments would otherwise hold the store
-        for 1000 round trips every ``router_watch_interval_s``."""
+        for 1000 round trips every ``router_watch_interval_s``. Pages of the API's default
+        size, so the first is the one a status screen polls (the store keeps it)."""
         found: dict[str, list[Any]] = {}
         cursor = None
         while True:
-            page = await self.services.store.list_status(after=cursor, limit=MAX_STATUS_PAGE)
+            page = await self.services.store.list_status(after=cursor, limit=ROUTE_CHECK_PAGE)
             found.update((d.id, d.slots) for d in page.deployments)
             if page.cursor is None:
                 return found

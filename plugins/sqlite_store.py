@@ -64,8 +64,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_FILENAME = "dockyard.db"
-#: Status pages kept for a repeated read with no write in between (the oldest goes first).
-STATUS_PAGES_KEPT = 8
+#: First status pages (one per filter) kept for a repeated read with no write in between,
+#: the oldest dropped first; only pages of at most ``KEPT_PAGE_LIMIT`` deployments are kept
+#: (what a status screen polls), so what is kept stays small.
+STATUS_PAGES_KEPT = 4
+KEPT_PAGE_LIMIT = 100
 DEFAULT_PORT_RANGE = (40000, 41000)
 DEFAULT_BUSY_TIMEOUT_S = 15.0
 #: ``PRAGMA application_id`` of a dockyard database ("DKYD"), to refuse a stranger's file.
@@ -522,17 +525,20 @@ class SqliteStore(StateStore):
             f" FROM deployments d{clause} ORDER BY d.id LIMIT ?"
         )
 
-        key = (after, limit, where.state, where.with_label, where.without_label)
-        cached = self._cached_status(key)
+        key = (limit, where.state, where.with_label, where.without_label)
+        kept = after is None and limit <= KEPT_PAGE_LIMIT
+        cached = self._cached_status(key) if kept else None
         if cached is not None:
             return cached
 
         def read(conn: sqlite3.Connection) -> StatusPage:
             version = self._version(conn)
             page = self._read_status(conn, page_query, args, limit)
-            if len(self._status_pages) >= STATUS_PAGES_KEPT:
-                self._status_pages.pop(next(iter(self._status_pages)))
-            self._status_pages[key] = (version, page)
+            if kept:
+                self._status_pages.pop(key, None)
+                if len(self._status_pages) >= STATUS_PAGES_KEPT:
+                    self._status_pages.pop(next(iter(self._status_pages)))
+                self._status_pages[key] = (version, page)
             return page
 
         return await self._run("list the status", read)

@@ -8,6 +8,7 @@ Handlers reach the services through dependency injection (``services: Services``
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -126,8 +127,13 @@ def create_app(
             await controller.start()
             if evaluations is not None:
                 await evaluations.start()  # after resume: ends what a restart cut short
+            # What start-up built (modules, plugins, the app: most of the heap) lives as
+            # long as the server: out of the collector's sight, a full collection walks only
+            # what was made since (measured: 5 ms instead of ~110 ms, the status p99).
+            gc.freeze()
             yield
         finally:
+            gc.unfreeze()
             if evaluations is not None:
                 await evaluations.stop()  # cancels and cleans up running evaluations
             await controller.stop()

@@ -8,6 +8,7 @@ Handlers reach the services through dependency injection (``services: Services``
 from __future__ import annotations
 
 import contextlib
+import gc as heap
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -128,9 +129,15 @@ def create_app(
             context = PluginContext(app, settings, ours, controller)
             async with plugin_lifespans(extensions, context):
                 gc.start()
+                # What start-up built (modules, plugins, the app: most of the heap) lives
+                # as long as the server: out of the collector's sight, a full collection
+                # walks only what was made since (measured: 5 ms instead of ~110 ms, the
+                # status p99).
+                heap.freeze()
                 try:
                     yield
                 finally:
+                    heap.unfreeze()
                     await gc.stop()
         finally:
             await controller.stop()

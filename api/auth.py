@@ -81,6 +81,10 @@ def new_token() -> tuple[str, str]:
     return token_id, f"dy_{token_id}_{secrets.token_urlsafe(32)}"
 
 
+#: At most this long between two reads of ``tokens.json`` whose stat did not change.
+TOKENS_REREAD_S = 1.0
+
+
 class TokenBook:
     """Configured tokens plus the ones in ``<data_dir>/tokens.json`` (mode 0600, written
     atomically under a lock, so the CLI and a running server can share it)."""
@@ -88,6 +92,8 @@ class TokenBook:
     def __init__(self, path: Path, configured: Iterable[dict[str, Any]] = ()) -> None:
         self.path = path
         self.configured: dict[str, TokenRecord] = {}
+        #: The file as last read: its (inode, mtime, size), when, and its records.
+        self._seen: tuple[tuple[int, int, int], float, dict[str, TokenRecord]] | None = None
         for raw in configured:
             try:
                 record = msgspec.convert({**raw, "source": "config"}, TokenRecord)
@@ -117,11 +123,27 @@ class TokenBook:
                 os.replace(tmp, self.path)
 
     def _read(self) -> dict[str, TokenRecord]:
+        """The file's records (a copy). Every request verifies a token, so the file is
+        decoded again only when its inode, mtime or size changed (every write replaces it:
+        a new inode), or ``TOKENS_REREAD_S`` passed (a reused inode in the same mtime tick
+        with the same size cannot hide a revoke for longer); the CLI's writes from another
+        process are seen at the next request."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = self._seen
+        if seen is not None and seen[0] == key and time.monotonic() - seen[1] < TOKENS_REREAD_S:
+            return dict(seen[2])
+        read_at = time.monotonic()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return {}
-        return {r.id: r for r in msgspec.json.decode(data, type=list[TokenRecord])}
+        records = {r.id: r for r in msgspec.json.decode(data, type=list[TokenRecord])}
+        self._seen = (key, read_at, records)
+        return dict(records)
 
     def records(self) -> list[TokenRecord]:
         """Every token, configured ones first."""
@@ -330,9 +352,13 @@ class AuditLog(ASGIMiddleware):
         self.path = path
 
     def write(self, entry: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = json.dumps(entry, separators=(",", ":")) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:  # the directory first (once, not per request)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, flags, 0o600)
         try:
             os.write(fd, line.encode())
         finally:

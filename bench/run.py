@@ -4,7 +4,9 @@
 
 Each benchmark measures dockyard and its baseline in the same run (``bench/<name>.py``
 says how); this prints one Markdown table of medians, spreads, ratios and targets, and with
-``--check`` exits 1 when any target is missed. ``--quick`` runs fewer samples (for a smoke
+``--check`` exits 1 when any target is missed. A bench that crashes does not lose the
+table: the rows measured so far are printed, then the crash (a row of its own, a MISS), and
+the other benches still run. ``--quick`` runs fewer samples (for a smoke
 run; the README's table comes from a full run). ``deploy`` and ``evaluations`` need rootful
 Podman and say so when it is missing.
 """
@@ -17,6 +19,7 @@ import importlib
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def crashed(name: str, exc: BaseException) -> Row:
+    """A row saying ``name`` crashed and why; it counts as a missed target."""
+    reason = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
+    return Row(name, "CRASHED (see the note)", float("nan"), "", target=0, note=reason[:300])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -52,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(name)
         bench_args = module.parse_args(QUICK[name] if args.quick else [])
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows += asyncio.run(module.measure(bench_args))
+        try:
+            rows += asyncio.run(module.measure(bench_args))
+        except Exception as exc:  # one bench's crash must not lose the others' rows
+            traceback.print_exc(file=sys.stderr)
+            rows.append(crashed(name, exc))
     title = f"dockyard benchmarks ({time.monotonic() - started:.0f} s)"
     return report(rows, as_json=args.json, check=args.check, title=title)
 

@@ -6,9 +6,12 @@ router, and how many requests fail meanwhile.
 For each router, a real dockyard controller (SQLite state; "containers" are HTTP servers,
 each a process of its own on a loopback port) deploys one app and redeploys it once, so
 both slots hold a live revision (the old one DRAINING for the whole run). Then it calls
-``switch`` ``--switches`` times while ``--clients`` clients request the app without pause
-through the proxy (Traefik and Caddy run by their router plugins) or, for ``none``, on the
-promoted slot's host port.
+``switch`` ``--switches`` times while ``--clients`` clients request the app at a fixed,
+moderate rate (``--rate`` requests per second in all, each client on its own schedule,
+staggered) through the proxy (Traefik and Caddy run by their router plugins) or, for
+``none``, on the promoted slot's host port. An open loop at a fixed rate, not clients
+without pause: on a 2-core host a closed loop saturates the cores, and then every figure,
+the baseline's too, measures the load generator's queue rather than the switch.
 
 Switch latency is the time from the switch call to the first response any client gets
 from the newly promoted slot (the clients run in a process of their own); the ``none``
@@ -110,24 +113,33 @@ class ProcessRuntime(FakeRuntime):
         self.containers[info.id] = msgspec.structs.replace(info, running=False, status="exited")
 
 
-def load(port: Any, url: str | None, clients: int, stop: Any, out: Any) -> None:
+def load(port: Any, url: str | None, clients: int, rate: float, stop: Any, out: Any) -> None:
     """The load generator, in its own process so it does not slow dockyard's event loop:
-    ``clients`` clients GET the app without pause until ``stop`` is set, half keeping their
-    connection, half opening one per request; the URL is ``url``, or the slot port in
-    ``port`` (the ``none`` router) read before every request. Each client records when the
-    revision it is answered by changes."""
+    ``clients`` clients GET the app, ``rate`` requests per second in all (each client every
+    ``clients / rate`` seconds, the clients staggered evenly over that period), until
+    ``stop`` is set; half keep their connection, half open one per request. The URL is
+    ``url``, or the slot port in ``port`` (the ``none`` router) read before every request.
+    A client late for its slot sends at once and keeps its schedule (no burst to catch up).
+    Each client records when the revision it is answered by changes."""
 
     async def run() -> dict[str, Any]:
         changes: list[tuple[float, str]] = []
         request_ms: list[float] = []
         failures: collections.Counter[str] = collections.Counter()
+        period = clients / rate
+        begin = time.monotonic()
 
-        async def client(keep_alive: bool) -> None:
+        async def client(index: int) -> None:
             timeout = aiohttp.ClientTimeout(total=10)
-            connector = aiohttp.TCPConnector(force_close=not keep_alive)
+            connector = aiohttp.TCPConnector(force_close=index % 2 == 1)
             last = None
+            due = begin + period * index / clients
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 while not stop.is_set():
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    due = max(due + period, time.monotonic())
                     target = url or f"http://127.0.0.1:{port.value}/"
                     sent = time.monotonic()
                     try:
@@ -143,9 +155,8 @@ def load(port: Any, url: str | None, clients: int, stop: Any, out: Any) -> None:
                             last = body
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         failures[type(exc).__name__] += 1
-                    await asyncio.sleep(0)
 
-        await asyncio.gather(*(client(i % 2 == 0) for i in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         return {"changes": changes, "request_ms": request_ms, "failures": dict(failures)}
 
     out.put(asyncio.run(run()))
@@ -214,7 +225,7 @@ async def run_router(name: str, args: argparse.Namespace, work: Path) -> Result:
             if op and op.error:
                 raise RuntimeError(f"the {step} failed: {op.error}")
         url = None if name == "none" else router.url_for("app")
-        process = ctx.Process(target=load, args=(port, url, args.clients, stop, out))
+        process = ctx.Process(target=load, args=(port, url, args.clients, args.rate, stop, out))
         process.start()
         await asyncio.sleep(1.5)  # the load process is up and busy
         for i in range(args.switches):
@@ -301,6 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument(
+        "--rate", type=float, default=400.0, help="requests per second, all clients together"
+    )
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between switches")
     parser.add_argument(
         "--ports",
@@ -326,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     title = (
         f"dockyard switch benchmark: {args.switches} switches per router, {args.clients}"
-        " clients without pause (half keep-alive), one process per upstream, all on 127.0.0.1"
+        f" clients at {args.rate:g} requests/s in all (half keep-alive), one process per"
+        " upstream, all on 127.0.0.1"
     )
     return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)
 

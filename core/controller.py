@@ -44,6 +44,8 @@ from dockyard.core.services import Services
 from dockyard.core.strategy import Strategy
 
 log = logging.getLogger(__name__)
+#: Deployments per store read when the router watch reads every slot.
+ROUTE_CHECK_PAGE = 100
 S = SlotState
 T = TypeVar("T")
 #: How long a stop waits, in all, for cancelled operations to clean up.
@@ -511,6 +513,20 @@ class Controller:
             except Exception:
                 log.exception("router watch round failed")
 
+    async def _every_slot(self) -> dict[str, list[Any]]:
+        """Every deployment's slots, a status page (a fixed few reads) at a time, not one
+        read per deployment: a round over 1000 deployments would otherwise hold the store
+        for 1000 round trips every ``router_watch_interval_s``. Pages of the API's default
+        size, so the first is the one a status screen polls (the store keeps it)."""
+        found: dict[str, list[Any]] = {}
+        cursor = None
+        while True:
+            page = await self.services.store.list_status(after=cursor, limit=ROUTE_CHECK_PAGE)
+            found.update((d.id, d.slots) for d in page.deployments)
+            if page.cursor is None:
+                return found
+            cursor = page.cursor
+
     def _expected_route(self, deployment: Deployment, slots: list[Any]) -> Route | None:
         promoted = next((s for s in slots if s.state is S.PROMOTED and s.host_port), None)
         return self.ops.route(deployment, promoted) if promoted else None
@@ -534,8 +550,9 @@ class Controller:
         self._router_ok = True
         restored = []
         deployments = {d.id: d for d in await store.list_deployments()}
+        slots = await self._every_slot()
         for deployment in deployments.values():
-            expected = self._expected_route(deployment, await store.list_slots(deployment.id))
+            expected = self._expected_route(deployment, slots.get(deployment.id, []))
             if expected is None or served.get(deployment.id) == expected.token:
                 continue
             lock = self._lock(deployment.id)

@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_FILENAME = "dockyard.db"
+#: First status pages (one per filter) kept for a repeated read with no write in between,
+#: the oldest dropped first; only pages of at most ``KEPT_PAGE_LIMIT`` deployments are kept
+#: (what a status screen polls), so what is kept stays small.
+STATUS_PAGES_KEPT = 4
+KEPT_PAGE_LIMIT = 100
 DEFAULT_PORT_RANGE = (40000, 41000)
 DEFAULT_BUSY_TIMEOUT_S = 15.0
 #: ``PRAGMA application_id`` of a dockyard database ("DKYD"), to refuse a stranger's file.
@@ -262,6 +267,8 @@ class SqliteStore(StateStore):
         self.busy_timeout_s = float(busy_timeout_s)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        #: Status pages read lately: query -> (the store's version when read, the page).
+        self._status_pages: dict[tuple[Any, ...], tuple[tuple[int, int], StatusPage]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SqliteStore:
@@ -293,6 +300,28 @@ class SqliteStore(StateStore):
                 return fn(self._conn)
             except sqlite3.Error as exc:
                 raise StoreError(f"state store failed to {action}: {exc}") from exc
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> tuple[int, int]:
+        """What changes whenever the database does: the rows this connection changed
+        (``total_changes``) and ``PRAGMA data_version`` (bumped by every commit of another
+        connection, another process's included). Under the lock; no disk I/O."""
+        return conn.total_changes, conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _cached_status(self, key: tuple[Any, ...]) -> StatusPage | None:
+        """The page read for ``key``, when nothing was written since; on the event loop,
+        so only when the lock is free at once (a busy store goes the thread's way)."""
+        cached = self._status_pages.get(key)
+        if cached is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._conn is None:
+                return None
+            return cached[1] if cached[0] == self._version(self._conn) else None
+        except sqlite3.Error:
+            return None
+        finally:
+            self._lock.release()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -379,6 +408,7 @@ class SqliteStore(StateStore):
                     return
                 try:
                     self._conn = self._connect()
+                    self._status_pages.clear()
                 except sqlite3.Error as exc:
                     raise StoreError(f"cannot open the state store {self.path}: {exc}") from exc
                 except OSError as exc:
@@ -392,6 +422,7 @@ class SqliteStore(StateStore):
         def disconnect() -> None:
             with self._lock:
                 conn, self._conn = self._conn, None
+                self._status_pages.clear()
                 if conn is not None:
                     try:
                         conn.close()
@@ -525,63 +556,84 @@ class SqliteStore(StateStore):
             f" FROM deployments d{clause} ORDER BY d.id LIMIT ?"
         )
 
+        key = (limit, where.state, where.with_label, where.without_label)
+        kept = after is None and limit <= KEPT_PAGE_LIMIT
+        cached = self._cached_status(key) if kept else None
+        if cached is not None:
+            return cached
+
         def read(conn: sqlite3.Connection) -> StatusPage:
-            with _transaction(conn, "DEFERRED"):  # one snapshot for the whole page
-                rows = conn.execute(page_query, (*args, limit + 1)).fetchall()
-                more = len(rows) > limit
-                rows = rows[:limit]
-                if not rows:
-                    return StatusPage(deployments=[])
-                slots: dict[str, list[Slot]] = {row[0]: [] for row in rows}
-                found = [
-                    body
-                    for deployment_id, body in conn.execute(
-                        "SELECT deployment_id, body FROM slots"
-                        " WHERE deployment_id BETWEEN ? AND ? ORDER BY deployment_id, color",
-                        (rows[0][0], rows[-1][0]),
-                    )
-                    if deployment_id in slots
-                ]
-                # One decode call for the page's slots (a JSON array of the stored bodies).
-                for slot in _decode(_SLOTS, "[" + ",".join(found) + "]", "slots"):
-                    slots[slot.deployment_id].append(slot)
-                wanted = sorted(
-                    {s.revision_id for group in slots.values() for s in group if s.revision_id}
-                )
-                commits: dict[str, str] = {}
-                for start in range(0, len(wanted), 500):
-                    chunk = wanted[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    commits.update(
-                        conn.execute(
-                            "SELECT id, json_extract(body, '$.commit') FROM revisions"
-                            f" WHERE id IN ({marks})",
-                            chunk,
-                        ).fetchall()
-                    )
-            page = []
-            for id_, spec, created_at, updated_at, generation in rows:
-                head = _decode(_SPEC_HEAD, spec, "deployment spec")
-                mine = slots[id_]
-                page.append(
-                    DeploymentStatus(
-                        id=id_,
-                        repo=head.repo,
-                        ref=head.ref,
-                        generation=generation,
-                        created_at=created_at,
-                        updated_at=updated_at,
-                        slots=mine,
-                        commits={
-                            s.revision_id: commits[s.revision_id]
-                            for s in mine
-                            if s.revision_id and commits.get(s.revision_id)
-                        },
-                    )
-                )
-            return StatusPage(deployments=page, cursor=page[-1].id if more else None)
+            version = self._version(conn)
+            page = self._read_status(conn, page_query, args, limit)
+            if kept:
+                self._status_pages.pop(key, None)
+                if len(self._status_pages) >= STATUS_PAGES_KEPT:
+                    self._status_pages.pop(next(iter(self._status_pages)))
+                self._status_pages[key] = (version, page)
+            return page
 
         return await self._run("list the status", read)
+
+    @staticmethod
+    def _read_status(
+        conn: sqlite3.Connection, page_query: str, args: list[Any], limit: int
+    ) -> StatusPage:
+        """The status page of ``page_query`` (its ``args``, then ``limit + 1``), read in
+        one snapshot."""
+        with _transaction(conn, "DEFERRED"):  # one snapshot for the whole page
+            rows = conn.execute(page_query, (*args, limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            if not rows:
+                return StatusPage(deployments=[])
+            slots: dict[str, list[Slot]] = {row[0]: [] for row in rows}
+            found = [
+                body
+                for deployment_id, body in conn.execute(
+                    "SELECT deployment_id, body FROM slots"
+                    " WHERE deployment_id BETWEEN ? AND ? ORDER BY deployment_id, color",
+                    (rows[0][0], rows[-1][0]),
+                )
+                if deployment_id in slots
+            ]
+            # One decode call for the page's slots (a JSON array of the stored bodies).
+            for slot in _decode(_SLOTS, "[" + ",".join(found) + "]", "slots"):
+                slots[slot.deployment_id].append(slot)
+            wanted = sorted(
+                {s.revision_id for group in slots.values() for s in group if s.revision_id}
+            )
+            commits: dict[str, str] = {}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                commits.update(
+                    conn.execute(
+                        "SELECT id, json_extract(body, '$.commit') FROM revisions"
+                        f" WHERE id IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+        page = []
+        for id_, spec, created_at, updated_at, generation in rows:
+            head = _decode(_SPEC_HEAD, spec, "deployment spec")
+            mine = slots[id_]
+            page.append(
+                DeploymentStatus(
+                    id=id_,
+                    repo=head.repo,
+                    ref=head.ref,
+                    generation=generation,
+                    created_at=created_at,
+                    updated_at=updated_at,
+                    slots=mine,
+                    commits={
+                        s.revision_id: commits[s.revision_id]
+                        for s in mine
+                        if s.revision_id and commits.get(s.revision_id)
+                    },
+                )
+            )
+        return StatusPage(deployments=page, cursor=page[-1].id if more else None)
 
     async def delete_deployment(self, deployment_id: str) -> None:
         """Remove the deployment, its slots, revisions and events (cascade) and every lease

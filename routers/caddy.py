@@ -251,17 +251,24 @@ class CaddyRouter(Router):
         return route.upstream.address if self.switch == "file" else route.token
 
     def _switch_upstream(self, route: Route) -> None:
-        """Replace the upstream file a file-switched route dials: the switch itself."""
+        """Replace the upstream file a file-switched route dials: the switch itself. Caddy
+        reads it at the rename, before the fsync (one disk flush sooner); the token beside
+        it, written once this returns, is what says the file is current."""
         try:
             self.upstreams.mkdir(parents=True, exist_ok=True)
-            replace_file(self.upstreams / route.deployment_id, route.upstream.address.encode())
+            replace_file(
+                self.upstreams / route.deployment_id,
+                route.upstream.address.encode(),
+                visible_first=True,
+            )
         except OSError as exc:
             raise RouterError(f"cannot write caddy upstream file: {exc}") from exc
 
     def _record_token(self, route: Route) -> None:
         """The token beside the upstream file (what ``served`` reports), then the directory
-        fsync that makes both renames durable. A crash between the two leaves the old token:
-        the route then looks stale and is applied again."""
+        fsync that makes both renames durable. A crash before it leaves the old token (and
+        perhaps an upstream file the disk never got): the route then looks stale and is
+        applied again."""
         try:
             write_atomically(self.upstreams / f"{route.deployment_id}.token", route.token.encode())
         except OSError as exc:

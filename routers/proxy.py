@@ -111,17 +111,27 @@ def refuse_busy_ports(name: str, listens: Sequence[str]) -> None:
                 ) from None
 
 
-def replace_file(path: Path, data: bytes) -> None:
+def replace_file(
+    path: Path, data: bytes, *, visible_first: bool = False, staging: Path | None = None
+) -> None:
     """Replace ``path`` so a reader sees the old file or the new one, never a part: a
     temporary file in the same directory (a name that watchers ignore), fsync, rename. The
     new content is visible once this returns; :func:`sync_directory` makes the rename
-    itself durable. Blocking: call it from a worker thread."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    itself durable. With ``visible_first`` the rename comes before the fsync: readers see
+    the new content one disk flush sooner, and the caller must record, only after this
+    returns, what says the file is current (a crash before the fsync may leave it empty
+    on disk). ``staging``: the directory the temporary file is written in (the same
+    filesystem as ``path``), so a watcher of ``path``'s directory sees one event, the
+    rename, not every step of the write. Blocking: call it from a worker thread."""
+    tmp = (staging or path.parent) / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
+        if visible_first:
+            os.replace(tmp, path)
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not visible_first:
+        os.replace(tmp, path)
 
 
 def sync_directory(path: Path) -> None:
@@ -133,10 +143,10 @@ def sync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, staging: Path | None = None) -> None:
     """:func:`replace_file`, then fsync the directory. Blocking: routers call it through
     ``asyncio.to_thread`` so a switch never stalls the event loop on the disk."""
-    replace_file(path, data)
+    replace_file(path, data, staging=staging)
     sync_directory(path.parent)
 
 

@@ -169,9 +169,15 @@ class TraefikRouter(Router):
         }
 
     async def apply(self, route: Route) -> None:
+        """One file, written beside the watched directory and renamed into it: Traefik
+        sees one change (the rename) and rebuilds its configuration once, not once per
+        step of the write (create, write, close, rename)."""
         data = json.dumps(self.config(route), indent=1).encode()
+        staging = self.home if self.directory.parent == self.home else None
         try:
-            await asyncio.to_thread(write_atomically, self.path(route.deployment_id), data)
+            await asyncio.to_thread(
+                write_atomically, self.path(route.deployment_id), data, staging=staging
+            )
         except OSError as exc:
             raise RouterError(f"cannot write traefik route file: {exc}") from exc
 

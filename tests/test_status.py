@@ -13,6 +13,11 @@ from typing import Any
 
 import pytest
 
+from dockyard.core.models import DeploymentSpec, Event, SlotState
+from dockyard.core.states import transition
+from dockyard.core.store import StatusFilter
+from dockyard.plugins.sqlite_store import SqliteStore
+
 FAST_HEALTH = {"interval_s": 0.05, "timeout_s": 1, "deadline_s": 3}
 
 
@@ -167,3 +172,54 @@ async def test_the_client_walks_every_page(tmp_path: Any) -> None:
             assert [d["id"] for d in others] == ["a", "b", "c"]
             page = await client.status(limit=3)
             assert page["cursor"] == "c"
+
+
+async def test_a_repeated_status_read_is_served_until_any_connection_writes(
+    tmp_path: Any,
+) -> None:
+    """The SQLite store keeps a page read with nothing written since (a dict lookup, no
+    thread, no query); any write drops it: one through this store, and one through a
+    second store on the same file (another process's connection: ``data_version``)."""
+    ours, theirs = SqliteStore(tmp_path / "db"), SqliteStore(tmp_path / "db")
+    await ours.open()
+    await theirs.open()
+    try:
+        for i in range(3):
+            await ours.create_deployment(DeploymentSpec(id=f"d{i}", repo="https://x.test/r"))
+        first = await ours.list_status(limit=2)
+        assert [d.id for d in first.deployments] == ["d0", "d1"]
+        assert await ours.list_status(limit=2) is first  # nothing written: the same page
+        assert (await ours.list_status(limit=3)).cursor is None  # another query, its own
+        failed = StatusFilter(state=SlotState.FAILED)
+        assert (await ours.list_status(limit=2, where=failed)).deployments == []
+
+        await ours.create_deployment(DeploymentSpec(id="a0", repo="https://x.test/r"))
+        mine = await ours.list_status(limit=2)
+        assert [d.id for d in mine.deployments] == ["a0", "d0"]
+
+        await theirs.delete_deployment("a0")  # the other connection
+        after = await ours.list_status(limit=2)
+        assert [d.id for d in after.deployments] == ["d0", "d1"]
+        assert await ours.list_status(limit=2) is after
+
+        slot = (await theirs.list_slots("d0"))[0]
+        moved = transition(slot, SlotState.BUILDING)
+        await theirs.save_slot(
+            moved,
+            Event(
+                deployment_id="d0",
+                kind="slot_transition",
+                color=slot.color,
+                from_state=slot.state,
+                to_state=SlotState.BUILDING,
+            ),
+        )
+        seen = await ours.list_status(limit=2)
+        assert seen.deployments[0].slots[0].state is SlotState.BUILDING
+
+        await ours.close()
+        await ours.open()  # a reopened store starts with nothing kept
+        assert [d.id for d in (await ours.list_status(limit=2)).deployments] == ["d0", "d1"]
+    finally:
+        await ours.close()
+        await theirs.close()

@@ -10,9 +10,9 @@ repository holding a shell agent (``nc -ll -e``) that answers ``/health``, and `
 call, which ends the task after one step; it runs in image mode on a busybox base image built
 here once (the source mounted at ``/app``), as Autoppia's validator runs miners. The
 baseline submits one miner, waits until it is final, then the next; the batch submits all
-at once (``eval_max_agents`` at a time). Target: batch ÷ one at a time ≤ 0.33. The host's
-floor is measured in the same run: the same containers started and removed with the Podman
-CLI alone, all at once against one at a time; when that ratio is above the target, the
+at once (``[plugins.evaluation] max_agents`` at a time). Target: batch ÷ one at a time
+≤ 0.33. The host's floor is measured in the same run: the same containers started and
+removed with the Podman CLI alone, all at once against one at a time; when that ratio is above the target, the
 batch row says the target is below what this host's engine parallelizes. Every container
 and image made here is removed at the end.
 """
@@ -145,7 +145,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             monitor_interval_s=0,
             port_range_start=PORTS[0],
             port_range_end=PORTS[1],
-            eval_max_agents=args.agents,
+            plugins={"evaluation": {"max_agents": args.agents}},
         )
         services = Services.build(settings, build_plugin_manager(load_entry_points=False))
         await services.start()
@@ -212,7 +212,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             target=TARGET_RATIO,
             on_ratio=True,
             samples=1,
-            note=f"eval_max_agents={args.agents}, each task answered after {args.task_s:g} s"
+            note=f"max_agents={args.agents}, each task answered after {args.task_s:g} s"
             + floor_note(floor),
         ),
     ]
@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--task-s", type=float, default=0.5, help="an agent's time per task")
     parser.add_argument(
-        "--agents", type=int, default=10, help="eval_max_agents (default: one per miner)"
+        "--agents", type=int, default=10, help="max_agents (default: one per miner)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")

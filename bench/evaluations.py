@@ -12,9 +12,9 @@ here once (the source mounted at ``/app``), as Autoppia's validator runs miners.
 baseline submits one miner, waits until it is final, then the next; the batch submits all
 at once (``[plugins.evaluation] max_agents`` at a time). Target: batch ÷ one at a time
 ≤ 0.33. The host's floor is measured in the same run: the same containers started and
-removed with the Podman CLI alone, all at once against one at a time; when that ratio is above the target, the
-batch row says the target is below what this host's engine parallelizes. Every container
-and image made here is removed at the end.
+removed with the Podman CLI alone, all at once against one at a time; when that ratio is
+above the target, the batch row says the target is below what this host's engine
+parallelizes. Every container and image made here is removed at the end.
 """
 
 from __future__ import annotations

@@ -125,6 +125,9 @@ def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
         have them, else ``gc_max_age_days``/``gc_max_mb`` in ``[plugins.<name>]``.
 
     The evaluation plugin registers ``evaluations`` (finished evaluations' records).
+    A third-party plugin implements this hook so what it stores (its records, files under
+    the data directory) is pruned by ``dockyard gc`` and the server's periodic pass, and its
+    disk use shows in ``/v1/healthz``.
     """
 
 

@@ -27,12 +27,16 @@ from dockyard.core.controller import Controller
 from dockyard.core.gc import (
     DAY_S,
     GarbageCollector,
+    GcContext,
     GcSchedule,
+    InUse,
     Item,
+    Kind,
     Retention,
     choose,
     repo_key,
 )
+from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import DeploymentSpec, HealthCheck
 from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, BuildRequest
@@ -253,6 +257,49 @@ async def test_size_retention_removes_the_oldest_unused_first(services: Services
     report = await collector.collect()
     assert [(r.name, r.reason) for r in report.removed] == [(f"sources/r/{'3' * 40}", "size")]
     assert not old.exists() and mid.exists() and new.exists()
+
+
+class ScratchPlugin:
+    """A third-party plugin keeping "scratch" files; gc prunes them by its own table."""
+
+    def __init__(self, items: dict[str, float], active: set[str]) -> None:
+        self.items, self.active, self.removed = items, active, []  # type: list[str]
+
+    @hookimpl
+    def dockyard_register_gc_kinds(self, register: Any) -> None:
+        def factory(context: GcContext) -> Kind:
+            async def mark_used(used: InUse) -> None:
+                used.running |= self.active
+
+            async def inventory(used: InUse) -> list[Item]:
+                return [
+                    Item(name, 10, at, in_use=name in used.running)
+                    for name, at in self.items.items()
+                ]
+
+            async def remove(item: Item) -> None:
+                self.removed.append(item.name)
+
+            return Kind("scratch", inventory, remove, mark_used)
+
+        register("scratch", factory)
+
+
+async def test_a_plugins_kind_is_pruned_by_its_own_retention(services: Services) -> None:
+    """``dockyard_register_gc_kinds``: a plugin's kind, its retention from
+    ``[plugins.scratch]``, what it marks used kept whatever its age."""
+    now = time.time()
+    plugin = ScratchPlugin({"old": now, "busy": now, "fresh": RECENT}, active={"busy"})
+    services.pm.register(plugin, name="scratch")
+    settings = msgspec_settings(services.settings, plugins={"scratch": {"gc_max_age_days": 10}})
+    collector = GarbageCollector(
+        settings, services.store, None, pm=services.pm, clock=lambda: LATER
+    )
+    assert "scratch" in [kind.name for kind in collector.kinds]
+    report = await collector.collect()
+    assert [(r.kind, r.name, r.reason) for r in report.removed] == [("scratch", "old", "age")]
+    assert plugin.removed == ["old"]
+    assert report.usage["scratch"].count == 2 and report.usage["scratch"].in_use == 1
 
 
 def msgspec_settings(settings: Settings, **changes: Any) -> Settings:

@@ -37,7 +37,7 @@ def dockyard_register_runtimes(register: Registrar) -> None:
         :class:`dockyard.core.runtime.Runtime`, and ``settings.runtime`` selects one by name.
 
     A third-party plugin implements this hook to ship a new container engine; its runtime
-    must pass ``tests/contract/test_runtime_contract.py``.
+    must pass ``dockyard.testing.runtime_contract`` (``pytest --dockyard-runtime=NAME``).
     """
 
 
@@ -60,7 +60,7 @@ def dockyard_register_stores(register: Registrar) -> None:
         :class:`dockyard.core.store.StateStore`, and ``settings.store`` selects one by name.
 
     A third-party plugin implements this hook to keep state elsewhere; its store must pass
-    ``tests/contract/test_store_contract.py``.
+    ``dockyard.testing.store_contract`` (``pytest --dockyard-store=NAME``).
     """
 
 

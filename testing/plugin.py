@@ -7,6 +7,9 @@ Options (each may be repeated; the suites then run once per name):
 - ``--dockyard-runtime=NAME``: the runtime the runtime contract checks;
 - ``--dockyard-store=NAME``: the store the store contract checks.
 
+Without them, the ini options ``dockyard_runtimes`` / ``dockyard_stores`` (a project's
+``[tool.pytest.ini_options]``) name the defaults.
+
 A name is resolved like ``dockyard serve`` resolves ``runtime = "..."``: through a plugin
 manager that loads every entry point of the group ``dockyard``, so a plugin installed into
 the test venv is found by the name it registers. Settings a plugin needs (``[plugins.x]``
@@ -65,6 +68,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run the store contract against the store plugin NAME (repeatable)",
     )
 
+    parser.addini(
+        "dockyard_runtimes",
+        "runtimes the runtime contract checks when --dockyard-runtime is not given",
+        type="linelist",
+        default=[],
+    )
+    parser.addini(
+        "dockyard_stores",
+        "stores the store contract checks when --dockyard-store is not given",
+        type="linelist",
+        default=[],
+    )
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -75,11 +91,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for fixture, option in (
-        ("dockyard_runtime_name", "dockyard_runtime"),
-        ("dockyard_store_name", "dockyard_store"),
+    for fixture, option, ini in (
+        ("dockyard_runtime_name", "dockyard_runtime", "dockyard_runtimes"),
+        ("dockyard_store_name", "dockyard_store", "dockyard_stores"),
     ):
-        names = metafunc.config.getoption(option)
+        names = metafunc.config.getoption(option) or metafunc.config.getini(ini)
         if fixture in metafunc.fixturenames and names:
             metafunc.parametrize(fixture, names, scope="session")
 

@@ -83,6 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line(
         "markers",
         f"{ENGINE_MARKER}: a runtime-contract test that needs containers that really run "
@@ -277,12 +278,13 @@ def dockyard_store_factory(
 # ------------------------------------------------------------------ a running dockyard
 @pytest.fixture
 def dockyard_app(tmp_path: Path) -> Any:
-    """``with dockyard_app(plugins=[...], **settings) as client``: a running dockyard (its
-    lifespan started) as a Litestar test client authenticated as an admin.
+    """``with dockyard_app(extra_plugins=[...], **settings) as client``: a running dockyard
+    (its lifespan started) as a Litestar test client authenticated as an admin.
 
-    ``plugins``: ``(name, module or object)`` pairs registered on top of the built-ins;
+    ``extra_plugins``: ``(name, module or object)`` pairs registered on top of the built-ins;
     ``entry_points``: also load the installed ``dockyard`` entry points (default True);
-    ``settings``: :class:`~dockyard.core.config.Settings` fields (``runtime="example"``).
+    ``settings``: :class:`~dockyard.core.config.Settings` fields (``runtime="example"``,
+    ``plugins={"example": {...}}`` for plugin options).
     The data directory is the test's own; rate limits and the health monitor are off.
     """
     from litestar.testing import TestClient
@@ -292,7 +294,10 @@ def dockyard_app(tmp_path: Path) -> Any:
 
     @contextlib.contextmanager
     def make(
-        plugins: Sequence[tuple[str, object]] = (), *, entry_points: bool = True, **settings: Any
+        extra_plugins: Sequence[tuple[str, object]] = (),
+        *,
+        entry_points: bool = True,
+        **settings: Any,
     ) -> Iterator[TestClient[Any]]:
         token_id = secrets.token_hex(4)
         token = f"dy_{token_id}_{secrets.token_urlsafe(32)[:43]}"
@@ -308,7 +313,7 @@ def dockyard_app(tmp_path: Path) -> Any:
             **settings,
         }
         cfg = Settings(**fields)
-        pm = build_plugin_manager(load_entry_points=entry_points, extra_plugins=list(plugins))
+        pm = build_plugin_manager(load_entry_points=entry_points, extra_plugins=list(extra_plugins))
         services = Services.build(cfg, pm)
         with TestClient(create_app(cfg, services=services)) as client:
             client.headers.update({"Authorization": f"Bearer {token}"})

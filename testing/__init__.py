@@ -4,10 +4,12 @@ Installed with dockyard and loaded by pytest through the entry point ``pytest11`
 (:mod:`dockyard.testing.plugin`). It ships:
 
 - the contract suites every runtime, store and router plugin passes
-  (:mod:`dockyard.testing.runtime_contract`, :mod:`dockyard.testing.store_contract`); a test
+  (:mod:`dockyard.testing.runtime_contract`, :mod:`dockyard.testing.store_contract`,
+  :mod:`dockyard.testing.router_contract`); a test
   module runs one by importing it, ``from dockyard.testing.runtime_contract import *``, and
   the plugin under contract is chosen by name on the command line
-  (``pytest --dockyard-runtime=myengine``, ``--dockyard-store=``), resolved through the
+  (``pytest --dockyard-runtime=myengine``, ``--dockyard-store=``, ``--dockyard-router=``),
+  resolved through the
   plugin manager (entry points in the group ``dockyard``) like ``dockyard serve`` does;
 - fixtures for a running dockyard with a given plugin set (``dockyard_app``).
 

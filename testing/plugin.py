@@ -5,9 +5,11 @@ the contract suites and plugin tests build on.
 Options (each may be repeated; the suites then run once per name):
 
 - ``--dockyard-runtime=NAME``: the runtime the runtime contract checks;
-- ``--dockyard-store=NAME``: the store the store contract checks.
+- ``--dockyard-store=NAME``: the store the store contract checks;
+- ``--dockyard-router=NAME``: the router the router contract checks.
 
-Without them, the ini options ``dockyard_runtimes`` / ``dockyard_stores`` (a project's
+Without them, the ini options ``dockyard_runtimes`` / ``dockyard_stores`` /
+``dockyard_routers`` (a project's
 ``[tool.pytest.ini_options]``) name the defaults.
 
 A name is resolved like ``dockyard serve`` resolves ``runtime = "..."``: through a plugin
@@ -20,7 +22,8 @@ overrides. A repository that starts its engines itself (dockyard's own tests) ov
 Fixtures (all prefixed ``dockyard_``, so they never shadow a project's own):
 ``dockyard_plugin_manager``, ``dockyard_settings``, ``dockyard_runtime_factory``,
 ``dockyard_runtime``, ``dockyard_engine_probe``, ``dockyard_test_image``,
-``dockyard_make_spec``, ``dockyard_token``, ``dockyard_store_factory`` and ``dockyard_app``
+``dockyard_make_spec``, ``dockyard_token``, ``dockyard_store_factory``,
+``dockyard_router_factory`` and ``dockyard_app``
 (a running dockyard, as a Litestar test client, with a given plugin set).
 """
 
@@ -40,6 +43,7 @@ import pytest_asyncio
 
 from dockyard.core.config import Settings
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
+from dockyard.core.router import Router
 from dockyard.core.runtime import BuildRequest, BuiltImage, ContainerSpec, Limits, Runtime
 from dockyard.core.store import StateStore
 from dockyard.testing.harness import TEST_LABEL, EngineProbe, TestImage, make_context
@@ -47,6 +51,8 @@ from dockyard.testing.harness import TEST_LABEL, EngineProbe, TestImage, make_co
 #: ``(directory, (first port, last port))`` -> an unopened store; two stores made on one
 #: directory share their state.
 StoreFactory = Callable[[Path, tuple[int, int]], StateStore]
+#: ``data_dir`` -> an unopened router (its proxy on free loopback ports, state in data_dir).
+RouterFactory = Callable[[Path], Router]
 #: The marker of runtime-contract tests that need containers that really run.
 ENGINE_MARKER = "dockyard_engine"
 
@@ -68,6 +74,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run the store contract against the store plugin NAME (repeatable)",
     )
 
+    group.addoption(
+        "--dockyard-router",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run the router contract against the router plugin NAME (repeatable)",
+    )
+    parser.addini(
+        "dockyard_routers",
+        "routers the router contract checks when --dockyard-router is not given",
+        type="linelist",
+        default=[],
+    )
     parser.addini(
         "dockyard_runtimes",
         "runtimes the runtime contract checks when --dockyard-runtime is not given",
@@ -95,6 +114,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for fixture, option, ini in (
         ("dockyard_runtime_name", "dockyard_runtime", "dockyard_runtimes"),
         ("dockyard_store_name", "dockyard_store", "dockyard_stores"),
+        ("dockyard_router_name", "dockyard_router", "dockyard_routers"),
     ):
         names = metafunc.config.getoption(option) or metafunc.config.getini(ini)
         if fixture in metafunc.fixturenames and names:
@@ -271,6 +291,31 @@ def dockyard_store_factory(
         }
         store: StateStore = factory(Settings(**fields))
         return store
+
+    return make
+
+
+# ---------------------------------------------------------------------------- router
+@pytest.fixture(scope="session")
+def dockyard_router_name() -> str:
+    """The router under contract (``--dockyard-router``)."""
+    return _no_option("router")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def dockyard_router_factory(
+    dockyard_router_name: str,
+    dockyard_plugin_manager: DockyardPluginManager,
+    dockyard_settings: dict[str, Any],
+) -> RouterFactory:
+    """Makes unopened routers of the one under contract on a data directory; its proxy
+    options (listen addresses, ...) come from ``dockyard_settings``."""
+    factory = dockyard_plugin_manager.registries.routers.get(dockyard_router_name)
+
+    def make(data_dir: Path) -> Router:
+        fields = {**dockyard_settings, "data_dir": str(data_dir), "router": dockyard_router_name}
+        router: Router = factory(Settings(**fields))
+        return router
 
     return make
 

@@ -43,6 +43,8 @@ import pytest
 
 from dockyard.backends.docker import DockerRuntime
 from dockyard.backends.podman import PodmanRuntime, PodmanService
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.router import Router
 from dockyard.core.runtime import ContainerSpec, Runtime
 from dockyard.testing.harness import (
     ON_CI,
@@ -53,6 +55,7 @@ from dockyard.testing.harness import (
     unavailable,
 )
 from tests.dockerd import DockerDaemon
+from tests.proxies import PROXIES, proxy_settings, require
 
 __all__ = ["ON_CI", "TEST_LABEL", "TestImage", "busybox_path", "make_context", "unavailable"]
 
@@ -368,3 +371,24 @@ def make_spec(dockyard_make_spec: Callable[..., ContainerSpec]) -> Callable[...,
 def test_image(dockyard_test_image: TestImage) -> TestImage:
     """One image per engine and session, built through the runtime under test."""
     return dockyard_test_image
+
+
+#: The built-in routers the router contract checks: ``caddy`` switches by rewriting an
+#: upstream file, ``caddy-admin`` (the caddy router) through the admin API.
+ROUTERS = [*PROXIES, "caddy-admin"]
+
+
+@pytest.fixture(scope="session", params=ROUTERS)
+def dockyard_router_factory(request: pytest.FixtureRequest) -> Callable[[Path], Router]:
+    """dockyard.testing's router under contract: each built-in router running its own
+    proxy on free loopback ports (skipped, or failed on CI, when the proxy is missing)."""
+    name = str(request.param)
+    require(name)
+    pm = build_plugin_manager(load_entry_points=False)
+    factory = pm.registries.routers.get(name.split("-")[0])
+
+    def make(data_dir: Path) -> Router:
+        router: Router = factory(proxy_settings(name, data_dir))
+        return router
+
+    return make

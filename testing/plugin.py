@@ -39,7 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
+
+try:
+    import pytest_asyncio
+
+    async_fixture: Any = pytest_asyncio.fixture
+except ImportError:  # pip install 'dockyard[testing]': the suites need pytest-asyncio, but
+    async_fixture = pytest.fixture  # a pytest run that uses none of them must still start
 
 from dockyard.core.config import Settings
 from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager
@@ -187,7 +193,7 @@ def dockyard_token() -> str:
     return uuid.uuid4().hex[:10]
 
 
-@pytest_asyncio.fixture
+@async_fixture
 async def dockyard_runtime(
     dockyard_runtime_factory: Callable[[], Runtime], dockyard_token: str
 ) -> AsyncIterator[Runtime]:

@@ -162,7 +162,7 @@ def dockyard_store_name() -> str:
 
 
 # --------------------------------------------------------------------------- runtime
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockyard_runtime_factory(
     dockyard_runtime_name: str,
     dockyard_plugin_manager: DockyardPluginManager,
@@ -181,7 +181,7 @@ def dockyard_runtime_factory(
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockyard_engine_probe() -> EngineProbe | None:
     """Looks at the engine without the runtime under test; None: no such checks."""
     return None
@@ -211,11 +211,12 @@ async def dockyard_runtime(
             await runtime.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockyard_test_image(
     dockyard_runtime_factory: Callable[[], Runtime], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestImage]:
-    """One busybox image per runtime and session, built through the runtime under test."""
+    """One busybox image per runtime and test module, built through the runtime under
+    test (module-scoped like the factory: a module may choose its own engines)."""
     suffix = uuid.uuid4().hex[:10]
     name = f"dockyard-contract-{suffix}"
     tag = f"localhost/{name}:v1"

@@ -49,14 +49,16 @@ def example_plugin_module() -> Iterator[object]:
         sys.path.remove(str(EXAMPLE_PLUGIN))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockyard_runtime_factory(engine: Any) -> Any:
     """dockyard.testing's runtime under contract, in a module with an ``engine`` fixture
-    (``tests/contract/conftest.py``): that engine's runtime, per ``engine`` param."""
+    (``tests/contract/conftest.py``): that engine's runtime, per ``engine`` param. Module
+    scope: modules define ``engine`` over different engines, and a cached factory must not
+    outlive its module."""
     return engine.make_runtime
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockyard_engine_probe(engine: Any) -> Any:
     """dockyard.testing's engine probe: the engine seen through its CLI or API."""
     return engine

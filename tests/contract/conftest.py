@@ -367,9 +367,9 @@ def make_spec(dockyard_make_spec: Callable[..., ContainerSpec]) -> Callable[...,
     return dockyard_make_spec
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def test_image(dockyard_test_image: TestImage) -> TestImage:
-    """One image per engine and session, built through the runtime under test."""
+    """One image per engine and module, built through the runtime under test."""
     return dockyard_test_image
 
 

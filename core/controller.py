@@ -202,14 +202,20 @@ class Controller:
             slots = []
         promoted = next((s for s in slots if s.state is S.PROMOTED), None)
         url = self.url_for(deployment_id, promoted)
-        if promoted is not None and url is not None:
-            return DeployOutcome(deployment_id, url=url, promoted=promoted.color, **known)
-        failed = next((s for s in slots if s.state is S.FAILED), None)
         op = self._operations.get(deployment_id)
+        since = op.started_at if op else 0.0
+        # A slot that failed during the latest operation, or its error: the deploy failed
+        # (the slot promoted before, if any, keeps serving and is still reported).
+        failed = next((s for s in slots if s.state is S.FAILED and s.updated_at >= since), None)
         error = (op.error if op else None) or {}
+        color = promoted.color if promoted is not None and url is not None else None
+        if failed is None and not error and color is not None:
+            return DeployOutcome(deployment_id, url=url, promoted=color, **known)
         reason = (failed.reason if failed else None) or error.get("reason") or "not_promoted"
         message = (failed.message if failed else None) or error.get("message") or reason
-        return DeployOutcome(deployment_id, reason=reason, message=message, **known)
+        return DeployOutcome(
+            deployment_id, url=url, promoted=color, reason=reason, message=message, **known
+        )
 
     async def finished(self, deployment_id: str, timeout_s: float) -> DeployOutcome:
         """Wait (at most ``timeout_s``) for the deployment's operation to end, then what it

@@ -46,10 +46,12 @@ class BuildFacts:
 class DeployOutcome:
     """What a deploy came to, once its operation ended.
 
-    ``ok``: a slot is promoted and reachable at ``url``. Otherwise ``reason`` and
-    ``message`` say why (the failed slot's, else the operation's error, else
-    ``not_promoted``). ``commit``/``image`` are known from the fetch and build on, whether
-    the deploy then worked or not.
+    ``ok``: the operation ended without error and a slot is promoted, reachable at
+    ``url``. Otherwise ``reason`` and ``message`` say why (the slot that failed during the
+    operation, else the operation's error, else ``not_promoted``); a slot promoted before a
+    failed redeploy keeps serving and is still reported (``url``, ``promoted``).
+    ``commit``/``image`` are known from the fetch and build on, whether the deploy then
+    worked or not.
     """
 
     deployment_id: str

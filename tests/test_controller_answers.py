@@ -86,6 +86,20 @@ async def test_a_failed_build_answers_why_and_keeps_the_commit(controller: Contr
     assert [p.name for p in controller.build_logs("app")] == ["blue.log"]
 
 
+async def test_a_failed_redeploy_fails_while_the_old_slot_serves(controller: Controller) -> None:
+    await controller.create(spec())
+    first = await controller.finished("app", 10)
+    assert first.ok
+    await controller.redeploy("app", {"ref": "v2", "build_args": {"BUILD": "fail"}})
+    second = await controller.finished("app", 10)
+    assert not second.ok and second.reason == "build_failed"
+    assert (second.url, second.promoted) == (first.url, Color.BLUE)  # still serving
+    assert second.commit is not None and second.commit != first.commit
+    await controller.redeploy("app", {"ref": "v3", "build_args": {}})
+    third = await controller.finished("app", 10)
+    assert third.ok and third.promoted is Color.GREEN and third.reason is None
+
+
 async def test_finished_is_bounded(controller: Controller) -> None:
     # Never healthy: the deploy keeps probing for 30 s.
     health = HealthCheck(interval_s=0.05, deadline_s=30)

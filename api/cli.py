@@ -27,7 +27,7 @@ import msgspec
 from dockyard.api import cli_admin, cli_evaluation, cli_install
 from dockyard.api.auth import TokenBook
 from dockyard.api.cli_events import follow_operation, print_events
-from dockyard.api.client import DEFAULT_URL, ApiError, DockyardClient
+from dockyard.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.client.events import last_event_id
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import DockyardError

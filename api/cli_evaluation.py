@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dockyard.api.client import DockyardClient
+from dockyard.client import DockyardClient
 from dockyard.client.models import Evaluation, TaskResult
 from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError

@@ -14,7 +14,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from dockyard.api.errors import errors
 from dockyard.core.controller import Controller as DeploymentController
-from dockyard.core.errors import NotFound, ValidationError
+from dockyard.core.errors import ValidationError
 from dockyard.core.models import (
     BuildMode,
     Color,
@@ -28,11 +28,11 @@ from dockyard.core.models import (
     Port,
     RelPath,
     Resources,
-    Slot,
     SlotHealth,
     SlotState,
 )
 from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter
+from dockyard.core.views import OperationState
 from dockyard.plugins.evaluation.service import EVALUATION_LABEL
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
@@ -178,24 +178,19 @@ def _check_id(deployment_id: str) -> str:
     return deployment_id
 
 
-def _operation_view(controller: DeploymentController, deployment_id: str) -> OperationView | None:
-    op = controller.operation(deployment_id)
+def _operation_view(op: OperationState | None, *, drain: bool = True) -> OperationView | None:
     if op is None:
         return None
+    wait = op.waiting_for_drain if drain else None
     return OperationView(
         kind=op.kind,
         running=op.running,
         started_at=op.started_at,
         finished_at=op.finished_at,
         error=op.error,
-    )
-
-
-def _url(controller: DeploymentController, deployment_id: str, promoted: Slot | None) -> str | None:
-    if promoted is None:
-        return None
-    return controller.services.router.url_for(deployment_id) or (
-        f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
+        waiting_for_drain=DrainWaitView(color=wait[0], since=wait[1], until=wait[2])
+        if wait
+        else None,
     )
 
 
@@ -209,7 +204,7 @@ def render_status(controller: DeploymentController, item: DeploymentStatus) -> S
         generation=item.generation,
         updated_at=item.updated_at,
         promoted=promoted.color if promoted else None,
-        url=_url(controller, item.id, promoted),
+        url=controller.url_for(item.id, promoted),
         slots=[
             StatusSlotView(
                 color=slot.color,
@@ -222,60 +217,39 @@ def render_status(controller: DeploymentController, item: DeploymentStatus) -> S
             )
             for slot in item.slots
         ],
-        operation=_operation_view(controller, item.id),
+        operation=_operation_view(controller.operation_state(item.id), drain=False),
     )
 
 
 async def render(controller: DeploymentController, deployment: Deployment) -> DeploymentView:
     """The API view of a deployment, with its slots and current operation."""
-    store = controller.services.store
-    slots: list[Slot] = await store.list_slots(deployment.id)
-    views = []
-    for slot in slots:
-        revision = await store.get_revision(slot.revision_id) if slot.revision_id else None
-        views.append(
-            SlotView(
-                color=slot.color,
-                state=slot.state,
-                revision_id=slot.revision_id,
-                commit=revision.commit if revision else None,
-                host_port=slot.host_port,
-                container_name=slot.container_name,
-                health=slot.health,
-                reason=slot.reason,
-                message=slot.message,
-                updated_at=slot.updated_at,
-            )
+    state = await controller.state(deployment.id)
+    deployment = state.deployment
+    views = [
+        SlotView(
+            color=slot.color,
+            state=slot.state,
+            revision_id=slot.revision_id,
+            commit=commit,
+            host_port=slot.host_port,
+            container_name=slot.container_name,
+            health=slot.health,
+            reason=slot.reason,
+            message=slot.message,
+            updated_at=slot.updated_at,
         )
-    promoted = next((s for s in slots if s.state is SlotState.PROMOTED), None)
-    url = None
-    if promoted is not None:
-        url = controller.services.router.url_for(deployment.id) or (
-            f"http://127.0.0.1:{promoted.host_port}" if promoted.host_port else None
-        )
-    op = controller.operation(deployment.id)
-    wait = controller.ops.waiting.get(deployment.id) if op and op.running else None
+        for slot, commit in ((s.slot, s.commit) for s in state.slots)
+    ]
     return DeploymentView(
         id=deployment.id,
         spec=_redact(deployment.spec),
         generation=deployment.generation,
         created_at=deployment.created_at,
         updated_at=deployment.updated_at,
-        promoted=promoted.color if promoted else None,
-        url=url,
+        promoted=state.promoted.color if state.promoted else None,
+        url=state.url,
         slots=views,
-        operation=OperationView(
-            kind=op.kind,
-            running=op.running,
-            started_at=op.started_at,
-            finished_at=op.finished_at,
-            error=op.error,
-            waiting_for_drain=DrainWaitView(color=wait.color, since=wait.since, until=wait.until)
-            if wait
-            else None,
-        )
-        if op
-        else None,
+        operation=_operation_view(state.operation),
     )
 
 
@@ -336,7 +310,7 @@ class DeploymentRoutes(Controller):
             with_label=EVALUATION_LABEL if evaluation is True else None,
             without_label=EVALUATION_LABEL if evaluation is False else None,
         )
-        page = await controller.services.store.list_status(after=cursor, limit=limit, where=where)
+        page = await controller.status_page(after=cursor, limit=limit, where=where)
         return StatusView(
             deployments=[render_status(controller, item) for item in page.deployments],
             cursor=page.cursor,
@@ -378,8 +352,7 @@ class DeploymentRoutes(Controller):
         after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=5000)] = 1000,
     ) -> list[Event]:
-        await controller.get(_check_id(deployment_id))
-        return await controller.services.store.list_events(deployment_id, after=after, limit=limit)
+        return await controller.events(_check_id(deployment_id), after=after, limit=limit)
 
     @post(
         "/repos/{deployment_id:str}/redeploy",
@@ -453,27 +426,8 @@ class DeploymentRoutes(Controller):
         strip_ansi: FromQuery[bool] = False,
         build: Annotated[bool, QueryParameter(description="the build log instead")] = False,
     ) -> LogsView:
-        await controller.get(_check_id(deployment_id))
-        slots = {s.color: s for s in await controller.services.store.list_slots(deployment_id)}
-        chosen = (
-            slots[slot]
-            if slot
-            else (
-                next((s for s in slots.values() if s.state is SlotState.PROMOTED), None)
-                or max(slots.values(), key=lambda s: s.updated_at)
-            )
-        )
-        if build:
-            path = controller.ops.build_log_path(deployment_id, chosen.color)
-            if not path.exists():
-                raise NotFound(f"the {chosen.color} slot has no build log")
-            lines = path.read_text().splitlines()[-tail:]
-            source: Literal["container", "build"] = "build"
-        else:
-            lines = []
-            if chosen.container_name:
-                lines = await controller.services.runtime.logs(chosen.container_name, tail=tail)
-            source = "container"
+        color, lines = await controller.logs(_check_id(deployment_id), slot, tail=tail, build=build)
+        source: Literal["container", "build"] = "build" if build else "container"
         if strip_ansi:
             lines = [ANSI.sub("", line) for line in lines]
-        return LogsView(deployment_id=deployment_id, slot=chosen.color, source=source, lines=lines)
+        return LogsView(deployment_id=deployment_id, slot=color, source=source, lines=lines)

@@ -18,6 +18,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -31,6 +32,8 @@ from dockyard.core.models import (
     Color,
     Deployment,
     DeploymentSpec,
+    Event,
+    Slot,
     SlotHealth,
     SlotState,
     now,
@@ -41,7 +44,17 @@ from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route
 from dockyard.core.runtime import LABEL_COLOR, LABEL_DEPLOYMENT
 from dockyard.core.services import Services
+from dockyard.core.source import Source
+from dockyard.core.store import StatusFilter, StatusPage
 from dockyard.core.strategy import Strategy
+from dockyard.core.views import (
+    BuildFacts,
+    DeploymentState,
+    DeployOutcome,
+    OperationState,
+    SlotWithCommit,
+    promoted_url,
+)
 
 log = logging.getLogger(__name__)
 #: Deployments per store read when the router watch reads every slot.
@@ -138,6 +151,134 @@ class Controller:
     def operation(self, deployment_id: str) -> Operation | None:
         return self._operations.get(deployment_id)
 
+    def url_for(self, deployment_id: str, promoted: Slot | None) -> str | None:
+        """The promoted slot's URL (:func:`dockyard.core.views.promoted_url`)."""
+        return promoted_url(self.services.router, deployment_id, promoted)
+
+    def operation_state(self, deployment_id: str) -> OperationState | None:
+        """The current (or last) operation, with the drain it waits for, if any."""
+        op = self._operations.get(deployment_id)
+        if op is None:
+            return None
+        wait = self.ops.waiting.get(deployment_id) if op.running else None
+        return OperationState(
+            kind=op.kind,
+            running=op.running,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            error=op.error,
+            waiting_for_drain=(wait.color, wait.since, wait.until) if wait else None,
+        )
+
+    async def state(self, deployment_id: str) -> DeploymentState:
+        """A deployment as callers render it: slots with their commits, the promoted
+        slot's URL, the operation. NotFound when it does not exist."""
+        deployment = await self.get(deployment_id)
+        store = self.services.store
+        slots = await store.list_slots(deployment_id)
+        rendered = []
+        for slot in slots:
+            revision = await store.get_revision(slot.revision_id) if slot.revision_id else None
+            rendered.append(SlotWithCommit(slot=slot, commit=revision.commit if revision else None))
+        promoted = next((s for s in slots if s.state is S.PROMOTED), None)
+        return DeploymentState(
+            deployment=deployment,
+            slots=rendered,
+            promoted=promoted,
+            url=self.url_for(deployment_id, promoted),
+            operation=self.operation_state(deployment_id),
+        )
+
+    async def outcome(self, deployment_id: str) -> DeployOutcome:
+        """What the deployment's latest deploy came to so far (see :meth:`finished`)."""
+        facts = self.ops.facts.get(deployment_id) or BuildFacts()
+        known = {
+            "commit": facts.commit,
+            "resolved_ref": facts.resolved_ref,
+            "image": facts.image,
+            "image_reused": facts.image_reused,
+        }
+        try:
+            slots = await self.services.store.list_slots(deployment_id)
+        except NotFound:
+            slots = []
+        promoted = next((s for s in slots if s.state is S.PROMOTED), None)
+        url = self.url_for(deployment_id, promoted)
+        op = self._operations.get(deployment_id)
+        since = op.started_at if op else 0.0
+        # A slot that failed during the latest operation, or its error: the deploy failed
+        # (the slot promoted before, if any, keeps serving and is still reported).
+        failed = next((s for s in slots if s.state is S.FAILED and s.updated_at >= since), None)
+        error = (op.error if op else None) or {}
+        color = promoted.color if promoted is not None and url is not None else None
+        if failed is None and not error and color is not None:
+            return DeployOutcome(deployment_id, url=url, promoted=color, **known)
+        reason = (failed.reason if failed else None) or error.get("reason") or "not_promoted"
+        message = (failed.message if failed else None) or error.get("message") or reason
+        return DeployOutcome(
+            deployment_id, url=url, promoted=color, reason=reason, message=message, **known
+        )
+
+    async def finished(self, deployment_id: str, timeout_s: float) -> DeployOutcome:
+        """Wait (at most ``timeout_s``) for the deployment's operation to end, then what it
+        came to. TimeoutError when it is still running."""
+        if not await self.wait(deployment_id, timeout_s):
+            raise TimeoutError(f"the operation on {deployment_id!r} took over {timeout_s:g} s")
+        return await self.outcome(deployment_id)
+
+    async def deployments(self) -> list[Deployment]:
+        """Every deployment."""
+        return await self.services.store.list_deployments()
+
+    async def status_page(
+        self, *, after: str | None, limit: int, where: StatusFilter | None = None
+    ) -> StatusPage:
+        """One page of deployments with their slots, from one store query."""
+        return await self.services.store.list_status(after=after, limit=limit, where=where)
+
+    async def events(self, deployment_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        """A deployment's history after sequence number ``after``; NotFound when unknown."""
+        await self.get(deployment_id)
+        return await self.services.store.list_events(deployment_id, after=after, limit=limit)
+
+    async def logs(
+        self, deployment_id: str, color: Color | None, *, tail: int, build: bool = False
+    ) -> tuple[Color, list[str]]:
+        """The last ``tail`` lines of a slot's container log (or its build log): the slot
+        asked for, else the promoted one, else the latest changed. NotFound when there is
+        no such deployment or build log."""
+        await self.get(deployment_id)
+        slots = {s.color: s for s in await self.services.store.list_slots(deployment_id)}
+        chosen = (
+            slots[color]
+            if color
+            else (
+                next((s for s in slots.values() if s.state is S.PROMOTED), None)
+                or max(slots.values(), key=lambda s: s.updated_at)
+            )
+        )
+        if build:
+            path = self.ops.build_log_path(deployment_id, chosen.color)
+            if not path.exists():
+                raise NotFound(f"the {chosen.color} slot has no build log")
+            return chosen.color, path.read_text().splitlines()[-tail:]
+        if not chosen.container_name:
+            return chosen.color, []
+        return chosen.color, await self.services.runtime.logs(chosen.container_name, tail=tail)
+
+    def source_for(self, url: str) -> Source:
+        """The source plugin that fetches ``url``; SourceError when none accepts it."""
+        return self.ops.source_for(url)
+
+    def build_logs(self, deployment_id: str) -> list[Path]:
+        """The build logs of a deployment's slots that exist (gone once it is deleted)."""
+        paths = [self.ops.build_log_path(deployment_id, color) for color in Color]
+        return [path for path in paths if path.is_file()]
+
+    def build_log(self, deployment_id: str, color: Color) -> Path:
+        """Where the latest build log of one slot is (or would be)."""
+        return self.ops.build_log_path(deployment_id, color)
+
     # -- operations ----------------------------------------------------------------------
     async def create(self, spec: DeploymentSpec) -> Deployment:
         """Store a new deployment and start deploying it."""
@@ -186,13 +327,25 @@ class Controller:
             deployment_id, "switch", lambda: self.get(deployment_id), self._switch
         )
 
-    async def delete(self, deployment_id: str) -> None:
+    async def delete(self, deployment_id: str, *, missing_ok: bool = False) -> None:
         """Cancel what runs, remove every container, route, port lease and record.
 
         The intent is recorded first (``delete_requested``): a restart finishes the delete.
         From the moment a delete starts, new operations on the deployment get Conflict and
         an operation admitted meanwhile ends before it touches anything. A second delete
-        meanwhile waits for the first, then finds nothing (NotFound)."""
+        meanwhile waits for the first, then finds nothing (NotFound). With ``missing_ok``
+        an id with no record is no error: what a lost record left behind under that id
+        (containers, port leases, a route) is removed instead."""
+        try:
+            await self._delete(deployment_id)
+        except NotFound:
+            if not missing_ok:
+                raise
+            async with self._lock(deployment_id):
+                await self._remove_leftovers(deployment_id)
+            self._locks.pop(deployment_id, None)
+
+    async def _delete(self, deployment_id: str) -> None:
         await self.get(deployment_id)
         while (running := self._deleting.get(deployment_id)) is not None:
             await running.wait()
@@ -374,7 +527,41 @@ class Controller:
         for info in leftovers:
             await self.services.runtime.remove(info.id)
         await self.services.store.delete_deployment(deployment_id)
+        self.ops.facts.pop(deployment_id, None)
         shutil.rmtree(self.ops.build_log_path(deployment_id, Color.BLUE).parent, ignore_errors=True)
+
+    async def _remove_leftovers(self, deployment_id: str) -> None:
+        """What an id with no record may still hold: its route, containers labelled with
+        it, port leases it owns."""
+        await self.services.router.remove(deployment_id)
+        runtime, store = self.services.runtime, self.services.store
+        for info in await runtime.list(self.services.labels(**{LABEL_DEPLOYMENT: deployment_id})):
+            await runtime.remove(info.id)
+        for port, owner in (await store.list_leases()).items():
+            if owner == deployment_id or owner.startswith(f"{deployment_id}:"):
+                await store.release_port(port)
+        self.ops.facts.pop(deployment_id, None)
+
+    async def remove_labelled(self, label: str, keep: set[str]) -> list[str]:
+        """Delete every deployment whose spec carries ``label``, and remove every container
+        carrying it, except those of the deployment ids in ``keep`` (a flow reaping what a
+        previous process left). Returns the deployment ids removed."""
+        removed = []
+        for deployment in await self.services.store.list_deployments():
+            if label in deployment.spec.labels and deployment.id not in keep:
+                await self.delete(deployment.id, missing_ok=True)
+                removed.append(deployment.id)
+        runtime = self.services.runtime
+        for info in await runtime.list(self.services.labels()):
+            owner = info.labels.get(LABEL_DEPLOYMENT, "")
+            if label in info.labels and owner not in keep:
+                log.info("reaping container %s (%s)", info.name, label)
+                await runtime.remove(info.id)
+        return removed
+
+    async def remove_image(self, ref: str) -> None:
+        """Remove an image a deployment no longer needs (a no-op when it is gone)."""
+        await self.services.runtime.remove_image(ref)
 
     # -- drains --------------------------------------------------------------------------
     async def _schedule_drains(self, deployment_id: str) -> None:

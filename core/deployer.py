@@ -47,6 +47,7 @@ from dockyard.core.runtime import (
 from dockyard.core.services import Services
 from dockyard.core.source import FetchedSource, Source, SourceRequest
 from dockyard.core.states import transition
+from dockyard.core.views import BuildFacts
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class SlotOps:
         self.drains: dict[tuple[str, Color], tuple[float, float]] = {}
         #: Operations waiting for a drain to end, by deployment (shown in the API).
         self.waiting: dict[str, DrainWait] = {}
+        #: What each deployment's latest build resolved (commit, image), by deployment.
+        self.facts: dict[str, BuildFacts] = {}
         #: The reason a cancelled operation's slot fails with (``controller_stopped`` once
         #: the controller stops).
         self.cancel_reason = "cancelled"
@@ -153,11 +156,13 @@ class SlotOps:
         A source refused after its commit was known (``dockerfile_not_found``, a symlink
         leaving the checkout, ...) still records that commit: event ``source_refused``.
         """
+        self.facts.pop(spec.id, None)
         try:
             source = await self.fetch(spec)
         except SourceError as exc:
             commit = exc.detail.get("commit")
             if isinstance(commit, str) and commit:
+                self.facts[spec.id] = BuildFacts(commit=commit)
                 await self.event(
                     spec.id,
                     "source_refused",
@@ -167,6 +172,9 @@ class SlotOps:
                     data={"commit": commit},
                 )
             raise
+        facts = self.facts[spec.id] = BuildFacts(
+            commit=source.commit, resolved_ref=source.resolved_ref
+        )
         await self.event(
             spec.id,
             "source_fetched",
@@ -212,6 +220,8 @@ class SlotOps:
             },
             spec=spec,
         )
+        facts.image, facts.image_reused = built.image, built.reused
+        facts.revision_id = revision.id
         existing = await self.store.get_revision(revision.id)
         if existing is None:
             with contextlib.suppress(Conflict):

@@ -66,7 +66,7 @@ def dockyard_register_runtimes(register: Registrar[RuntimeFactory]) -> None:
         :class:`dockyard.core.runtime.Runtime`, and ``settings.runtime`` selects one by name.
 
     A third-party plugin implements this hook to ship a new container engine; its runtime
-    must pass ``tests/contract/test_runtime_contract.py``.
+    must pass ``dockyard.testing.runtime_contract`` (``pytest --dockyard-runtime=NAME``).
     """
 
 
@@ -89,7 +89,7 @@ def dockyard_register_stores(register: Registrar[StoreFactory]) -> None:
         :class:`dockyard.core.store.StateStore`, and ``settings.store`` selects one by name.
 
     A third-party plugin implements this hook to keep state elsewhere; its store must pass
-    ``tests/contract/test_store_contract.py``.
+    ``dockyard.testing.store_contract`` (``pytest --dockyard-store=NAME``).
     """
 
 

@@ -1,7 +1,7 @@
 """The container-runtime contract: what every runtime plugin (Podman, Docker, ...) provides.
 
 Runtimes are async; a runtime built on a synchronous client runs it in worker threads. The
-contract suite in ``tests/contract/test_runtime_contract.py`` checks any implementation.
+contract suite ``dockyard.testing.runtime_contract`` checks any implementation.
 Nothing engine-specific belongs here.
 """
 

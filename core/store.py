@@ -1,6 +1,6 @@
 """The state-store contract: what every store plugin (SQLite by default) provides.
 
-The contract suite in ``tests/contract/test_store_contract.py`` checks any implementation:
+The contract suite ``dockyard.testing.store_contract`` checks any implementation:
 deployments, revisions, slots, the append-only event history, host-port leases that are
 never handed out twice, even to two processes at once, and records plugins own
 (:class:`PluginRecord`, namespaced by plugin).

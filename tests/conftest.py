@@ -49,6 +49,21 @@ def example_plugin_module() -> Iterator[object]:
         sys.path.remove(str(EXAMPLE_PLUGIN))
 
 
+@pytest.fixture(scope="module")
+def dockyard_runtime_factory(engine: Any) -> Any:
+    """dockyard.testing's runtime under contract, in a module with an ``engine`` fixture
+    (``tests/contract/conftest.py``): that engine's runtime, per ``engine`` param. Module
+    scope: modules define ``engine`` over different engines, and a cached factory must not
+    outlive its module."""
+    return engine.make_runtime
+
+
+@pytest.fixture(scope="module")
+def dockyard_engine_probe(engine: Any) -> Any:
+    """dockyard.testing's engine probe: the engine seen through its CLI or API."""
+    return engine
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

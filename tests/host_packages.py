@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Folders (and files) whose Python code is scanned, relative to the checkout.
-SOURCE_DIRS = ("api", "core", "backends", "routers", "plugins", "tests", "contrib", "bench")
+SOURCE_DIRS = (
+    "api", "client", "core", "backends", "routers", "plugins", "testing", "tests", "contrib",
+    "bench",
+)  # fmt: skip
 #: Everything that may install a host package or a Python distribution.
 SETUP_FILES = (
     "contrib/ci/*.sh",

@@ -7,7 +7,6 @@ it is. Nothing here listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
@@ -15,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from dockyard.core.config import Settings
+from dockyard.testing.upstream import Upstream
+
+__all__ = ["PROXIES", "Upstream", "binary", "free_port", "proxy_settings", "require"]
 
 ON_CI = os.environ.get("CI", "").lower() == "true"
 PROXIES = ["traefik", "caddy"]
@@ -65,56 +65,3 @@ def proxy_settings(name: str, data_dir: Path, **settings: Any) -> Settings:
             plugins["caddy"]["switch"] = "admin"
             name = "caddy"
     return Settings(data_dir=str(data_dir), router=name, plugins=plugins, **settings)
-
-
-class Upstream:
-    """An HTTP server on a loopback port: ``/`` answers its name, ``/health`` 200,
-    ``/slow?s=`` waits first, ``/echo/...`` answers the path and prefix it got, ``/stream``
-    sends a line every 0.2 s for ``n`` lines."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = free_port()
-        self.requests = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> Upstream:
-        async def root(request: web.Request) -> web.Response:
-            self.requests += 1
-            return web.Response(text=self.name)
-
-        async def health(_: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        async def slow(request: web.Request) -> web.Response:
-            await asyncio.sleep(float(request.query.get("s", "1")))
-            return web.Response(text=self.name)
-
-        async def echo(request: web.Request) -> web.Response:
-            prefix = request.headers.get("X-Forwarded-Prefix", "")
-            return web.Response(text=f"{self.name} {request.path_qs} {prefix}")
-
-        async def stream(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse()
-            await response.prepare(request)
-            for i in range(int(request.query.get("n", "5"))):
-                await response.write(f"{self.name} {i}\n".encode())
-                await asyncio.sleep(0.2)
-            await response.write_eof()
-            return response
-
-        app = web.Application()
-        app.router.add_get("/", root)
-        app.router.add_get("/health", health)
-        app.router.add_get("/slow", slow)
-        app.router.add_get("/stream", stream)
-        app.router.add_get("/echo/{tail:.*}", echo)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None

@@ -83,8 +83,9 @@ def test_deploy_redeploy_fail_switch_delete(fake_client_factory: Any) -> None:
         assert _get(v1_port)  # still answering while it drains
         body = _wait_for(
             client,
-            lambda b: _slots(b)["blue"]["state"] == "RETIRED"
-            and _slots(b)["blue"]["host_port"] is None,
+            lambda b: (
+                _slots(b)["blue"]["state"] == "RETIRED" and _slots(b)["blue"]["host_port"] is None
+            ),
         )
         assert _slots(body)["blue"]["state"] == "RETIRED"
         assert _slots(body)["blue"]["host_port"] is None

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ROOT
 
 #: Folders that must stay engine-neutral, and the import names none of them may use.
-NEUTRAL = ("core", "plugins", "api", "routers")
+NEUTRAL = ("core", "plugins", "api", "routers", "client", "testing")
 FORBIDDEN = ("podman", "docker", "aiodocker", "dockyard.backends")
 
 

@@ -44,7 +44,8 @@ def test_hook_has_a_test(hook: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "folder", ["core", "backends", "routers", "plugins", "api", "tests", "contrib"]
+    "folder",
+    ["core", "backends", "routers", "plugins", "api", "client", "testing", "tests", "contrib"],
 )
 def test_architecture_section_names_every_top_level_folder(folder: str) -> None:
     section = README.split("## Architecture", 1)[-1]

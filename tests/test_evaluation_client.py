@@ -1,6 +1,6 @@
 """``dockyard.client`` against a live dockyard (uvicorn on loopback) on the fast fakes:
 the typed client, ``ValidatorIntegration.evaluate_miner_from_github`` and its batch call,
-and the old import path ``dockyard.api.client``."""
+and its one import name."""
 
 from __future__ import annotations
 
@@ -71,12 +71,14 @@ def token() -> str | None:
     return AUTH.get("Authorization", "").removeprefix("Bearer ") or None
 
 
-def test_both_import_paths_are_the_same_client() -> None:
-    import dockyard.api.client as old
-    import dockyard.client as new
+def test_the_client_has_one_name() -> None:
+    import importlib.util
 
-    assert old.DockyardClient is new.DockyardClient and old.ApiError is new.ApiError
-    assert new.ValidatorIntegration.evaluate_miner_from_github
+    import dockyard.client as client
+
+    assert importlib.util.find_spec("dockyard.api.client") is None
+    assert client.DockyardClient.__module__ == "dockyard.client.rest"
+    assert client.ValidatorIntegration.evaluate_miner_from_github
 
 
 async def test_evaluate_miner_from_github_as_the_seed_calls_it(dockyard_url: str) -> None:

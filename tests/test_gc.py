@@ -3,7 +3,7 @@ retention says, and nothing an existing deployment or a running evaluation uses.
 
 The deployment runs on the fake runtime (orchestration logic); the engines' image listing
 is checked against the real engines by the runtime contract
-(``tests/contract/test_runtime_contract.py::test_list_images_by_labels``).
+(``dockyard.testing.runtime_contract``: ``test_list_images_by_labels``).
 """
 
 from __future__ import annotations

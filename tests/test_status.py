@@ -1,7 +1,7 @@
 """``GET /v1/status``: one page of deployments from one store query, a cursor, filters.
 
 The store side (pages, filters, one snapshot) is pinned for every store by the contract
-suite (``tests/contract/test_store_contract.py``); these tests pin the HTTP surface on the
+suite (``dockyard.testing.store_contract``); these tests pin the HTTP surface on the
 fast fake runtime and source: small items, a cursor that walks every deployment once,
 ``state`` and ``evaluation`` filters, and a clear 400 naming the field for bad input.
 """

@@ -208,11 +208,9 @@ def _log_tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
 
 async def deployments_context(state: State) -> dict[str, Any]:
     controller = state.controller
-    views = [
-        await render(controller, d) for d in await controller.services.store.list_deployments()
-    ]
+    views = [await render(controller, d) for d in await controller.deployments()]
     logs = {
-        f"{view.id}/{slot.color}": _log_tail(controller.ops.build_log_path(view.id, slot.color))
+        f"{view.id}/{slot.color}": _log_tail(controller.build_log(view.id, slot.color))
         for view in views
         for slot in view.slots
         if slot.state is SlotState.FAILED

@@ -36,9 +36,9 @@ from dockyard.core.errors import (
     Unprocessable,
 )
 from dockyard.core.logs import bind as bind_log_ids
-from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState, now
+from dockyard.core.models import DeploymentSpec, HealthCheck, now
 from dockyard.core.plugins import check_spec
-from dockyard.core.runtime import LABEL_DEPLOYMENT
+from dockyard.core.views import DeployOutcome
 from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.events import announce
 from dockyard.plugins.evaluation.models import (
@@ -237,14 +237,7 @@ class EvaluationService:
         """Remove every deployment and container labelled as an evaluation's that no active
         evaluation owns."""
         active = {run.evaluation.deployment_id for run in self._runs.values()}
-        for deployment in await self.services.store.list_deployments():
-            if EVALUATION_LABEL in deployment.spec.labels and deployment.id not in active:
-                await self._remove_deployment(deployment.id)
-        for info in await self.services.runtime.list(self.services.labels()):
-            owner = info.labels.get(LABEL_DEPLOYMENT, "")
-            if EVALUATION_LABEL in info.labels and owner not in active:
-                log.info("reaping evaluation container %s", info.name)
-                await self.services.runtime.remove(info.id)
+        await self.controller.remove_labelled(EVALUATION_LABEL, keep=active)
 
     # -- submitting ----------------------------------------------------------------------
     async def submit(self, request: EvaluateMinerRequest) -> Evaluation:
@@ -355,7 +348,7 @@ class EvaluationService:
         """Refuse what would fail anyway before it waits in the queue (no I/O)."""
         miner = run.evaluation.miner
         try:
-            source = self.controller.ops.source_for(miner.github_url)
+            source = self.controller.source_for(miner.github_url)
             parse = getattr(source, "parse", None)
             url_ref = getattr(parse(miner.github_url), "ref_from_url", None) if parse else None
             validate = getattr(source, "validate", None)
@@ -445,33 +438,26 @@ class EvaluationService:
                 await self.controller.create(spec)
             except DockyardError as exc:
                 raise Refused(map_reason(exc.reason), exc.message, exc.reason) from None
-            operation = self.controller.operation(spec.id)
-            if operation is not None:
-                bound = (
-                    self.settings.fetch_timeout_s
-                    + self.settings.build_timeout_s
-                    + evaluation.limits.health_s
-                    + 60
-                )
-                try:
-                    await asyncio.wait_for(asyncio.shield(operation.task), timeout=bound)
-                except TimeoutError:
-                    raise Refused(
-                        "deploy_failed", f"the deploy took over {bound:g} s", "deploy_timeout"
-                    ) from None
-        await self._capture_provenance(evaluation)
-        slots = await self.services.store.list_slots(spec.id)
-        promoted = next((s for s in slots if s.state is SlotState.PROMOTED), None)
-        if promoted is None or promoted.host_port is None:
-            failed = next((s for s in slots if s.state is SlotState.FAILED), None)
-            error = (operation.error if operation else None) or {}
-            detail = (failed.reason if failed else None) or error.get("reason") or "not_promoted"
-            message = (failed.message if failed else None) or error.get("message") or detail
-            raise Refused(map_reason(detail), message, detail)
+            bound = (
+                self.settings.fetch_timeout_s
+                + self.settings.build_timeout_s
+                + evaluation.limits.health_s
+                + 60
+            )
+            try:
+                outcome = await self.controller.finished(spec.id, bound)
+            except TimeoutError:
+                raise Refused(
+                    "deploy_failed", f"the deploy took over {bound:g} s", "deploy_timeout"
+                ) from None
+        _provenance(evaluation, outcome)
+        if not outcome.ok or outcome.url is None:
+            detail = outcome.reason or "not_promoted"
+            raise Refused(map_reason(detail), outcome.message or detail, detail)
         evaluation.deployed_at = now()
         if evaluation.started_at is not None:
             evaluation.deploy_s = round(evaluation.deployed_at - evaluation.started_at, 3)
-        url = self.services.router.url_for(spec.id) or f"http://127.0.0.1:{promoted.host_port}"
+        url = outcome.url
         evaluation.agent_url = url
         evaluation.state = "running"
         await self._save(run)
@@ -677,17 +663,9 @@ class EvaluationService:
         evaluation.cleaned_up = True
 
     async def _remove_deployment(self, deployment_id: str) -> None:
-        """Everything a deployment left: record, containers, port leases, route."""
-        with contextlib.suppress(NotFound):
-            await self.controller.delete(deployment_id)
-        runtime = self.services.runtime
-        for info in await runtime.list(self.services.labels(**{LABEL_DEPLOYMENT: deployment_id})):
-            await runtime.remove(info.id)
-        store = self.services.store
-        for port, owner in (await store.list_leases()).items():
-            if owner == deployment_id or owner.startswith(f"{deployment_id}:"):
-                await store.release_port(port)
-        await self.services.router.remove(deployment_id)
+        """Everything a deployment left: record, containers, port leases, route (also
+        under an id whose record is gone)."""
+        await self.controller.delete(deployment_id, missing_ok=True)
 
     async def _apply_image_policy(self, evaluation: Evaluation) -> bool | None:
         """Keep the image (the next evaluation of this commit reuses it) or remove it."""
@@ -707,23 +685,16 @@ class EvaluationService:
         if in_use:
             return True
         try:
-            await self.services.runtime.remove_image(evaluation.image)
+            await self.controller.remove_image(evaluation.image)
         except DockyardError as exc:
             log.warning("removing image %s failed: %s", evaluation.image, exc.message)
             return True
         return False
 
     async def _capture_provenance(self, evaluation: Evaluation) -> None:
-        """The exact commit (fetched, or refused after the fetch) and image from the
-        deployment's events, while they exist."""
-        events = await self.services.store.list_events(evaluation.deployment_id)
-        for event in events:
-            if event.kind in ("source_fetched", "source_refused"):
-                evaluation.commit = event.data.get("commit") or evaluation.commit
-                evaluation.resolved_ref = event.data.get("ref") or evaluation.resolved_ref
-            elif event.kind == "image_ready":
-                evaluation.image = event.data.get("image") or evaluation.image
-                evaluation.image_reused = bool(event.data.get("reused"))
+        """The exact commit (fetched, or refused after the fetch) and image, as the
+        controller knows them while the deployment exists."""
+        _provenance(evaluation, await self.controller.outcome(evaluation.deployment_id))
 
     def _capture_build_log(self, run: Run) -> None:
         """Keep the tail of a failed build's log: removing the deployment removes the log."""
@@ -731,8 +702,7 @@ class EvaluationService:
         if outcome is None or outcome[3] not in BUILD_FAILURES:
             return
         deployment_id = run.evaluation.deployment_id
-        paths = [self.controller.ops.build_log_path(deployment_id, c) for c in Color]
-        found = [p for p in paths if p.is_file()]
+        found = self.controller.build_logs(deployment_id)
         if not found:
             return
         latest = max(found, key=lambda p: p.stat().st_mtime)
@@ -866,3 +836,12 @@ class EvaluationService:
         if run.task is not None:
             await asyncio.wait({run.task}, timeout=CANCEL_WAIT_S)
         return await self.get(evaluation_id)
+
+
+def _provenance(evaluation: Evaluation, outcome: DeployOutcome) -> None:
+    """Copy what the deploy resolved (commit, ref, image) onto the evaluation."""
+    evaluation.commit = outcome.commit or evaluation.commit
+    evaluation.resolved_ref = outcome.resolved_ref or evaluation.resolved_ref
+    if outcome.image:
+        evaluation.image = outcome.image
+        evaluation.image_reused = outcome.image_reused

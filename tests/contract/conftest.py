@@ -1,4 +1,7 @@
-"""Real engines for the runtime contract suite (``test_runtime_contract.py``).
+"""Real engines for the runtime contract suite (``dockyard.testing.runtime_contract``, run
+by ``test_runtime.py``): this conftest gives dockyard.testing its runtime under contract
+(``dockyard_runtime_factory``) and engine probe, so the repository runs the same suite a
+plugin author runs with ``--dockyard-runtime``.
 
 Every test that asks for ``engine`` (or ``runtime``, ``test_image``) runs once per entry of
 :data:`RUNTIMES`. Engines are private to the test session, started on first use, shared by
@@ -24,7 +27,6 @@ build leftovers. The end-to-end tests use those probes, so they stay engine-neut
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -32,24 +34,32 @@ import pwd
 import shutil
 import stat
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from dockyard.backends.docker import DockerRuntime
 from dockyard.backends.podman import PodmanRuntime, PodmanService
-from dockyard.core.runtime import BuildRequest, BuiltImage, ContainerSpec, Limits, Runtime
+from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.router import Router
+from dockyard.core.runtime import ContainerSpec, Runtime
+from dockyard.testing.harness import (
+    ON_CI,
+    TEST_LABEL,
+    TestImage,
+    busybox_path,
+    make_context,
+    unavailable,
+)
 from tests.dockerd import DockerDaemon
+from tests.proxies import PROXIES, proxy_settings, require
 
-ON_CI = os.environ.get("CI", "").lower() == "true"
+__all__ = ["ON_CI", "TEST_LABEL", "TestImage", "busybox_path", "make_context", "unavailable"]
+
 TEST_USER = os.environ.get("DOCKYARD_TEST_USER", "dockyard-test")
-#: Label on every container a test creates; the ``runtime`` fixture removes them afterwards.
-TEST_LABEL = "io.dockyard.test"
 
 PODMAN_RUNTIMES = [
     pytest.param("podman-rootful", marks=[pytest.mark.podman]),
@@ -57,63 +67,6 @@ PODMAN_RUNTIMES = [
 ]
 DOCKER_RUNTIMES = [pytest.param("docker", marks=[pytest.mark.docker])]
 RUNTIMES = [*PODMAN_RUNTIMES, *DOCKER_RUNTIMES]
-
-PROBE_CGI = r"""#!/bin/sh
-writable() { if touch "$1" 2>/dev/null; then echo yes; else echo no; fi; }
-echo "Content-Type: text/plain"
-echo ""
-echo "uid=$(id -u)"
-grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status | tr -d ' \t' | tr ':' '='
-echo "nofile=$(ulimit -n)"
-echo "nproc=$(ulimit -u)"
-echo "root_writable=$(writable /rootfs-write-test)"
-echo "tmp_writable=$(writable /tmp/write-test)"
-echo "tmp_mount=$(grep ' /tmp ' /proc/mounts | cut -d' ' -f4)"
-echo "env_value=${DOCKYARD_TEST_VALUE:-}"
-echo "mounted=$(cat /data/mounted.txt 2>/dev/null)"
-echo "mount_writable=$(writable /data/write-test)"
-"""
-
-DOCKERFILE = """\
-FROM scratch
-ARG GREETING=unset
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-COPY www /www
-RUN echo "greeting=$GREETING" && echo "$GREETING" > /www/greeting.txt \\
-    && sed -n 's/^ *\\([^:]*\\):.*/build-iface=\\1/p' /proc/net/dev
-CMD ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
-"""
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip with ``reason``; on CI, fail instead (every engine must run there)."""
-    if ON_CI:
-        pytest.fail(f"{reason} (CI=true: engines are never skipped on CI)", pytrace=False)
-    pytest.skip(reason)
-
-
-def busybox_path() -> Path:
-    """The static busybox the test images are made of (Debian's busybox-static)."""
-    for candidate in ("/bin/busybox", "/usr/bin/busybox"):
-        path = Path(candidate)
-        if path.is_file():
-            return path
-    unavailable("busybox is not installed: apt-get install busybox-static")
-
-
-def make_context(directory: Path, dockerfile: str = DOCKERFILE) -> Path:
-    """A build context: busybox, a static ``/health``, a probe CGI, and ``dockerfile``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox_path(), directory / "busybox")
-    www = directory / "www"
-    (www / "cgi-bin").mkdir(parents=True, exist_ok=True)
-    (www / "health").write_text('{"status": "ok"}\n')
-    probe = www / "cgi-bin" / "probe"
-    probe.write_text(PROBE_CGI)
-    probe.chmod(0o755)
-    (directory / "Dockerfile").write_text(dockerfile)
-    return directory
 
 
 @dataclass
@@ -393,98 +346,49 @@ def engine_fixture(params: list[Any]) -> Any:
 engine = engine_fixture(RUNTIMES)
 
 
+# The fixtures other engine test modules take from here (``contract.runtime`` ...) are
+# dockyard.testing's, over the engine of the module's ``engine`` fixture (through
+# ``dockyard_runtime_factory`` in ``tests/conftest.py``).
 @pytest.fixture
-def token() -> str:
+def token(dockyard_token: str) -> str:
     """A short unique id for names and labels of one test."""
-    return uuid.uuid4().hex[:10]
-
-
-@pytest_asyncio.fixture
-async def runtime(engine: Engine, token: str) -> AsyncIterator[Runtime]:
-    """An open runtime on ``engine``; containers labelled with ``token`` are removed after."""
-    rt = engine.make_runtime()
-    await rt.open()
-    try:
-        yield rt
-    finally:
-        try:
-            for info in await rt.list({TEST_LABEL: token}):
-                await rt.remove(info.id)
-        finally:
-            await rt.close()
+    return dockyard_token
 
 
 @pytest.fixture
-def make_spec(token: str, test_image: TestImage) -> Callable[..., ContainerSpec]:
-    """``make_spec(suffix, **fields)``: a ContainerSpec of the test image, uniquely named and
-    labelled for cleanup; small limits so they are visible."""
-    counter = 0
+def runtime(dockyard_runtime: Runtime) -> Runtime:
+    """An open runtime on ``engine``; containers labelled with ``token`` are removed after."""
+    return dockyard_runtime
 
-    def make(suffix: str = "", **fields: Any) -> ContainerSpec:
-        nonlocal counter
-        counter += 1
-        labels = {TEST_LABEL: token, **fields.pop("labels", {})}
-        values: dict[str, Any] = {
-            "name": f"dyc-{token}-{suffix or counter}",
-            "image": test_image.tag,
-            "container_port": 8080,
-            "labels": labels,
-            "limits": Limits(memory_mb=96, cpus=0.5, pids=64, tmpfs_mb=16),
-        }
-        values.update(fields)
-        return ContainerSpec(**values)
+
+@pytest.fixture
+def make_spec(dockyard_make_spec: Callable[..., ContainerSpec]) -> Callable[..., ContainerSpec]:
+    """``make_spec(suffix, **fields)``: a ContainerSpec of the test image (dockyard.testing)."""
+    return dockyard_make_spec
+
+
+@pytest.fixture(scope="module")
+def test_image(dockyard_test_image: TestImage) -> TestImage:
+    """One image per engine and module, built through the runtime under test."""
+    return dockyard_test_image
+
+
+#: The built-in routers the router contract checks: ``caddy`` switches by rewriting an
+#: upstream file, ``caddy-admin`` (the caddy router) through the admin API.
+ROUTERS = [*PROXIES, "caddy-admin"]
+
+
+@pytest.fixture(scope="session", params=ROUTERS)
+def dockyard_router_factory(request: pytest.FixtureRequest) -> Callable[[Path], Router]:
+    """dockyard.testing's router under contract: each built-in router running its own
+    proxy on free loopback ports (skipped, or failed on CI, when the proxy is missing)."""
+    name = str(request.param)
+    require(name)
+    pm = build_plugin_manager(load_entry_points=False)
+    factory = pm.registries.routers.get(name.split("-")[0])
+
+    def make(data_dir: Path) -> Router:
+        router: Router = factory(proxy_settings(name, data_dir))
+        return router
 
     return make
-
-
-@dataclass
-class TestImage:
-    """The session's busybox image: tag, what the build returned, the build arg it got."""
-
-    tag: str
-    built: BuiltImage
-    greeting: str
-    context: Path
-    name: str  # repository name without registry, as in build-container names
-
-    __test__ = False  # not a test class
-
-
-@pytest.fixture(scope="session")
-def test_image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestImage]:
-    """One image per engine and session, built through the runtime under test."""
-    suffix = uuid.uuid4().hex[:10]
-    name = f"dockyard-contract-{suffix}"
-    tag = f"localhost/{name}:v1"
-    greeting = f"hello-{suffix}"
-    context = make_context(tmp_path_factory.mktemp("image"))
-
-    async def build() -> BuiltImage:
-        rt = engine.make_runtime()
-        await rt.open()
-        try:
-            return await rt.build(
-                BuildRequest(
-                    context=str(context),
-                    tag=tag,
-                    build_args={"GREETING": greeting},
-                    labels={TEST_LABEL: "image"},
-                    timeout_s=120,
-                )
-            )
-        finally:
-            await rt.close()
-
-    async def remove() -> None:
-        rt = engine.make_runtime()
-        await rt.open()
-        try:
-            await rt.remove_image(tag, force=True)
-        finally:
-            await rt.close()
-
-    built = asyncio.run(build())
-    try:
-        yield TestImage(tag=tag, built=built, greeting=greeting, context=context, name=name)
-    finally:
-        asyncio.run(remove())

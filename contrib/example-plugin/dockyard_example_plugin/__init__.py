@@ -3,6 +3,8 @@
 It registers a runtime named ``example`` that keeps containers in memory (nothing runs: copy
 it and fill in a real engine), a spec policy that refuses repositories outside the owners
 listed in ``[plugins.example] allowed_owners``, and an event observer that counts events.
+Its tests (``tests/``) run dockyard's runtime contract against it through
+``dockyard.testing``: ``pytest`` in this directory.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from urllib.parse import urlsplit
 
 from dockyard.core import hookimpl
 from dockyard.core.config import Settings
-from dockyard.core.errors import BuildFailed, PolicyRefused
+from dockyard.core.errors import BuildFailed, Conflict, NotFound, PolicyRefused
 from dockyard.core.models import DeploymentSpec, Event
 from dockyard.core.runtime import (
+    LABEL_MANAGED,
     BuildRequest,
     BuiltImage,
     ContainerInfo,
@@ -67,13 +70,15 @@ class ExampleRuntime(Runtime):
         self.images.pop(ref, None)
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        if self._find(spec.name) is not None:
+            raise Conflict(f"a container named {spec.name!r} exists already")
         info = ContainerInfo(
             id=f"{next(self._ids):012x}",
             name=spec.name,
             image=spec.image,
             status="running",
             running=True,
-            labels=dict(spec.labels),
+            labels={**spec.labels, LABEL_MANAGED: "true"},
             host_port=spec.host_port,
         )
         self.containers[info.id] = info
@@ -98,6 +103,8 @@ class ExampleRuntime(Runtime):
             del self.containers[info.id]
 
     async def logs(self, ref: str, *, tail: int | None = 200) -> list[str]:
+        if self._find(ref) is None:
+            raise NotFound(f"no container {ref!r}")
         return []
 
     async def inspect(self, ref: str) -> ContainerInfo | None:

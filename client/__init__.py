@@ -5,10 +5,8 @@
 - :mod:`dockyard.client.models`: the typed views (``Evaluation``, ``TaskResult``,
   ``TaskSolution``, ``Batch``, ``Session``).
 
-The package lives in ``api/client/`` and is installed twice over the same files: as
-``dockyard.client`` (its name) and as ``dockyard.api.client`` (where the CLI and older code
-import it from). Both import everything from ``dockyard.client.*``, so the classes are the
-same objects whichever name is used.
+The package lives in ``client/`` and is installed once, as ``dockyard.client``: the CLI
+imports it from there too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The container-runtime contract: every runtime plugin passes this one suite.
 
-It runs against real engines (see ``conftest.py``: :data:`RUNTIMES`), never mocks: build a
+A test module runs it with ``from dockyard.testing.runtime_contract import *`` and
+``pytest --dockyard-runtime=NAME`` (see :mod:`dockyard.testing.plugin`); dockyard's own
+tests run it against real engines (``tests/contract/conftest.py``). Never mocks: build a
 tiny busybox image, run it hardened, probe it over HTTP on 127.0.0.1, read logs, stop,
 remove, list by label; builds that fail or hang; and the hardening read back from the
 engine (``runtime.inspect()``) *and* from inside the container (a CGI reporting its own
@@ -22,6 +24,7 @@ Conventions the suite pins beyond the ABC's signatures:
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 import time
 import urllib.error
@@ -42,13 +45,50 @@ from dockyard.core.runtime import (
     Limits,
     Runtime,
 )
-from tests.conftest import free_port
-from tests.contract.conftest import TEST_LABEL, Engine, TestImage, make_context
+from dockyard.testing.harness import TEST_LABEL, EngineProbe, TestImage, make_context
+from dockyard.testing.plugin import ENGINE_MARKER
 
 MakeSpec = Callable[..., ContainerSpec]
+#: Tests that need containers that really run (see :mod:`dockyard.testing`).
+engine_only = getattr(pytest.mark, ENGINE_MARKER)
+
+
+# ----------------------------------------------------------------- the suite's fixtures
+@pytest.fixture
+def runtime(dockyard_runtime: Runtime) -> Runtime:
+    """The open runtime under contract."""
+    return dockyard_runtime
+
+
+@pytest.fixture
+def engine_probe(dockyard_engine_probe: EngineProbe | None) -> EngineProbe | None:
+    """The engine seen without the runtime under test, when the run has a probe."""
+    return dockyard_engine_probe
+
+
+@pytest.fixture
+def token(dockyard_token: str) -> str:
+    return dockyard_token
+
+
+@pytest.fixture
+def test_image(dockyard_test_image: TestImage) -> TestImage:
+    return dockyard_test_image
+
+
+@pytest.fixture
+def make_spec(dockyard_make_spec: MakeSpec) -> MakeSpec:
+    return dockyard_make_spec
 
 
 # ----------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A world-readable directory the engine's user (rootless too) can bind-mount; pytest's
@@ -112,12 +152,16 @@ async def started(runtime: Runtime, spec: ContainerSpec) -> ContainerInfo:
 
 
 # ------------------------------------------------------------------------------- info
-async def test_info_describes_engine_and_limits(runtime: Runtime, engine: Engine) -> None:
+@engine_only
+async def test_info_describes_engine_and_limits(
+    runtime: Runtime, engine_probe: EngineProbe | None
+) -> None:
     info = await runtime.info()
     assert info.name == runtime.name
     assert info.version
     assert info.cgroup_version in ("v1", "v2")
-    assert info.rootless is engine.rootless
+    if engine_probe is not None:
+        assert info.rootless is engine_probe.rootless
     if not info.limits_enforced:
         assert info.limits_note, "limits that do not hold must come with a reason"
     if info.rootless and info.cgroup_version == "v1":
@@ -126,6 +170,7 @@ async def test_info_describes_engine_and_limits(runtime: Runtime, engine: Engine
 
 
 # ------------------------------------------------------------------------------ build
+@engine_only
 async def test_build_produces_image_with_build_args(
     runtime: Runtime, test_image: TestImage
 ) -> None:
@@ -138,6 +183,7 @@ async def test_build_produces_image_with_build_args(
     assert len(built.log) <= 2000
 
 
+@engine_only
 async def test_build_has_no_network_by_default(test_image: TestImage) -> None:
     interfaces = [
         line.split("=", 1)[1] for line in test_image.built.log if line.startswith("build-iface=")
@@ -145,6 +191,7 @@ async def test_build_has_no_network_by_default(test_image: TestImage) -> None:
     assert interfaces == ["lo"], f"RUN saw network interfaces {interfaces}"
 
 
+@engine_only
 async def test_build_streams_log_lines(
     runtime: Runtime, test_image: TestImage, tmp_path: Path
 ) -> None:
@@ -161,8 +208,9 @@ async def test_build_streams_log_lines(
     assert not await runtime.image_exists(tag)
 
 
+@engine_only
 async def test_failed_build_raises_and_leaves_nothing(
-    runtime: Runtime, engine: Engine, test_image: TestImage, tmp_path: Path
+    runtime: Runtime, engine_probe: EngineProbe | None, test_image: TestImage, tmp_path: Path
 ) -> None:
     tag = f"localhost/dyc-fail-{uuid.uuid4().hex[:8]}:1"
     dockerfile = f"FROM {test_image.tag}\nRUN echo about-to-fail && exit 3\n"
@@ -172,9 +220,10 @@ async def test_failed_build_raises_and_leaves_nothing(
     assert not isinstance(caught.value, BuildTimeout)
     assert "about-to-fail" in caught.value.detail["log_tail"]
     assert not await runtime.image_exists(tag)
-    assert engine.build_containers(test_image.name) == []
+    assert engine_probe is None or engine_probe.build_containers(test_image.name) == []
 
 
+@engine_only
 async def test_dockerfile_outside_context_is_refused(
     runtime: Runtime, test_image: TestImage, tmp_path: Path
 ) -> None:
@@ -186,6 +235,7 @@ async def test_dockerfile_outside_context_is_refused(
         )
 
 
+@engine_only
 async def test_build_memory_cap(runtime: Runtime, test_image: TestImage, tmp_path: Path) -> None:
     """A RUN step needing 64 MiB fails under a 16 MiB cap where limits hold; where they do
     not, the runtime says so instead."""
@@ -205,9 +255,10 @@ async def test_build_memory_cap(runtime: Runtime, test_image: TestImage, tmp_pat
         await runtime.remove_image(tag, force=True)
 
 
+@engine_only
 @pytest.mark.slow
 async def test_build_timeout_stops_the_build(
-    runtime: Runtime, engine: Engine, test_image: TestImage, tmp_path: Path
+    runtime: Runtime, engine_probe: EngineProbe | None, test_image: TestImage, tmp_path: Path
 ) -> None:
     marker = uuid.uuid4().hex
     tag = f"localhost/dyc-hang-{marker[:8]}:1"
@@ -224,11 +275,12 @@ async def test_build_timeout_stops_the_build(
     while processes_with(marker) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert processes_with(marker) == [], "the build's RUN process is still running"
-    assert engine.build_containers(test_image.name) == []
+    assert engine_probe is None or engine_probe.build_containers(test_image.name) == []
     assert not await runtime.image_exists(tag)
 
 
 # -------------------------------------------------------------------------------- run
+@engine_only
 async def test_run_probe_logs_stop_remove(
     runtime: Runtime, make_spec: MakeSpec, test_image: TestImage
 ) -> None:
@@ -260,6 +312,23 @@ async def test_run_probe_logs_stop_remove(
 
     await runtime.remove(spec.name)
     assert await runtime.inspect(spec.name) is None
+
+
+async def test_run_inspect_stop_remove(runtime: Runtime, make_spec: MakeSpec) -> None:
+    """The lifecycle by name and by id, without looking inside the container."""
+    spec = make_spec("cycle")
+    info = await runtime.run(spec)
+    assert info.running and info.name == spec.name
+    assert info.labels[LABEL_MANAGED] == "true"
+    seen = await runtime.inspect(spec.name)
+    assert seen is not None and seen.id == info.id and seen.running
+    await runtime.stop(spec.name, timeout_s=10)
+    stopped = await runtime.inspect(info.id)
+    assert stopped is not None and not stopped.running and stopped.status == "exited"
+    await runtime.stop(spec.name)  # stopping a stopped container is fine
+    await runtime.remove(info.id)
+    assert await runtime.inspect(spec.name) is None
+    assert await runtime.list({TEST_LABEL: spec.labels[TEST_LABEL]}) == []
 
 
 async def test_missing_things_are_not_errors(runtime: Runtime) -> None:
@@ -298,6 +367,7 @@ async def test_list_filters_by_labels_and_includes_stopped(
     assert len(managed) == 2
 
 
+@engine_only
 async def test_list_images_by_labels(runtime: Runtime, test_image: TestImage, token: str) -> None:
     """Garbage collection's view of images: the session's image is listed by its labels
     (the managed one the runtime adds too) with its tag, size and creation time; a label it
@@ -312,6 +382,7 @@ async def test_list_images_by_labels(runtime: Runtime, test_image: TestImage, to
     assert await runtime.list_images({TEST_LABEL: f"none-{token}"}) == []
 
 
+@engine_only
 async def test_fixed_host_port_on_loopback(runtime: Runtime, make_spec: MakeSpec) -> None:
     port = free_port()
     info = await started(runtime, make_spec("port", host_port=port))
@@ -319,6 +390,7 @@ async def test_fixed_host_port_on_loopback(runtime: Runtime, make_spec: MakeSpec
     assert info.hardening.published == [("127.0.0.1", port, 8080)]
 
 
+@engine_only
 async def test_env_user_command_and_read_only_mounts(
     runtime: Runtime, make_spec: MakeSpec, shared_dir: Path
 ) -> None:
@@ -342,6 +414,7 @@ async def test_env_user_command_and_read_only_mounts(
     assert not (data / "write-test").exists()
 
 
+@engine_only
 async def test_workdir_and_scratch_tmpfs(runtime: Runtime, make_spec: MakeSpec) -> None:
     """``workdir`` is the process's working directory; ``tmpfs`` adds a writable, size-capped
     scratch mount (rw, nosuid, nodev, noexec) on the read-only root, as the validator's
@@ -375,6 +448,7 @@ async def test_workdir_and_scratch_tmpfs(runtime: Runtime, make_spec: MakeSpec) 
 
 
 # ------------------------------------------------------------------------- hardening
+@engine_only
 async def test_hardening_read_back(runtime: Runtime, make_spec: MakeSpec) -> None:
     limits = Limits(memory_mb=96, cpus=0.5, pids=64, nofile=512, nproc=256, tmpfs_mb=16)
     spec = make_spec("hard", limits=limits)
@@ -420,6 +494,7 @@ async def test_hardening_read_back(runtime: Runtime, make_spec: MakeSpec) -> Non
     assert "size=16384k" in seen["tmp_mount"]
 
 
+@engine_only
 async def test_default_limits_pass_through(runtime: Runtime, make_spec: MakeSpec) -> None:
     """The spec's default limits are what the engine gets (when it can enforce them)."""
     spec = make_spec("defaults", limits=Limits())

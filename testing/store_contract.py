@@ -1,9 +1,10 @@
 """The state-store contract: every store plugin passes this one suite.
 
-To check another store, append ``(name, factory)`` to :data:`STORE_FACTORIES`. A factory gets
-a private directory and a host-port pool (both ends included) and returns an unopened
-:class:`~dockyard.core.store.StateStore`; two stores made from the same directory share
-their state, as two controller processes sharing one store do.
+A test module runs it with ``from dockyard.testing.store_contract import *`` and
+``pytest --dockyard-store=NAME`` (see :mod:`dockyard.testing.plugin`): the store plugin
+registered as NAME is made through its factory with ``Settings(data_dir=..., port_range_...)``
+on a private directory and a host-port pool (both ends included); two stores made on the
+same directory share their state, as two controller processes sharing one store do.
 
 Conventions the suite pins beyond the ABC's signatures:
 
@@ -54,30 +55,23 @@ from dockyard.core.models import (
 )
 from dockyard.core.states import TRANSITIONS, transition
 from dockyard.core.store import PluginRecord, StateStore, StatusFilter, StatusPage
-from dockyard.plugins.sqlite_store import SqliteStore
+from dockyard.testing.plugin import StoreFactory
 
 S = SlotState
 PortRange = tuple[int, int]
-StoreFactory = Callable[[Path, PortRange], StateStore]
 MakeStore = Callable[..., Awaitable[StateStore]]
 
-
-def sqlite_store(directory: Path, port_range: PortRange) -> StateStore:
-    """The built-in SQLite store in ``directory``."""
-    return SqliteStore(directory / "dockyard.db", port_range=port_range)
-
-
-#: Every store under contract: append a factory to check another one.
-STORE_FACTORIES: list[tuple[str, StoreFactory]] = [("sqlite", sqlite_store)]
 
 POOL: PortRange = (47000, 47009)
 
 
-@pytest.fixture(params=[f for _, f in STORE_FACTORIES], ids=[n for n, _ in STORE_FACTORIES])
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """Open stores of the parametrized kind (by default on one shared directory); every
+@pytest.fixture
+async def make_store(
+    dockyard_store_factory: StoreFactory, tmp_path: Path
+) -> AsyncIterator[MakeStore]:
+    """Open stores of the kind under contract (by default on one shared directory); every
     store made is closed at teardown."""
-    factory: StoreFactory = request.param
+    factory = dockyard_store_factory
     opened: list[StateStore] = []
 
     async def make(port_range: PortRange = POOL, directory: Path | None = None) -> StateStore:

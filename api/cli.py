@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -18,28 +19,30 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from dockyard.api import cli_admin, cli_evaluation, cli_install
+from dockyard.api import cli_admin, cli_install
 from dockyard.api.auth import TokenBook
 from dockyard.api.cli_events import follow_operation, print_events
+from dockyard.api.cli_plugins import PLUGIN_COMMAND, CliCommand, collect_cli_commands
 from dockyard.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.client.events import last_event_id
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.logs import configure_logging
-from dockyard.core.plugins import build_plugin_manager, dockyard_version
+from dockyard.core.plugins import DockyardPluginManager, build_plugin_manager, dockyard_version
 
 log = logging.getLogger("dockyard")
 API_COMMANDS = {"deploy", "redeploy", "switch", "delete", "status", "logs", "token", "events"}
-API_COMMANDS |= cli_evaluation.API_COMMANDS
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(pm: DockyardPluginManager | None = None) -> argparse.ArgumentParser:
+    """The command line's parser, with the commands plugins add (``dockyard_cli_commands``:
+    their parsers carry the :class:`CliCommand` that runs them as ``args.plugin_command``)."""
     parser = argparse.ArgumentParser(
         prog="dockyard",
         description="Run other people's code from git, hardened, with blue/green switches.",
@@ -147,9 +150,9 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "revoke":
             cmd.add_argument("id")
-    cli_evaluation.add_commands(sub, api, wait)
     cli_install.add_commands(sub)
     cli_admin.add_commands(sub)
+    collect_cli_commands(pm or build_plugin_manager(), sub, api)
 
     return parser
 
@@ -281,8 +284,6 @@ async def _api(args: argparse.Namespace) -> int:
             return await _tokens(args, client)
         if args.command == "events":
             return await print_events(client, args.id, follow=args.follow, as_json=args.json)
-    if args.command == "evaluate":
-        return await cli_evaluation.run_evaluate(args)
     raise AssertionError(args.command)
 
 
@@ -418,17 +419,36 @@ def _plugins(settings: Settings) -> None:
         print(f"{kind}: {', '.join(names) or '-'}")
 
 
+def _run_handler(result: int | Awaitable[int]) -> int:
+    """A plugin command's exit code: its handler's answer, awaited when it is awaitable."""
+    if inspect.isawaitable(result):
+
+        async def wait() -> int:
+            return await result
+
+        return asyncio.run(wait())
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dockyard`` command."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except DockyardError as exc:  # a plugin that fails to load or to add its commands
+        print(f"dockyard: error: {exc.message}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    plugin_command: CliCommand | None = getattr(args, PLUGIN_COMMAND, None)
     if args.command in cli_install.COMMANDS:
         try:
             return cli_install.main_install(args)
         except DockyardError as exc:
             print(f"dockyard: error: {exc.message}", file=sys.stderr)
             return 2
-    if args.command in API_COMMANDS:
+    if args.command in API_COMMANDS or (plugin_command and plugin_command.api):
         try:
+            if plugin_command is not None and plugin_command.api is not None:
+                return _run_handler(plugin_command.api(args))
             return asyncio.run(_api(args))
         except ApiError as exc:
             print(f"dockyard: error: {exc.message} ({exc.reason})", file=sys.stderr)
@@ -475,8 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(example_toml(plugin_tables(pm.list_name_plugin())), end="")
         elif args.command == "config":
             print(msgspec.json.format(msgspec.json.encode(settings).decode(), indent=2))
-        elif args.command == "sandbox-image":
-            return cli_evaluation.main_sandbox_image(args, settings)
+        elif plugin_command is not None and plugin_command.local is not None:
+            return _run_handler(plugin_command.local(args, settings))
     except DockyardError as exc:
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2

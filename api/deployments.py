@@ -31,9 +31,21 @@ from dockyard.core.models import (
     SlotHealth,
     SlotState,
 )
+from dockyard.core.plugins import Registrar
 from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter
 from dockyard.core.views import OperationState
-from dockyard.plugins.evaluation.service import EVALUATION_LABEL
+
+
+def labelled(where: StatusFilter, filters: Registrar[str], name: str, wanted: bool) -> StatusFilter:
+    """``where`` narrowed by the status filter ``name`` (``dockyard_register_status_filters``):
+    deployments with its label when ``wanted``, without it otherwise."""
+    if name not in filters:
+        raise ValidationError(f"{name}: no loaded plugin registers this status filter")
+    label = filters.get(name)
+    if wanted:
+        return msgspec.structs.replace(where, with_label=label)
+    return msgspec.structs.replace(where, without_label=label)
+
 
 SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 #: A deployment id in a path: the pattern is in the schema, and checked (400 when wrong).
@@ -305,11 +317,9 @@ class DeploymentRoutes(Controller):
     ) -> StatusView:
         if cursor is not None and not SLUG.match(cursor):
             raise ValidationError(f"cursor: {cursor[:60]!r} is not a cursor this API gave out")
-        where = StatusFilter(
-            state=slot_state,
-            with_label=EVALUATION_LABEL if evaluation is True else None,
-            without_label=EVALUATION_LABEL if evaluation is False else None,
-        )
+        where = StatusFilter(state=slot_state)
+        if evaluation is not None:
+            where = labelled(where, controller.status_filters, "evaluation", evaluation)
         page = await controller.status_page(after=cursor, limit=limit, where=where)
         return StatusView(
             deployments=[render_status(controller, item) for item in page.deployments],

@@ -38,7 +38,7 @@ from dockyard.core.models import (
     SlotState,
     now,
 )
-from dockyard.core.plugins import check_spec
+from dockyard.core.plugins import Registrar, check_spec
 from dockyard.core.policy import check_spec as check_caps
 from dockyard.core.policy import effective_lifetime
 from dockyard.core.router import Route
@@ -229,6 +229,13 @@ class Controller:
     async def deployments(self) -> list[Deployment]:
         """Every deployment."""
         return await self.services.store.list_deployments()
+
+    @property
+    def status_filters(self) -> Registrar[str]:
+        """The deployments list's filters plugins register: name -> the label it tests
+        (``dockyard_register_status_filters``)."""
+        filters: Registrar[str] = self.services.pm.registries.status_filters
+        return filters
 
     async def status_page(
         self, *, after: str | None, limit: int, where: StatusFilter | None = None

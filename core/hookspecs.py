@@ -20,6 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from dockyard.api.cli_plugins import CliRegistrar
     from dockyard.api.plugins import ApiRegistrar
     from dockyard.core.models import DeploymentSpec, Event
     from dockyard.core.plugins import Registrar
@@ -131,6 +132,21 @@ def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
     """
 
 
+@hookspec
+def dockyard_register_status_filters(register: Registrar[str]) -> None:
+    """Register filters of the deployments list, each naming the label it tests.
+
+    :param register: call ``register(name, label)``: ``GET /v1/status?<name>=true`` lists
+        only the deployments whose spec has ``label``, ``<name>=false`` only those without
+        it. The API serves the names it declares (``evaluation``); a declared filter no
+        loaded plugin registers is refused (400 naming it) when asked for.
+
+    The evaluation plugin registers ``evaluation`` (its agents' ``dockyard_evaluation``
+    label). A third-party plugin implements this hook so the deployments it makes can be
+    told apart from the operator's without dockyard's API knowing its label.
+    """
+
+
 # ----------------------------------------------------------------------------------------
 # Observers and policy: called while deployments run.
 # ----------------------------------------------------------------------------------------
@@ -197,4 +213,27 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
 
     A third-party plugin implements this hook to run a service beside the controller and
     serve it (the evaluation plugin's routes and evaluation service come this way).
+    """
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: called once when the ``dockyard`` command builds its parser.
+# ----------------------------------------------------------------------------------------
+
+
+@hookspec
+def dockyard_cli_commands(register: CliRegistrar) -> None:
+    """Add subcommands to the ``dockyard`` command line.
+
+    :param register: a :class:`dockyard.api.cli_plugins.CliRegistrar`:
+        ``register.api_command(name, run, help=...)`` adds a command that talks to a running
+        dockyard (it gets ``--url``/``--token``; ``run(args)`` runs it);
+        ``register.local_command(name, run, help=...)`` adds one that works on this host
+        (``run(args, settings)``). Both return the command's ``argparse`` parser, to add
+        arguments to; ``run`` returns the exit code, or an awaitable of it. A name taken by
+        dockyard or another plugin is an error; a :class:`dockyard.core.errors.DockyardError`
+        the handler raises is printed as one line, ``dockyard: error: ...``.
+
+    The evaluation plugin adds ``dockyard evaluate`` and ``dockyard sandbox-image`` this way.
+    A third-party plugin implements this hook to give its feature a command of its own.
     """

@@ -113,9 +113,15 @@ def fake_client_factory(tmp_path: Path) -> Any:
     from tests.fakes import FakeRuntime, FakeSource
 
     @contextlib.contextmanager
-    def make(**settings: Any) -> Iterator[TestClient[Any]]:
+    def make(
+        extra_plugins: Sequence[tuple[str, object]] = (),
+        disable: Sequence[str] = (),
+        **settings: Any,
+    ) -> Iterator[TestClient[Any]]:
         cfg = Settings(data_dir=str(tmp_path / "data"), **{**TEST_SETTINGS, **settings})
-        pm = build_plugin_manager(load_entry_points=False)
+        pm = build_plugin_manager(
+            disable, load_entry_points=False, extra_plugins=list(extra_plugins)
+        )
         services = Services.build(
             cfg, pm, runtime=FakeRuntime(), sources={"fake": FakeSource(tmp_path / "src")}
         )

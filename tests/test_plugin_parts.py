@@ -6,10 +6,12 @@ migration to plugin records; deprecated ``eval_*`` settings still work."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +23,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from dockyard.api.cli import _parser as cli_parser
+from dockyard.api.cli import main as cli_main
+from dockyard.api.cli_plugins import CliRegistrar
 from dockyard.core import hookimpl
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import PluginError
@@ -221,6 +226,71 @@ def test_a_lifespan_that_fails_to_start_names_its_plugin(
     assert "'broken' failed to start: no database here" in str(errors[-1])
 
 
+# ---------------------------------------------------------------- CLI commands
+class Clash:
+    """A plugin adding commands whose names are taken."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @hookimpl
+    def dockyard_cli_commands(self, register: CliRegistrar) -> None:
+        register.api_command(self.name, lambda args: 0, help="mine")
+
+
+def test_the_plugin_adds_a_command_to_the_cli(
+    testplugin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "dockyard.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[plugins.testplugin]\ntick_s = 0.5\n')
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert "testplugin-greet" in capsys.readouterr().out
+    assert cli_main(["--config", str(config), "testplugin-greet", "ada"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "hello ada from the test plugin",
+        "tick_s=0.5",
+    ]
+    # its handler's error is one line, like every command's
+    assert cli_main(["--config", str(config), "testplugin-greet", " "]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "dockyard: error: testplugin-greet: NAME must not be empty\n"
+
+
+def test_without_the_plugin_its_command_is_unknown(
+    testplugin: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DOCKYARD_DISABLE_PLUGINS", "testplugin")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["testplugin-greet", "ada"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'testplugin-greet'" in capsys.readouterr().err
+
+
+def test_the_evaluation_commands_come_from_the_evaluation_plugin() -> None:
+    def commands(pm: Any) -> set[str]:
+        parser = cli_parser(pm)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices)
+
+    assert {"evaluate", "sandbox-image"} <= commands(build_plugin_manager(load_entry_points=False))
+    bare = commands(build_plugin_manager(load_entry_points=False, disable=["evaluation"]))
+    assert "evaluate" not in bare and "sandbox-image" not in bare and "deploy" in bare
+
+
+@pytest.mark.parametrize(
+    ("name", "owner"), [("deploy", "dockyard"), ("gc", "dockyard"), ("evaluate", "evaluation")]
+)
+def test_a_command_name_taken_is_an_error_naming_both(name: str, owner: str) -> None:
+    pm = build_plugin_manager(load_entry_points=False, extra_plugins=[("clash", Clash(name))])
+    with pytest.raises(PluginError) as raised:
+        cli_parser(pm)
+    # pluggy calls the newest plugin first: the built-in commands are always added before
+    message = str(raised.value)
+    assert f"command {name!r} added twice (by " in message
+    assert {f"{owner!r}", "'clash'"} <= set(re.findall(r"'[a-z]+'", message.split("by ")[1]))
+
+
 # ---------------------------------------------------------------- the evaluation plugin
 def _imports(path: Path) -> set[str]:
     names: set[str] = set()
@@ -232,24 +302,17 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-#: Modules of ``api/`` that still import the evaluation plugin, and why. The server side
-#: (app, routes, dependencies, lifespan, settings, store) knows nothing of it.
-API_EXCEPTIONS = {
-    # the CLI's ``dockyard evaluate``/``sandbox-image`` commands: a client of the routes
-    "cli_evaluation.py",
-    # the deployments list's public ``evaluation=true|false`` filter reads the plugin's label
-    "deployments.py",
-}
-
-
 def test_core_and_api_import_nothing_of_the_evaluation_plugin() -> None:
+    """No exceptions: the CLI's evaluation commands come through ``dockyard_cli_commands``,
+    the status list's ``evaluation=`` filter through ``dockyard_register_status_filters``."""
     offenders = []
     for package in ("core", "api"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            if package == "api" and path.name in API_EXCEPTIONS:
-                continue
             if any(name.startswith("dockyard.plugins.evaluation") for name in _imports(path)):
                 offenders.append(str(path.relative_to(ROOT)))
+            text = path.read_text()
+            if "EVALUATION_LABEL" in text or re.search(r"[\"']dockyard_evaluation[\"']", text):
+                offenders.append(f"{path.relative_to(ROOT)}: the evaluation label")
     assert offenders == []
     for path in (ROOT / "core").rglob("*.py"):
         text = path.read_text()
@@ -257,6 +320,7 @@ def test_core_and_api_import_nothing_of_the_evaluation_plugin() -> None:
         assert "dockyard_register_protocols" not in text, path
     assert "EvaluationService" not in (ROOT / "api" / "app.py").read_text()
     assert not (ROOT / "api" / "integration.py").exists()
+    assert not (ROOT / "api" / "cli_evaluation.py").exists()
 
 
 def test_the_evaluation_plugin_owns_its_protocols_hookspec() -> None:

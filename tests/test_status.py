@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dockyard.core import hookimpl
 from dockyard.core.models import DeploymentSpec, Event, SlotState
 from dockyard.core.states import transition
 from dockyard.core.store import StatusFilter
@@ -135,6 +136,34 @@ def test_status_refuses_bad_parameters_naming_them(
         r = client.get(f"/v1/status?{query}")
         assert r.status_code == 400, r.text
         assert field in r.json()["message"]
+
+
+class TeamFilter:
+    """A plugin whose own label answers ``evaluation=`` (the evaluation plugin disabled)."""
+
+    @hookimpl
+    def dockyard_register_status_filters(self, register: Any) -> None:
+        register("evaluation", "team")
+
+
+def test_the_evaluation_filter_tests_the_label_a_plugin_registers(
+    fake_client_factory: Any,
+) -> None:
+    """``evaluation=`` names a status filter (``dockyard_register_status_filters``): its
+    label comes from the plugin that registers it, not from the API."""
+    ports = {"port_range_start": 47062, "port_range_end": 47080}
+    with fake_client_factory(
+        extra_plugins=[("team", TeamFilter())], disable=["evaluation"], **ports
+    ) as client:
+        _deploy(client, "alpha", labels={"team": "x"})
+        _deploy(client, "bravo", labels={"dockyard_evaluation": "ev-1"})
+        assert _walk(client, "evaluation=true") == ["alpha"]
+        assert _walk(client, "evaluation=false") == ["bravo"]
+    with fake_client_factory(disable=["evaluation"], **ports) as client:
+        assert _walk(client, "") == ["alpha", "bravo"]
+        r = client.get("/v1/status?evaluation=true")
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == "evaluation: no loaded plugin registers this status filter"
 
 
 async def test_the_client_walks_every_page(tmp_path: Any) -> None:

@@ -7,6 +7,8 @@ Built like any third-party plugin, with nothing about it in ``core/`` or ``api/`
   deployment controller come through ``dockyard_api_plugins``;
 - its evaluations are plugin records in the store (namespace ``evaluation``, :mod:`.records`);
 - its options are ``[plugins.evaluation]`` (:mod:`.options`);
+- its commands, ``dockyard evaluate`` and ``dockyard sandbox-image`` (:mod:`.cli`), come
+  through ``dockyard_cli_commands``;
 - its own hook, ``dockyard_register_protocols`` (:mod:`.hookspecs`), is added through
   ``dockyard_add_hookspecs``; the built-in protocols come from ``dockyard.plugins.protocols``.
 """
@@ -33,6 +35,7 @@ from dockyard.plugins.evaluation.options import PLUGIN_NAME, EvaluationConfig
 from dockyard.plugins.evaluation.service import EVALUATION_LABEL, EvaluationService
 
 if TYPE_CHECKING:
+    from dockyard.api.cli_plugins import CliRegistrar
     from dockyard.api.plugins import ApiRegistrar, PluginContext
     from dockyard.core.plugins import Registrar
 
@@ -70,7 +73,9 @@ __all__ = [
     "TaskResult",
     "dockyard_add_hookspecs",
     "dockyard_api_plugins",
+    "dockyard_cli_commands",
     "dockyard_register_gc_kinds",
+    "dockyard_register_status_filters",
 ]
 
 
@@ -78,6 +83,12 @@ __all__ = [
 def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
     """Finished evaluations' records are pruned by garbage collection (``evaluations``)."""
     register("evaluations", records.gc_kind)
+
+
+@hookimpl
+def dockyard_register_status_filters(register: Registrar[str]) -> None:
+    """``GET /v1/status?evaluation=true|false``: evaluated agents' deployments, or the rest."""
+    register("evaluation", EVALUATION_LABEL)
 
 
 @hookimpl
@@ -113,3 +124,11 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
     register.route(IntegrationRoutes)
     register.dependency("evaluations", _evaluations)
     register.lifespan(_serve)
+
+
+@hookimpl
+def dockyard_cli_commands(register: CliRegistrar) -> None:
+    """Add ``dockyard evaluate`` and ``dockyard sandbox-image``."""
+    from dockyard.plugins.evaluation.cli import add_commands
+
+    add_commands(register)

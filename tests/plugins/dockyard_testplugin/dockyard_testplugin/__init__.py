@@ -11,10 +11,15 @@ entry point in the group ``dockyard``. It brings, through ``dockyard_api_plugins
 - its own hookspec, ``testplugin_greetings`` (added by ``dockyard_add_hookspecs``), which
   it implements itself and other plugins may too. Its option ``tick_s`` is read from
   ``[plugins.testplugin]``.
+
+Through ``dockyard_cli_commands`` it adds ``dockyard testplugin-greet NAME``, a local
+command that prints every ``testplugin_greetings`` answer and its ``tick_s`` option, and
+refuses an empty name with a one-line error.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
@@ -25,8 +30,12 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, QueryParameter
 
+from dockyard.api.cli_plugins import CliRegistrar
 from dockyard.api.plugins import ApiRegistrar, PluginContext
+from dockyard.core.config import Settings
+from dockyard.core.errors import DockyardError
 from dockyard.core.hookspecs import hookimpl
+from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.services import Services
 from dockyard.core.store import PluginRecord
 from dockyard_testplugin import hookspecs
@@ -114,3 +123,21 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
         register.route(handler)
     register.dependency("ticker", _ticker)
     register.lifespan(_lifespan)
+
+
+async def _greet_command(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.name.strip():
+        raise DockyardError("testplugin-greet: NAME must not be empty")
+    pm = build_plugin_manager(settings.disable_plugins)
+    for line in sorted(pm.hook.testplugin_greetings(name=args.name)):
+        print(line)
+    print(f"tick_s={settings.plugin_options(NAMESPACE).get('tick_s', 0.01)}")
+    return 0
+
+
+@hookimpl
+def dockyard_cli_commands(register: CliRegistrar) -> None:
+    greet_cmd = register.local_command(
+        "testplugin-greet", _greet_command, help="greet NAME through the testplugin hook"
+    )
+    greet_cmd.add_argument("name", metavar="NAME")

@@ -1,4 +1,5 @@
-"""The command line's evaluation commands, registered by ``dockyard.api.cli``:
+"""The evaluation plugin's commands, added to the ``dockyard`` command line through
+``dockyard_cli_commands`` (:func:`add_commands`):
 
 - ``dockyard evaluate URL``: evaluate one repository the way the validator will (by default
   in the agent sandbox image, ``build_mode: "image"``), with live progress and a results
@@ -16,7 +17,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dockyard.client import DockyardClient
 from dockyard.client.models import Evaluation, TaskResult
@@ -24,16 +25,15 @@ from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
 from dockyard.plugins.evaluation.options import SANDBOX_IMAGE
 
-COMMANDS = {"evaluate", "sandbox-image"}
-#: ``evaluate`` talks to a running dockyard; ``sandbox-image`` to the engine directly.
-API_COMMANDS = {"evaluate"}
+if TYPE_CHECKING:
+    from dockyard.api.cli_plugins import CliRegistrar
 
 
-def add_commands(sub: Any, api: argparse.ArgumentParser, wait: argparse.ArgumentParser) -> None:
-    """Register ``evaluate`` and ``sandbox-image`` on the main parser's subcommands."""
-    evaluate = sub.add_parser(
+def add_commands(register: CliRegistrar) -> None:
+    """Add ``evaluate`` (a client of the routes) and ``sandbox-image`` (the engine's)."""
+    evaluate = register.api_command(
         "evaluate",
-        parents=[api],
+        run_evaluate,
         help="evaluate a miner's repository as the validator does",
         description="Deploy a repository as an ephemeral agent, relay tasks to it (or open a "
         "step session), show its answers, and clean up.",
@@ -77,7 +77,9 @@ def add_commands(sub: Any, api: argparse.ArgumentParser, wait: argparse.Argument
         "--poll", type=float, default=1.0, help="seconds between progress checks (default 1)"
     )
 
-    image = sub.add_parser("sandbox-image", help="the agent sandbox image")
+    image = register.local_command(
+        "sandbox-image", run_sandbox_image, help="the agent sandbox image"
+    )
     actions = image.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION")
     build = actions.add_parser(
         "build",
@@ -98,7 +100,6 @@ def add_commands(sub: Any, api: argparse.ArgumentParser, wait: argparse.Argument
     build.add_argument(
         "--verbose", "-v", action="store_true", help="show pip's and the build's log"
     )
-    del wait  # the evaluate command has its own --wait (evaluations poll differently)
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -330,16 +331,9 @@ async def run_sandbox_image(args: argparse.Namespace, settings: Settings) -> int
         await runtime.close()
 
 
-def main_sandbox_image(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(run_sandbox_image(args, settings))
-
-
 __all__ = [
-    "API_COMMANDS",
-    "COMMANDS",
     "add_commands",
     "evaluation_request",
-    "main_sandbox_image",
     "results_table",
     "run_evaluate",
     "run_sandbox_image",

@@ -23,17 +23,33 @@ from dockyard.core.controller import Controller
 from dockyard.core.errors import PluginError
 from dockyard.core.plugins import DockyardPluginManager, call_registrar, current_plugin
 from dockyard.core.services import Services
+from dockyard.core.store import StateStore
 
 
 @dataclass(frozen=True)
 class PluginContext:
     """What a plugin's lifespan is entered with: the app (its ``state`` is where a service
-    is kept for the plugin's dependencies), and dockyard's settings, services and controller."""
+    is kept for the plugin's dependencies), and dockyard's settings, services and controller.
+
+    A plugin's service takes what it needs from here: ``store`` for its records
+    (``put_record``/``get_record``/``list_records``/``delete_record``), ``pm`` for hooks
+    (its own, policy, observers), ``settings``, and the ``controller``'s answers for
+    deployments; never the runtime or router behind the controller."""
 
     app: Litestar
     settings: Settings
     services: Services
     controller: Controller
+
+    @property
+    def store(self) -> StateStore:
+        """The state store: where a plugin keeps its records."""
+        return self.services.store
+
+    @property
+    def pm(self) -> DockyardPluginManager:
+        """The plugin manager: hooks and registries."""
+        return self.services.pm
 
 
 #: A plugin lifespan: called with the context, returns an async context manager.

@@ -151,7 +151,9 @@ async def measure(args: argparse.Namespace) -> list[Row]:
         await services.start()
         controller = Controller.from_services(services)
         await controller.start()
-        service = EvaluationService(controller)
+        service = EvaluationService(
+            controller, store=services.store, pm=services.pm, settings=services.settings
+        )
         await service.start()
         try:
             with GitDaemon(builder.root) as daemon:

@@ -1,7 +1,8 @@
 """The controller is a boundary: code outside ``core/`` learns what an operation came to
 from the controller's answers (``DeployOutcome``, ``DeploymentState``, ``url_for``), never by
-reaching into its slot operations (``ops``), an operation's private task, the runtime or
-router behind it, or by reading the event log for result strings."""
+reaching into its slot operations (``ops``), an operation's private task, the services
+(runtime, router, store) behind it, or by reading the event log for result strings; a
+plugin's service is handed its store, plugin manager and settings by its plugin context."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ REACHES = {
     "the controller's slot operations": r"\.ops\b",
     "an operation's private task": r"\.operation\([^)]*\)\.task|operation\.task\b",
     "the runtime or router behind the controller": r"controller\.services\.(runtime|router)\b",
+    "the services behind the controller": r"controller\.services\b",
     "the event log, read for a result": r"[\"'](source_fetched|source_refused|image_ready)[\"']",
 }
 #: What renders or consumes results (the telemetry observer counts events by kind: it
@@ -40,6 +42,30 @@ def test_consumers_do_not_reach_through_the_controller(path: Path) -> None:
         for m in re.finditer(pattern, source)
     ]
     assert not found, "\n".join(found)
+
+
+#: Code outside ``core/`` that is a plugin's or a client's, not the app's (the app builds
+#: dockyard's services and hands them out): it keeps its records in the store its plugin
+#: context hands it (``PluginContext.store``), never through dockyard's services.
+PLUGIN_SIDE = sorted(
+    p for folder in ("client", "plugins/evaluation") for p in (ROOT / folder).rglob("*.py")
+)
+
+
+@pytest.mark.parametrize("path", PLUGIN_SIDE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_plugins_reach_no_store_through_dockyards_services(path: Path) -> None:
+    source = path.read_text()
+    found = [
+        f"{path.relative_to(ROOT)}:{source[: m.start()].count(chr(10)) + 1}: {m.group(0)}"
+        for m in re.finditer(r"\bservices\.(store|pm|settings)\b", source)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_evaluation_service_is_handed_its_store_pm_and_settings() -> None:
+    """The evaluation plugin's lifespan builds its service from the plugin context."""
+    source = (ROOT / "plugins" / "evaluation" / "__init__.py").read_text()
+    assert "store=context.store, pm=context.pm, settings=context.settings" in source
 
 
 def test_one_place_knows_the_promoted_url() -> None:

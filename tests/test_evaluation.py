@@ -708,7 +708,9 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         # What a killed dockyard left: a running evaluation's record, deployment, a
         # container, a port lease; and a container of an evaluation nobody remembers.
         controller = Controller.from_services(services)
-        first = EvaluationService(controller)
+        first = EvaluationService(
+            controller, store=services.store, pm=services.pm, settings=services.settings
+        )
         await first.start()
         from dockyard.plugins.evaluation import EvaluateMinerRequest
 
@@ -734,7 +736,7 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         with contextlib.suppress(BaseException):
             await run.task
         await records.save(
-            first.services.store, msgspec.structs.replace(evaluation, state="running")
+            first.store, msgspec.structs.replace(evaluation, state="running")
         )
         await runtime.run(
             ContainerSpec(
@@ -754,7 +756,9 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
 
         restarted = Controller.from_services(services)
         await restarted.start()
-        second = EvaluationService(restarted)
+        second = EvaluationService(
+            restarted, store=services.store, pm=services.pm, settings=services.settings
+        )
         await second.start()
         try:
             got = await second.get(evaluation.id)

@@ -106,7 +106,9 @@ async def _serve(context: PluginContext) -> AsyncIterator[None]:
     """Run the evaluation service while the app serves: started after the controller's
     resume (it ends what a restart cut short), stopped before the controller stops
     (cancelling and cleaning up running evaluations)."""
-    service = EvaluationService(context.controller)
+    service = EvaluationService(
+        context.controller, store=context.store, pm=context.pm, settings=context.settings
+    )
     context.app.state.evaluations = service
     try:
         await service.start()

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.errors import (
     Conflict,
@@ -37,7 +38,8 @@ from dockyard.core.errors import (
 )
 from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import DeploymentSpec, HealthCheck, now
-from dockyard.core.plugins import check_spec
+from dockyard.core.plugins import DockyardPluginManager, check_spec
+from dockyard.core.store import StateStore
 from dockyard.core.views import DeployOutcome
 from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.events import announce
@@ -166,14 +168,25 @@ def map_reason(reason: str | None) -> str:
 class EvaluationService:
     """Runs evaluations on top of one deployment controller."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        *,
+        store: StateStore,
+        pm: DockyardPluginManager,
+        settings: Settings,
+    ) -> None:
+        """:param controller: deploys, watches and removes the evaluated agents (through its
+        answers only); :param store: keeps the evaluations (plugin records); :param pm:
+        the plugins (agent protocols, policy, event observers); :param settings: dockyard's
+        settings (``[plugins.evaluation]`` among them)."""
         self.controller = controller
-        self.services = controller.services
-        self.settings = controller.services.settings
+        self.store = store
+        self.pm = pm
+        self.settings = settings
         self.config = EvaluationConfig.from_settings(self.settings)
         self.protocols: dict[str, AgentProtocol] = {
-            name: factory(self.settings)
-            for name, factory in self.services.pm.registries.protocols.items()
+            name: factory(self.settings) for name, factory in pm.registries.protocols.items()
         }
         self._runs: dict[str, Run] = {}
         self._queue: list[str] = []
@@ -208,7 +221,7 @@ class EvaluationService:
     async def recover(self) -> None:
         """Unfinished stored evaluations end ``failed`` with ``controller_restarted``; every
         deployment, container and lease labelled as an evaluation's is removed."""
-        store = self.services.store
+        store = self.store
         for record in await records.list_stored(store, finished=False):
             if record.key in self._runs:
                 continue
@@ -356,7 +369,7 @@ class EvaluationService:
                 validate(miner.github_url, miner.ref)
             if run.evaluation.require_ref and not (miner.ref or url_ref):
                 raise Refused("missing_ref", "miner: a branch, tag or commit is required")
-            await check_spec(self.services.pm, self._spec(run))
+            await check_spec(self.pm, self._spec(run))
         except SourceError as exc:
             raise Refused(map_reason(exc.reason), exc.message, exc.reason) from None
         except DockyardError as exc:
@@ -738,21 +751,21 @@ class EvaluationService:
 
     async def _store(self, evaluation: Evaluation) -> None:
         evaluation.updated_at = now()
-        await records.save(self.services.store, evaluation)
-        await announce(self.services.pm, evaluation)
+        await records.save(self.store, evaluation)
+        await announce(self.pm, evaluation)
 
     # -- queries and commands ------------------------------------------------------------
     async def get(self, evaluation_id: str) -> Evaluation:
         run = self._runs.get(evaluation_id)
         if run is not None:
             return run.evaluation
-        record = await records.load(self.services.store, evaluation_id)
+        record = await records.load(self.store, evaluation_id)
         if record is None:
             raise NotFound(f"evaluation {evaluation_id!r} does not exist")
         return msgspec.convert(record.value, Evaluation)
 
     async def batch(self, batch_id: str) -> Batch:
-        members = await records.list_stored(self.services.store, batch_id=batch_id)
+        members = await records.list_stored(self.store, batch_id=batch_id)
         if not members:
             raise NotFound(f"batch {batch_id!r} does not exist")
         evaluations = [await self.get(record.key) for record in members]
@@ -775,7 +788,7 @@ class EvaluationService:
         """Active ones first (in queue order), then the stored ones, newest first."""
         out = [run.evaluation for run in self._runs.values()]
         seen = {e.id for e in out}
-        for record in reversed(await records.list_stored(self.services.store)):
+        for record in reversed(await records.list_stored(self.store)):
             if record.key not in seen:
                 out.append(msgspec.convert(record.value, Evaluation))
         if state is not None:

@@ -735,9 +735,7 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         first._clean_up_protected = _no_cleanup  # type: ignore[method-assign]
         with contextlib.suppress(BaseException):
             await run.task
-        await records.save(
-            first.store, msgspec.structs.replace(evaluation, state="running")
-        )
+        await records.save(first.store, msgspec.structs.replace(evaluation, state="running"))
         await runtime.run(
             ContainerSpec(
                 name="dockyard-ev-stranger-blue",

@@ -31,6 +31,7 @@ from dockyard.api.auth import (
 )
 from dockyard.api.deployments import DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS, document_errors
+from dockyard.api.metrics import SCRAPE_REFRESHERS
 from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
 from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
 from dockyard.api.plugins import PluginContext, collect_api_plugins, plugin_lifespans
@@ -177,6 +178,7 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
         ),
     )
+    setattr(app.state, SCRAPE_REFRESHERS, list(extensions.scrapes))
     document_errors(app)
     fix_options_allow(app)
     return app

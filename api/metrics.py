@@ -3,8 +3,9 @@ every API request and binds its request id for the logs.
 
 The route needs a token with the ``read`` scope (``admin`` and ``deploy`` imply it); point
 Prometheus at it with ``authorization: {credentials: <token>}``. Gauges of what exists now
-(slots, leases, evaluations, queue, agents) are refreshed from this app's store and
-evaluation service on each scrape; everything else moves as it happens (``core/metrics.py``).
+(slots, leases) are refreshed from this app's store on each scrape, and plugins refresh
+theirs (``ApiRegistrar.scrape``: the evaluation plugin's queue and agents); everything else
+moves as it happens (``core/metrics.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from dockyard.api.auth import SCOPE_KEY_REQUEST_ID
 from dockyard.core import logs
 from dockyard.core import metrics as m
 from dockyard.core.models import SlotState
+from dockyard.core.plugins import await_me_maybe
+
+#: The app-state attribute holding the plugins' scrape-time refreshers (``ApiRegistrar.scrape``).
+SCRAPE_REFRESHERS = "metric_refreshers"
 
 
 async def refresh_gauges(state: State) -> None:
-    """Set the scrape-time gauges from this app's services."""
+    """Set the scrape-time gauges from this app's services, then let every plugin refresh
+    its own (``ApiRegistrar.scrape``)."""
     services = getattr(state, "services", None)
     if services is None:
         return
@@ -38,18 +44,8 @@ async def refresh_gauges(state: State) -> None:
     for slot_state in SlotState:
         m.SLOTS.labels(state=str(slot_state)).set(counts[str(slot_state)])
     m.PORT_LEASES.set(len(await store.list_leases()))
-    evaluations = getattr(state, "evaluations", None)
-    active: Counter[str] = Counter()
-    queue = admitted = 0
-    if evaluations is not None:
-        runs = getattr(evaluations, "_runs", {})
-        active.update(run.evaluation.state for run in runs.values())
-        queue = len(getattr(evaluations, "_queue", ()))
-        admitted = len(getattr(evaluations, "_admitted", ()))
-    for name in ("queued", "deploying", "running", "session", "cleaning"):
-        m.EVALUATIONS_ACTIVE.labels(state=name).set(active[name])
-    m.EVALUATION_QUEUE.set(queue)
-    m.EVALUATION_AGENTS.set(admitted)
+    for refresh in getattr(state, SCRAPE_REFRESHERS, ()):
+        await await_me_maybe(refresh(state))
 
 
 class MetricsRoutes(Controller):

@@ -1,4 +1,5 @@
-"""What a plugin brings to the API: routes, dependencies and a lifespan, together.
+"""What a plugin brings to the API: routes, dependencies, a lifespan and scrape-time
+metrics, together.
 
 ``create_app`` calls every ``dockyard_api_plugins(register)`` implementation once with an
 :class:`ApiRegistrar`, mounts the routes, adds the dependencies, and enters the lifespans
@@ -10,12 +11,13 @@ app knows nothing about the service itself.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.di import Provide
 
 from dockyard.core.config import Settings
@@ -54,6 +56,8 @@ class PluginContext:
 
 #: A plugin lifespan: called with the context, returns an async context manager.
 PluginLifespan = Callable[[PluginContext], AbstractAsyncContextManager[Any]]
+#: A plugin's scrape-time refresher: called with the app's state at every ``/metrics``.
+MetricsRefresher = Callable[[State], Awaitable[None] | None]
 
 
 @dataclass
@@ -64,6 +68,7 @@ class ApiRegistrar:
     routes: list[Any] = field(default_factory=list)
     dependencies: dict[str, Provide] = field(default_factory=dict)
     lifespans: list[tuple[str, PluginLifespan]] = field(default_factory=list)
+    scrapes: list[MetricsRefresher] = field(default_factory=list)
     _owners: dict[str, str] = field(default_factory=dict)
 
     def route(self, handler: Any) -> None:
@@ -85,6 +90,12 @@ class ApiRegistrar:
     def lifespan(self, factory: PluginLifespan) -> None:
         """Run ``factory(context)`` (an async context manager) while the app serves."""
         self.lifespans.append((current_plugin(), factory))
+
+    def scrape(self, refresh: MetricsRefresher) -> None:
+        """Call ``refresh(app.state)`` at every ``GET /metrics`` before the metrics are
+        written: set the plugin's gauges of what exists now (its metrics are registered in
+        ``dockyard.core.metrics.REGISTRY``). It may return an awaitable."""
+        self.scrapes.append(refresh)
 
 
 def collect_api_plugins(pm: DockyardPluginManager, settings: Settings) -> ApiRegistrar:

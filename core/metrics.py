@@ -1,10 +1,12 @@
 """dockyard's Prometheus metrics, defined once in their own registry.
 
 Counters and histograms move as things happen: most from the ``dockyard_event`` observer
-(``dockyard.plugins.metrics``), health-probe latency from ``core/health.py`` and HTTP
+(``dockyard.plugins.telemetry``), health-probe latency from ``core/health.py`` and HTTP
 requests from the API's middleware. Gauges of what exists right now (slots by state, port
-leases, evaluations by state, queue depth, running agents) are read from the store and the
-evaluation service when ``/metrics`` is scraped (``dockyard.api.metrics``).
+leases) are read from the store when ``/metrics`` is scraped (``dockyard.api.metrics``).
+A plugin registers its own metrics in :data:`REGISTRY` (the evaluation plugin's are in
+``dockyard.plugins.evaluation.metrics``) and refreshes its scrape-time gauges through
+``ApiRegistrar.scrape``.
 
 The README's "Metrics" table lists every metric; ``tests/test_observability.py`` checks that
 table against :data:`REGISTRY`.
@@ -86,48 +88,6 @@ SLOTS = Gauge(
 PORT_LEASES = Gauge(
     "dockyard_port_leases",
     "Host ports leased (read at scrape time)",
-    registry=REGISTRY,
-)
-EVALUATIONS = Counter(
-    "dockyard_evaluations",
-    "Finished evaluations by final state and zero-score reason ('none' when it scored)",
-    ["state", "reason"],
-    registry=REGISTRY,
-)
-EVALUATIONS_ACTIVE = Gauge(
-    "dockyard_evaluations_active",
-    "Unfinished evaluations by state (read at scrape time)",
-    ["state"],
-    registry=REGISTRY,
-)
-EVALUATION_SECONDS = Histogram(
-    "dockyard_evaluation_duration_seconds",
-    "Evaluation phases: deploying to agent ready ('deploy'), created to finished ('total')",
-    ["phase"],
-    buckets=SLOW_BUCKETS,
-    registry=REGISTRY,
-)
-EVALUATION_QUEUE = Gauge(
-    "dockyard_evaluation_queue_depth",
-    "Evaluations waiting for admission (read at scrape time)",
-    registry=REGISTRY,
-)
-EVALUATION_AGENTS = Gauge(
-    "dockyard_evaluation_running_agents",
-    "Evaluations admitted and holding an agent (read at scrape time)",
-    registry=REGISTRY,
-)
-TASKS = Counter(
-    "dockyard_evaluation_tasks",
-    "Relayed tasks by outcome (ok, failed, timeout, cancelled)",
-    ["outcome"],
-    registry=REGISTRY,
-)
-TASK_SECONDS = Histogram(
-    "dockyard_evaluation_task_duration_seconds",
-    "Time an agent took to answer one task, by outcome",
-    ["outcome"],
-    buckets=SLOW_BUCKETS,
     registry=REGISTRY,
 )
 HTTP_REQUESTS = Counter(

@@ -2,16 +2,15 @@
 
 It implements ``dockyard_event`` only. Build, fetch and deploy timings come from the events'
 own timestamps (``BUILDING`` -> ``source_fetched`` -> ``image_ready`` -> ``PROMOTED`` or
-``FAILED``), switch timings from the ``PROMOTED`` event's ``switch_ms`` and ``router``, and
-evaluation outcomes from the evaluation service's ``evaluation`` events. The log line is
-written in the context of the operation that stored the event, so it carries the request,
-deployment and evaluation ids (``core/logs.py``).
+``FAILED``), switch timings from the ``PROMOTED`` event's ``switch_ms`` and ``router``
+(evaluation outcomes are counted by the evaluation plugin: ``plugins/evaluation/metrics.py``).
+The log line is written in the context of the operation that stored the event, so it
+carries the request, deployment and evaluation ids (``core/logs.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Any
 
 from dockyard.core import metrics as m
@@ -20,9 +19,6 @@ from dockyard.core.models import Event, SlotState
 
 log = logging.getLogger("dockyard.events")
 
-#: Evaluations whose final state was already counted (bounded, oldest forgotten first).
-_COUNTED_MAX = 10000
-
 
 class _Deploys:
     """Start times of deploys in progress, per (deployment, colour)."""
@@ -30,7 +26,6 @@ class _Deploys:
     def __init__(self) -> None:
         self.started: dict[tuple[str, str], float] = {}
         self.fetched: dict[tuple[str, str], float] = {}
-        self.counted: OrderedDict[str, None] = OrderedDict()
 
     def forget(self, key: tuple[str, str]) -> None:
         self.started.pop(key, None)
@@ -81,29 +76,6 @@ def _transition(event: Event) -> None:
         _state.forget(key)
 
 
-def _evaluation(event: Event) -> None:
-    data = event.data
-    evaluation_id = str(data.get("evaluation_id") or "")
-    if not data.get("final") or not evaluation_id or evaluation_id in _state.counted:
-        return
-    _state.counted[evaluation_id] = None
-    while len(_state.counted) > _COUNTED_MAX:
-        _state.counted.popitem(last=False)
-    m.EVALUATIONS.labels(
-        state=str(data.get("state")), reason=str(data.get("reason") or "none")
-    ).inc()
-    for phase in ("deploy", "total"):
-        value = data.get(f"{phase}_s")
-        if isinstance(value, int | float):
-            m.EVALUATION_SECONDS.labels(phase=phase).observe(value)
-    for result in data.get("results") or []:
-        outcome = str(result.get("outcome"))
-        m.TASKS.labels(outcome=outcome).inc()
-        duration = result.get("duration_s")
-        if isinstance(duration, int | float):
-            m.TASK_SECONDS.labels(outcome=outcome).observe(duration)
-
-
 def describe(event: Event) -> str:
     """One line for the log: what happened to which slot."""
     where = f"{event.deployment_id}/{event.color}" if event.color else event.deployment_id
@@ -138,8 +110,6 @@ def dockyard_event(event: Event) -> Any:
             took = _seconds(event.at, _state.fetched.get(key))
             if took is not None:
                 m.BUILD_SECONDS.labels(outcome="ok").observe(took)
-        elif event.kind == "evaluation":
-            _evaluation(event)
     finally:
         extra: dict[str, Any] = {"event": event.kind, "seq": event.seq}
         if event.color:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -30,6 +31,7 @@ from dockyard.core import hookimpl
 from dockyard.core.config import Settings, load_settings
 from dockyard.core.errors import PluginError
 from dockyard.core.hookspecs import hookspec
+from dockyard.core.metrics import REGISTRY
 from dockyard.core.plugins import build_plugin_manager
 from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.models import Evaluation, Limits, Miner
@@ -346,6 +348,45 @@ def test_without_the_evaluation_plugin_its_routes_are_gone(
     assert not any(p.startswith("/v1/integration") for p in paths)
     with api_client_factory() as client:
         assert client.get("/v1/integration/evaluations").status_code == 200
+
+
+def test_the_evaluation_metrics_are_the_plugins() -> None:
+    """``core/metrics.py`` defines no evaluation metric and ``api/metrics.py`` reads no
+    evaluation service: the plugin registers its metrics and refreshes its gauges."""
+    core_metrics = (ROOT / "core" / "metrics.py").read_text()
+    assert not re.search(r"[\"']dockyard_evaluation", core_metrics)
+    assert not re.search(
+        r"\bevaluations\b|_runs|_queue|_admitted", (ROOT / "api" / "metrics.py").read_text()
+    )
+    names = {metric.name for metric in REGISTRY.collect()}
+    assert {"dockyard_evaluations", "dockyard_evaluation_queue_depth"} <= names
+    assert (
+        "dockyard_evaluation_queue_depth"
+        in (ROOT / "plugins" / "evaluation" / "metrics.py").read_text()
+    )
+
+
+def test_plugins_refresh_their_gauges_at_scrape_time(api_client_factory: Any) -> None:
+    seen: list[Any] = []
+
+    class Scraped:
+        @hookimpl
+        def dockyard_api_plugins(self, register: Any) -> None:
+            async def refresh(state: Any) -> None:
+                seen.append(state.controller)
+
+            register.scrape(refresh)
+
+    with api_client_factory(extra_plugins=[("scraped", Scraped())]) as client:
+        service = client.app.state.evaluations
+        # what the running service says is unfinished now is what the gauges show
+        service.occupancy = lambda: (collections.Counter({"running": 2, "queued": 3}), 3, 2)
+        text = client.get("/metrics").text
+        assert seen == [client.app.state.controller]
+    assert "dockyard_evaluation_queue_depth 3.0" in text
+    assert "dockyard_evaluation_running_agents 2.0" in text
+    assert 'dockyard_evaluations_active{state="running"} 2.0' in text
+    assert 'dockyard_evaluations_active{state="session"} 0.0' in text
 
 
 # ---------------------------------------------------------------- options and migration

@@ -6,6 +6,9 @@ Built like any third-party plugin, with nothing about it in ``core/`` or ``api/`
   dependency they use and a lifespan that runs one :class:`EvaluationService` beside the
   deployment controller come through ``dockyard_api_plugins``;
 - its evaluations are plugin records in the store (namespace ``evaluation``, :mod:`.records`);
+- its metrics (:mod:`.metrics`) are registered in dockyard's registry, counted from its own
+  ``evaluation`` events (``dockyard_event``) and refreshed at scrape time
+  (``ApiRegistrar.scrape``);
 - its options are ``[plugins.evaluation]`` (:mod:`.options`);
 - its commands, ``dockyard evaluate`` and ``dockyard sandbox-image`` (:mod:`.cli`), come
   through ``dockyard_cli_commands``;
@@ -22,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from litestar.datastructures import State
 
 from dockyard.core.hookspecs import hookimpl
-from dockyard.plugins.evaluation import hookspecs, records
+from dockyard.core.models import Event
+from dockyard.plugins.evaluation import hookspecs, metrics, records
 from dockyard.plugins.evaluation.models import (
     Batch,
     EvaluateBatchRequest,
@@ -74,6 +78,7 @@ __all__ = [
     "dockyard_add_hookspecs",
     "dockyard_api_plugins",
     "dockyard_cli_commands",
+    "dockyard_event",
     "dockyard_register_gc_kinds",
     "dockyard_register_status_filters",
 ]
@@ -126,6 +131,13 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
     register.route(IntegrationRoutes)
     register.dependency("evaluations", _evaluations)
     register.lifespan(_serve)
+    register.scrape(metrics.refresh_gauges)
+
+
+@hookimpl
+def dockyard_event(event: Event) -> None:
+    """Count finished evaluations, their phases and tasks (:mod:`.metrics`)."""
+    metrics.count_final(event)
 
 
 @hookimpl

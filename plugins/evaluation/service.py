@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,12 @@ class EvaluationService:
         self._builds = asyncio.Semaphore(self.config.max_builds)
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
+
+    def occupancy(self) -> tuple[Counter[str], int, int]:
+        """What is unfinished now: evaluations by state, how many wait for admission, how
+        many are admitted (holding an agent). Read by the metrics at scrape time."""
+        states = Counter(run.evaluation.state for run in self._runs.values())
+        return states, len(self._queue), len(self._admitted)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:

@@ -197,7 +197,7 @@ class EventHub:
                     self._evaluation_of[event.deployment_id] = evaluation_id
         evaluation_id = (
             evaluation_id
-            or logs.evaluation_id.get()
+            or logs.current().get("evaluation_id")
             or self._evaluation_of.get(event.deployment_id)
         )
         entry = self.journal.append(

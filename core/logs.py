@@ -1,10 +1,11 @@
 """Logging set-up: text for people, JSON lines for machines, and correlation ids on both.
 
-Three context variables follow the work: ``request_id`` (set for each HTTP request, from
-``X-Request-ID`` when it is sane), ``deployment_id`` (set by the controller for an operation)
-and ``evaluation_id`` (set by the evaluation service for a run). asyncio copies them into
-every task a request starts, so a deploy that outlives its request still logs with its id:
-one ``grep <request id>`` follows it through fetch, build, start, probe, switch and cleanup.
+Context variables follow the work: ``request_id`` (set for each HTTP request, from
+``X-Request-ID`` when it is sane), ``deployment_id`` (set by the controller for an
+operation), and those plugins add with :func:`add_field` (the evaluation plugin's
+``evaluation_id``, set for a run). asyncio copies them into every task a request starts, so
+a deploy that outlives its request still logs with its id: one ``grep <request id>``
+follows it through fetch, build, start, probe, switch and cleanup.
 
 ``configure_logging(settings)`` installs one handler on the root logger with
 :class:`ContextFilter` and the chosen formatter; uvicorn's loggers (access log included)
@@ -28,10 +29,9 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 deployment_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "dockyard_deployment_id", default=None
 )
-evaluation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "dockyard_evaluation_id", default=None
-)
-_VARS = {"request_id": request_id, "deployment_id": deployment_id, "evaluation_id": evaluation_id}
+_VARS = {"request_id": request_id, "deployment_id": deployment_id}
+#: Each correlation id's name in text lines (``[rid=.. dep=..]``).
+_SHORT = {"request_id": "rid", "deployment_id": "dep"}
 #: Attributes every LogRecord has; anything else passed as ``extra=`` goes into JSON lines.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
@@ -40,6 +40,15 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "ids",  # TextFormatter's
 }
 LogFormat = Literal["text", "json"]
+
+
+def add_field(name: str, short: str) -> contextvars.ContextVar[str | None]:
+    """Add a correlation id a plugin binds (``bind(name=...)``): JSON lines carry it as
+    ``name``, text lines as ``short=``. Adding a name again returns the same variable."""
+    if name not in _VARS:
+        _VARS[name] = contextvars.ContextVar(f"dockyard_{name}", default=None)
+        _SHORT[name] = short
+    return _VARS[name]
 
 
 def bind(**ids: str | None) -> None:
@@ -98,9 +107,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``time LEVEL logger [rid=.. dep=.. eval=..]: message`` for people."""
+    """``time LEVEL logger [rid=.. dep=.. eval=..]: message`` for people (the short names
+    of the fields plugins add follow dockyard's own)."""
 
-    SHORT = {"request_id": "rid", "deployment_id": "dep", "evaluation_id": "eval"}
+    SHORT = _SHORT
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(ids)s: %(message)s")

@@ -11,6 +11,7 @@ import ast
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import re
 import sqlite3
@@ -364,6 +365,24 @@ def test_the_evaluation_metrics_are_the_plugins() -> None:
         "dockyard_evaluation_queue_depth"
         in (ROOT / "plugins" / "evaluation" / "metrics.py").read_text()
     )
+
+
+def test_the_evaluation_log_id_is_a_field_the_plugin_adds() -> None:
+    """``core/logs.py`` knows ``request_id`` and ``deployment_id``; the evaluation plugin
+    adds ``evaluation_id`` (``eval=`` in text lines) with ``logs.add_field``."""
+    from dockyard.core import logs
+    from dockyard.plugins.evaluation.service import EVALUATION_LOG_ID
+
+    assert not re.search(
+        r"^evaluation_id|[\"']evaluation_id[\"']", (ROOT / "core" / "logs.py").read_text(), re.M
+    )
+    assert logs.add_field("evaluation_id", "eval") is EVALUATION_LOG_ID
+    record = logging.LogRecord("dockyard", logging.INFO, __file__, 1, "hi", (), None)
+    with logs.bound(deployment_id="ev-1", evaluation_id="ev-1"):
+        assert logs.current() == {"deployment_id": "ev-1", "evaluation_id": "ev-1"}
+        logs.ContextFilter().filter(record)
+    assert "[dep=ev-1 eval=ev-1]: hi" in logs.TextFormatter().format(record)
+    assert json.loads(logs.JsonFormatter().format(record))["evaluation_id"] == "ev-1"
 
 
 def test_plugins_refresh_their_gauges_at_scrape_time(api_client_factory: Any) -> None:

@@ -37,6 +37,7 @@ from dockyard.core.errors import (
     SourceError,
     Unprocessable,
 )
+from dockyard.core.logs import add_field
 from dockyard.core.logs import bind as bind_log_ids
 from dockyard.core.models import DeploymentSpec, HealthCheck, now
 from dockyard.core.plugins import DockyardPluginManager, check_spec
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 #: Spec label (and so container label) naming the evaluation a deployment belongs to.
 EVALUATION_LABEL = "dockyard_evaluation"
+#: The correlation id of an evaluation's log lines (``evaluation_id``, ``eval=`` in text).
+EVALUATION_LOG_ID = add_field("evaluation_id", "eval")
 EVALUATION_PREFIX = "ev-"
 BATCH_PREFIX = "batch-"
 #: Env names an evaluation request may never set: provider keys stay with the gateway.

@@ -21,7 +21,7 @@ import importlib
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
@@ -202,6 +202,45 @@ def _attributed(plugin_name: str, hook_name: str, function: Callable[..., Any]) 
     return call
 
 
+def _attributed_wrapper(plugin_name: str, function: Callable[..., Any]) -> Any:
+    """A hook wrapper (``wrapper=True`` or ``hookwrapper=True``, a generator) whose code
+    before and after its ``yield`` runs with its plugin's name attached, so what it registers
+    is attributed to it; while it waits at the ``yield``, the other implementations run
+    under their own names."""
+
+    def steps(generator: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+        token = _current_plugin.set(plugin_name)
+        try:
+            value = next(generator)
+        finally:
+            _current_plugin.reset(token)
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                token = _current_plugin.set(plugin_name)
+                try:
+                    value = generator.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    _current_plugin.reset(token)
+            else:
+                token = _current_plugin.set(plugin_name)
+                try:
+                    value = generator.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    _current_plugin.reset(token)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return steps(function(*args, **kwargs))
+
+    return call
+
+
 class DockyardPluginManager(pluggy.PluginManager):
     """pluggy's manager with dockyard's hookspecs, registries and plugin metadata."""
 
@@ -217,14 +256,19 @@ class DockyardPluginManager(pluggy.PluginManager):
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register ``plugin``; each of its implementations is wrapped (:func:`_attributed`)
-        so pluggy calls it with the plugin's name attached to what it registers or raises.
-        Hook wrappers (``wrapper=True``) are left as they are."""
+        so pluggy calls it with the plugin's name attached to what it registers or raises;
+        a hook wrapper (``wrapper=True``) gets its name around its own code
+        (:func:`_attributed_wrapper`), its exceptions left as they are."""
         plugin_name = super().register(plugin, name)
         if plugin_name is None:
             return None
         for caller in self.get_hookcallers(plugin) or []:
             for impl in caller.get_hookimpls():
-                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                if impl.plugin is not plugin:
+                    continue
+                if impl.wrapper or impl.hookwrapper:
+                    impl.function = _attributed_wrapper(plugin_name, impl.function)
+                else:
                     impl.function = _attributed(plugin_name, caller.name, impl.function)
         return plugin_name
 

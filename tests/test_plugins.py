@@ -16,7 +16,7 @@ from litestar import get
 from dockyard.core import hookimpl
 from dockyard.core.errors import PluginError, PolicyRefused, UnknownPluginError
 from dockyard.core.models import DeploymentSpec, Event
-from dockyard.core.plugins import build_plugin_manager, check_spec, emit_event
+from dockyard.core.plugins import build_plugin_manager, check_spec, current_plugin, emit_event
 from tests.conftest import EXAMPLE_PLUGIN, ROOT
 
 PROBE = """
@@ -369,3 +369,55 @@ def test_a_failing_registrar_names_its_plugin() -> None:
     pm = build_plugin_manager(load_entry_points=False, extra_plugins=[("faulty", Faulty())])
     with pytest.raises(PluginError, match="plugin 'faulty' failed in dockyard_register_routers"):
         pm.registries  # noqa: B018
+
+
+def test_a_hook_wrapper_registers_under_its_plugins_name() -> None:
+    """Before and after its ``yield`` (also when an implementation under it failed) a hook
+    wrapper's registrations are its plugin's; the others' stay theirs."""
+
+    class Plain:
+        @hookimpl
+        def dockyard_register_sources(self, register: Any) -> None:
+            register("plain-src", "plain")
+
+    class Failing:
+        @hookimpl
+        def dockyard_register_strategies(self, register: Any) -> None:
+            raise RuntimeError("no strategy today")
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def dockyard_register_sources(self, register: Any) -> Any:
+            register("before-src", "before")
+            result = yield
+            register("after-src", "after")
+            return result
+
+        @hookimpl(wrapper=True)
+        def dockyard_register_strategies(self, register: Any) -> Any:
+            try:
+                yield
+            except PluginError:
+                register("fallback", "fallback")
+
+    class OldStyle:
+        @hookimpl(hookwrapper=True)
+        def dockyard_register_sources(self, register: Any) -> Any:
+            register("old-src", "old")
+            yield
+
+    pm = build_plugin_manager(
+        load_entry_points=False,
+        extra_plugins=[
+            ("plain", Plain()),
+            ("failing", Failing()),
+            ("wrapper", Wrapper()),
+            ("oldstyle", OldStyle()),
+        ],
+    )
+    sources = pm.registries.sources
+    assert sources.owner("before-src") == sources.owner("after-src") == "wrapper"
+    assert sources.owner("old-src") == "oldstyle"
+    assert sources.owner("plain-src") == "plain" and sources.owner("git") == "git"
+    assert pm.registries.strategies.owner("fallback") == "wrapper"
+    assert current_plugin() == "?"

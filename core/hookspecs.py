@@ -208,8 +208,11 @@ def dockyard_api_plugins(register: ApiRegistrar) -> None:
         ``register.dependency(name, provide)`` adds a Litestar dependency;
         ``register.lifespan(factory)`` adds ``factory(context)``, an async context manager
         entered after the deployment controller has started and exited before it stops
-        (``context`` holds the app, settings, services and controller). ``register.settings``
-        is the app's settings (``settings.plugin_options(name)`` for the plugin's options).
+        (``context`` holds the app, settings, services, controller, and the ``store`` and
+        ``pm`` a plugin's service is handed); ``register.scrape(refresh)`` calls
+        ``refresh(app.state)`` at every ``GET /metrics`` (the plugin's scrape-time gauges).
+        ``register.settings`` is the app's settings (``settings.plugin_options(name)`` for
+        the plugin's options).
 
     A third-party plugin implements this hook to run a service beside the controller and
     serve it (the evaluation plugin's routes and evaluation service come this way).

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
@@ -419,6 +420,21 @@ def _plugins(settings: Settings) -> None:
         print(f"{kind}: {', '.join(names) or '-'}")
 
 
+def _disabled_by_config(argv: Sequence[str] | None) -> list[str]:
+    """The configuration's ``disable_plugins`` (``--config`` or ``DOCKYARD_CONFIG``), so a
+    plugin disabled there adds no commands; a configuration that does not load disables
+    nothing here (the commands that read it report it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated settings warn once, when used
+            return list(load_settings(known.config).disable_plugins)
+    except DockyardError:
+        return []
+
+
 def _run_handler(result: int | Awaitable[int]) -> int:
     """A plugin command's exit code: its handler's answer, awaited when it is awaitable."""
     if inspect.isawaitable(result):
@@ -433,7 +449,7 @@ def _run_handler(result: int | Awaitable[int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dockyard`` command."""
     try:
-        parser = _parser()
+        parser = _parser(build_plugin_manager(_disabled_by_config(argv)))
     except DockyardError as exc:  # a plugin that fails to load or to add its commands
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2

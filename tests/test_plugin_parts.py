@@ -260,12 +260,22 @@ def test_the_plugin_adds_a_command_to_the_cli(
     assert captured.err == "dockyard: error: testplugin-greet: NAME must not be empty\n"
 
 
+@pytest.mark.parametrize("where", ["environment", "config"])
 def test_without_the_plugin_its_command_is_unknown(
-    testplugin: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    testplugin: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
 ) -> None:
-    monkeypatch.setenv("DOCKYARD_DISABLE_PLUGINS", "testplugin")
+    config = tmp_path / "dockyard.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    if where == "environment":
+        monkeypatch.setenv("DOCKYARD_DISABLE_PLUGINS", "testplugin")
+    else:
+        config.write_text(f'data_dir = "{tmp_path / "data"}"\ndisable_plugins = ["testplugin"]\n')
     with pytest.raises(SystemExit) as exited:
-        cli_main(["testplugin-greet", "ada"])
+        cli_main(["--config", str(config), "testplugin-greet", "ada"])
     assert exited.value.code == 2
     assert "invalid choice: 'testplugin-greet'" in capsys.readouterr().err
 

@@ -61,6 +61,12 @@ class FakeRuntime(Runtime):
         self.builds += 1
         if request.build_args.get("BUILD") == "fail":
             raise BuildFailed("build failed on request", log_tail=["boom"])
+        if request.build_args.get("BUILD") == "refused":  # as the engines' build proxy says
+            raise BuildFailed(
+                "build failed: a host was refused",
+                log_tail=["build proxy refused: pypi.example:443"],
+                build_refused=["pypi.example:443", "10.0.0.5:80"],
+            )
         self.images[request.tag] = dict(request.build_args)
         if on_log:
             on_log(f"built {request.tag}")

@@ -171,7 +171,8 @@ def client(
     with TestClient(create_app(settings), timeout=300) as c:
         c.headers.update(AUTH)
         yield c
-        for name in ("cap", "app", "nobase"):  # what the tests deployed: nothing may stay
+        # What the tests deployed: nothing may stay.
+        for name in ("cap", "app", "nobase", "refused"):
             assert c.delete(f"/v1/repos/{name}").status_code in (200, 404)
 
 
@@ -326,6 +327,31 @@ def test_download_over_the_cap_is_stopped(
     # build_log_tail carries).
     assert log.splitlines()[-1].startswith("dockyard: build_failed"), log[-2000:]
     assert "build proxy: download cap reached" in "\n".join(log.splitlines()[-6:])
+
+
+def test_a_failed_build_carries_the_hosts_its_proxy_refused(
+    client: TestClient[Any], git: tuple[GitDaemon, RepoBuilder]
+) -> None:
+    """The refused hosts come from the proxy's summary as data: in the deploy's failure
+    (``GET /v1/repos/{id}``) and the FAILED slot's event (what an evaluation reads)."""
+    daemon, builder = git
+    repo = builder.new("refused")
+    repo.write(
+        "Dockerfile",
+        "FROM python:3.11-slim\n"
+        "RUN python3 -c \"import urllib.request as u; u.urlopen('http://pypi.org/simple/', "
+        'timeout=10)"\n',
+    )
+    repo.commit("refused")
+    body = _deploy(client, id="refused", repo=f"{daemon.url}/refused.git")
+    slot = _slot(body)
+    assert (slot["state"], slot["reason"]) == ("FAILED", "build_failed"), body
+    error = body["operation"]["error"]
+    assert error["detail"]["build_refused"] == ["pypi.org:80"], error
+    events = client.get("/v1/repos/refused/events").json()
+    failed = [e for e in events if e.get("to_state") == "FAILED"]
+    assert failed and failed[-1]["data"]["build_refused"] == ["pypi.org:80"], failed
+    assert "build proxy refused: pypi.org:80" in _build_log(client, "refused")
 
 
 def test_pip_install_through_the_proxy_builds_and_serves(

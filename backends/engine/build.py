@@ -84,7 +84,14 @@ class BuildJob:
     def temp_ref(self) -> str:
         return f"{BUILD_REPO}:{self.build_id}"
 
+    @property
+    def refused(self) -> list[str] | None:
+        """``host:port`` the build's proxy refused (None: the build had no proxy)."""
+        return None if self.egress is None else self.egress.refused
+
     def failed(self, reason: str, **detail: Any) -> BuildFailed:
+        if self.refused is not None:
+            detail.setdefault("build_refused", self.refused)
         return BuildFailed(
             f"build of {self.tag} failed: {reason}",
             tag=self.tag,
@@ -233,8 +240,15 @@ class BuildLifecycle(abc.ABC):
         for what holds (no network, no pulls, limits, timeouts that stop the build)."""
         job = self._build_job(request, on_log)
         await self._check_base_images(job)
-        async with self._build_egress(job):
-            await self._stream_build(job)
+        try:
+            async with self._build_egress(job):
+                await self._stream_build(job)
+        except BuildFailed as exc:
+            # The proxy's summary is read as the session closes: the hosts it refused
+            # travel with the failure as data (deployer, slot event, evaluation).
+            if job.refused is not None:
+                exc.detail["build_refused"] = job.refused
+            raise
         job.progress.flush()
         if job.progress.error is not None:
             await self._discard_build(job)

@@ -86,6 +86,12 @@ class EgressSession:
     def url(self) -> str:
         return f"http://{self.network.gateway}:{self.proxy.port}"
 
+    @property
+    def refused(self) -> list[str]:
+        """``host:port`` of every request the proxy refused for its host (read when the
+        session closes; empty before)."""
+        return refused_hosts(self.records)
+
     def build_args(self) -> dict[str, str]:
         """The proxy for every tool, and ``NO_PROXY`` empty (nothing bypasses it)."""
         return {**dict.fromkeys(PROXY_VARIABLES, self.url), "NO_PROXY": ""}
@@ -104,7 +110,7 @@ def evidence(session: EgressSession, max_bytes: int) -> list[str]:
             f"build proxy: download cap reached: more than {max_bytes} bytes "
             "(build_proxy_max_bytes): the download was stopped"
         )
-    refused = refused_hosts(session.records)
+    refused = session.refused
     if refused:
         lines.append("build proxy refused: " + ", ".join(refused) + " (not in build_proxy_allow)")
     return lines

@@ -714,8 +714,8 @@ class EvaluationService:
         return False
 
     async def _capture_provenance(self, evaluation: Evaluation) -> None:
-        """The exact commit (fetched, or refused after the fetch) and image from the
-        deployment's events, while they exist."""
+        """The exact commit (fetched, or refused after the fetch), the image and the hosts
+        a failed build's proxy refused, from the deployment's events, while they exist."""
         events = await self.services.store.list_events(evaluation.deployment_id)
         for event in events:
             if event.kind in ("source_fetched", "source_refused"):
@@ -724,6 +724,9 @@ class EvaluationService:
             elif event.kind == "image_ready":
                 evaluation.image = event.data.get("image") or evaluation.image
                 evaluation.image_reused = bool(event.data.get("reused"))
+            elif event.kind == "slot_transition" and "build_refused" in event.data:
+                # A failed build's proxy summary, as data (never parsed from its log).
+                evaluation.build_refused = [str(h) for h in event.data["build_refused"]]
 
     def _capture_build_log(self, run: Run) -> None:
         """Keep the tail of a failed build's log: removing the deployment removes the log."""

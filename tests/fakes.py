@@ -87,6 +87,10 @@ class FakeRuntime(Runtime):
     async def image_exists(self, ref: str) -> bool:
         return ref in self.images
 
+    async def image_id(self, ref: str) -> str | None:
+        info = self.image_info.get(ref)
+        return info.id if info is not None else (f"id-of-{ref}" if ref in self.images else None)
+
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         self.images.pop(ref, None)
         self.image_info.pop(ref, None)

@@ -18,6 +18,7 @@ host and ``python:3.11-slim`` aliased to the offline base image:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import io
@@ -538,3 +539,61 @@ async def test_base_image_aliases_on_every_engine(
     finally:
         await runtime.close()
     assert (context / "Dockerfile").read_text() == "FROM python:3.12-bogus\n"
+
+
+async def test_an_alias_pointed_elsewhere_builds_again(
+    engine: contract.Engine, test_image: contract.TestImage, tmp_path: Path
+) -> None:
+    """The local image an alias maps to (name and id) is a build input: rebuilding that
+    image, or mapping the alias to another one, never reuses an image built from the old
+    base; the same mapping does."""
+    from dockyard.backends.engine.build_egress import BuildEgressConfig
+    from dockyard.core.builds import Builder
+    from dockyard.core.models import DeploymentSpec
+    from dockyard.core.runtime import BuildRequest
+    from dockyard.core.source import FetchedSource
+
+    runtime: Any = engine.make_runtime()
+    suffix = uuid.uuid4().hex[:8]
+    target = f"localhost/dockyard-test/alias-base:{suffix}"
+    base_ctx, app = tmp_path / "base", tmp_path / "app"
+    base_ctx.mkdir()
+    app.mkdir()
+    (app / "Dockerfile").write_text("FROM python:3.11-slim\nLABEL app=alias\n")
+    source = FetchedSource(
+        repo="https://example.test/acme/alias", ref=None, resolved_ref=None,
+        commit="b" * 40, checkout=str(app), context=str(app),
+        dockerfile=str(app / "Dockerfile"),
+    )  # fmt: skip
+    spec = DeploymentSpec(id="alias", repo=source.repo)
+    made: list[str] = []
+
+    async def base(version: str) -> None:
+        (base_ctx / "Dockerfile").write_text(f"FROM {test_image.tag}\nLABEL v={version}\n")
+        built = await runtime.build(BuildRequest(context=str(base_ctx), tag=target))
+        made.append(built.id)
+
+    await runtime.open()
+    try:
+        await base("1")
+        builder = Builder(runtime=runtime, base_image_aliases={"python:3.11-slim": target})
+        runtime.build_egress = BuildEgressConfig(aliases=builder.base_image_aliases)
+        first = await builder.build(spec, source)
+        made.append(first.image)
+        assert (await builder.build(spec, source)).reused is True
+        await base("2")  # the same name, another image
+        rebuilt = await builder.build(spec, source)
+        made.append(rebuilt.image)
+        assert rebuilt.reused is False and rebuilt.image != first.image
+        elsewhere = Builder(
+            runtime=runtime, base_image_aliases={"python:3.11-slim": test_image.tag}
+        )
+        runtime.build_egress = BuildEgressConfig(aliases=elsewhere.base_image_aliases)
+        other = await elsewhere.build(spec, source)
+        made.append(other.image)
+        assert other.reused is False and other.image not in (first.image, rebuilt.image)
+    finally:
+        for ref in reversed([*made, target]):
+            with contextlib.suppress(Exception):
+                await runtime.remove_image(ref, force=True)
+        await runtime.close()

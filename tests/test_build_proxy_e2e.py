@@ -12,7 +12,10 @@ host and ``python:3.11-slim`` aliased to the offline base image:
   proxy's record; the proxy variables are in neither the image's config nor its history;
 * a download over the per-build cap is stopped, plain HTTP and inside a ``CONNECT``
   tunnel alike;
-* a ``FROM`` that maps to no local image fails before building, naming the image.
+* a ``FROM`` that maps to no local image fails before building, naming the image;
+* a build that fails after its proxy refused a host carries ``host:port`` as data;
+* two concurrent builds each reach their own proxy only;
+* pointing an alias at another image (or rebuilding the one it names) builds again.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ PACKAGE = "dockyardprobe"
 VALUE = "served-through-the-build-proxy"
 CAP = 4 * 1024 * 1024
 BIG = 4 * CAP
+#: The data directory of the module's dockyard (its build proxies' pid files).
+DATA: dict[str, Path] = {}
 HEALTH = {"interval_s": 0.3, "timeout_s": 2, "deadline_s": 40}
 
 
@@ -156,7 +161,7 @@ def client(
 
     if shutil.which("squid") is None:
         pytest.fail("squid is not installed: run contrib/ci/setup-podman.sh")
-    data = tmp_path_factory.mktemp("data")
+    data = DATA["dir"] = tmp_path_factory.mktemp("data")
     settings = Settings(
         **TEST_SETTINGS,
         data_dir=str(data),
@@ -173,7 +178,7 @@ def client(
         c.headers.update(AUTH)
         yield c
         # What the tests deployed: nothing may stay.
-        for name in ("cap", "app", "nobase", "refused"):
+        for name in ("cap", "app", "nobase", "refused", "holder", "prober"):
             assert c.delete(f"/v1/repos/{name}").status_code in (200, 404)
 
 
@@ -187,14 +192,14 @@ def git(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, R
 
 @pytest.fixture(scope="module")
 def neighbour() -> Iterator[str]:
-    """Another container on the build network, listening: its address. Made after
-    dockyard made the network (by the first build of the module)."""
+    """Another container (on Podman's default network: each build has a network of its
+    own), listening: its address."""
     name = f"dockyard-test-neighbour-{uuid.uuid4().hex[:8]}"
     holder: dict[str, str] = {}
 
     def start(image: str) -> str:
         subprocess.run(
-            ["podman", "run", "-d", "--name", name, "--network", "dockyard-build", image,
+            ["podman", "run", "-d", "--name", name, "--network", "podman", image,
              "python3", "-m", "http.server", "8080"],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -202,7 +207,7 @@ def neighbour() -> Iterator[str]:
             ["podman", "inspect", name], check=True, capture_output=True, timeout=60
         ).stdout
         networks = json.loads(out)[0]["NetworkSettings"]["Networks"]
-        holder["ip"] = networks["dockyard-build"]["IPAddress"]
+        holder["ip"] = networks["podman"]["IPAddress"]
         return holder["ip"]
 
     try:
@@ -421,6 +426,85 @@ def test_pip_install_through_the_proxy_builds_and_serves(
         assert "proxy" not in text.lower(), text
     # The proxy is gone with its build.
     assert _squids() == []
+
+
+HOLDER_DOCKERFILE = """\
+FROM python:3.11-slim
+RUN python3 -c "import time; time.sleep(90)"
+"""
+
+PROBER = """\
+import os, urllib.request
+own = os.environ["HTTP_PROXY"]
+gateway = own.split("//")[1].split(":")[0]
+index = "http://127.0.0.1:%(index)d/simple/%(package)s/"
+
+def fetch(name, proxy):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+    try:
+        opener.open(index, timeout=10).read()
+        print(f"prober {name}: REACHED", flush=True)
+    except OSError as exc:
+        print(f"prober {name}: blocked ({exc})", flush=True)
+
+fetch("own-proxy", own)
+fetch("other-port-own-gateway", f"http://{gateway}:{os.environ['OTHER_PORT']}")
+fetch("other-port-other-gateway", f"http://{os.environ['OTHER_GATEWAY']}:{os.environ['OTHER_PORT']}")
+"""
+
+PROBER_DOCKERFILE = """\
+FROM python:3.11-slim
+ARG OTHER_PORT
+ARG OTHER_GATEWAY
+COPY prober.py /
+RUN python3 /prober.py
+"""
+
+
+def test_concurrent_builds_reach_only_their_own_proxy(
+    client: TestClient[Any],
+    git: tuple[GitDaemon, RepoBuilder],
+    servers: dict[str, Index],
+) -> None:
+    """Two builds at once: each on a network of its own, each admitted to its own proxy
+    alone. While one build holds its proxy, the other reaches the allowlisted index
+    through its own, and not through the first one's port (neither at its own network's
+    address nor at the first one's)."""
+    daemon, builder = git
+    holder = builder.new("holder")
+    holder.write("Dockerfile", HOLDER_DOCKERFILE)
+    holder.commit("holder")
+    r = client.post("/v1/repos", json={"id": "holder", "repo": f"{daemon.url}/holder.git"})
+    assert r.status_code in (200, 201, 202), r.text
+    proxies = DATA["dir"] / "build-proxy"
+    deadline = time.monotonic() + 120
+    found: list[Path] = []
+    while not found and time.monotonic() < deadline:
+        found = list(proxies.glob("*.pid"))
+        time.sleep(0.2)
+    assert found, "the holder's build proxy never started"
+    record = json.loads(found[0].read_text())
+    holder_net = f"dockyard-build-{found[0].stem[:12]}"
+    inspect = subprocess.run(
+        ["podman", "network", "inspect", holder_net],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    holder_gateway = json.loads(inspect)[0]["subnets"][0]["gateway"]
+
+    prober = builder.new("prober")
+    prober.write("prober.py", PROBER % {"index": servers["index"].port, "package": PACKAGE})
+    prober.write("Dockerfile", PROBER_DOCKERFILE)
+    prober.commit("prober")
+    args = {"OTHER_PORT": str(record["port"]), "OTHER_GATEWAY": holder_gateway}
+    _deploy(client, id="prober", repo=f"{daemon.url}/prober.git", build_args=args)
+    log = _build_log(client, "prober")
+    assert "prober own-proxy: REACHED" in log, log
+    assert "prober other-port-own-gateway: blocked" in log, log
+    assert "prober other-port-other-gateway: blocked" in log, log
+    assert f"build proxy: allowed GET 127.0.0.1:{servers['index'].port}" in log, log
+    # The holder's build (and its proxy) still ran while the prober's did.
+    assert found[0].exists(), "the holder's proxy ended before the prober's build"
+    assert client.delete("/v1/repos/holder").status_code in (200, 202, 404)
 
 
 def _squids() -> list[str]:

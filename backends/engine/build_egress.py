@@ -3,23 +3,24 @@
 session that holds one build's squid (:mod:`dockyard.backends.engine.build_proxy`) and its
 firewall grant (:mod:`dockyard.backends.engine.build_firewall`) for the build's lifetime.
 
-A session starts after the engine has its build network and the firewall is applied (no
-firewall, no build: ``network_policy_failed``), gives the build the proxy's variables, and
-when the build ends stops the proxy, revokes the grant and writes what the build fetched
-into its log: one line per request, then the refused hosts and whether the byte cap was
-reached (the last lines, so a failed build's log tail carries them)."""
+A session starts after the engine made the build's own network and the firewall is
+applied (no firewall, no build: ``network_policy_failed``), grants that network its proxy
+alone, gives the build the proxy's variables, and when the build ends stops the proxy,
+revokes the grant and writes what the build fetched into its log: one line per request,
+then the refused hosts and whether the byte cap was reached. The refused hosts are also
+data (:attr:`EgressSession.refused`): a failed build carries them (``build_refused``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dockyard.backends.engine.build_firewall import BuildFirewall
+from dockyard.backends.engine.build_firewall import BuildFirewall, BuildGrant
 from dockyard.backends.engine.build_proxy import (
     PROXY_DIR,
     ProxyRecord,
@@ -40,7 +41,7 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 
 @dataclass(frozen=True)
 class BuildNetwork:
-    """The engine's build network: its name, host interface, bridge address and subnet."""
+    """One build's network: its name, host interface, bridge address and subnet."""
 
     name: str
     iface: str
@@ -81,6 +82,12 @@ class EgressSession:
     proxy: SquidProxy
     records: list[ProxyRecord] = field(default_factory=list)
     used_bytes: int | None = None
+
+    @property
+    def grant(self) -> BuildGrant:
+        """What the build firewall lets this build reach: its proxy, on its network."""
+        network = self.network
+        return BuildGrant(network.iface, network.gateway, network.subnet, self.proxy.port)
 
     @property
     def url(self) -> str:
@@ -124,19 +131,25 @@ async def egress_session(
     state_dir: str | None,
     build_id: str,
     emit: Callable[[str], None],
+    cleanup: Callable[[Coroutine[Any, Any, None]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[EgressSession]:
     """Apply the build firewall, start the build's proxy, grant it; on the way out stop it,
-    revoke the grant, and ``emit`` the evidence lines (also after a failure)."""
+    revoke the grant, and ``emit`` the evidence lines (also after a failure, also when
+    cancelled: ``cleanup`` runs that to its end; default :func:`asyncio.shield`)."""
     root = Path(state_dir or "/tmp") / PROXY_DIR
     proxy = SquidProxy(config.binary, root / f"{build_id}.pid", config.allow, config.max_bytes)
     session = EgressSession(network, proxy)
     try:
-        await asyncio.to_thread(firewall.apply, network.iface, network.gateway, network.subnet)
-        await asyncio.to_thread(firewall.revoke, proxy.port)
-        await asyncio.to_thread(firewall.grant, proxy.port, config.max_bytes)
+        grant = session.grant
+        await asyncio.to_thread(firewall.apply)
+        await asyncio.to_thread(firewall.prune)
+        await asyncio.to_thread(firewall.revoke, proxy.port, grant)
+        await asyncio.to_thread(firewall.grant, grant, config.max_bytes)
     except BuildFailed:
+        proxy.remove()  # never started: only its directory to remove
         raise
     except Exception as exc:
+        proxy.remove()
         message = getattr(exc, "message", None) or str(exc)
         raise BuildFailed(
             f"the build proxy cannot be enforced, so the build was not started: {message}",
@@ -154,7 +167,8 @@ async def egress_session(
             ) from exc
         yield session
     finally:
-        await asyncio.shield(_close(session, firewall, config.max_bytes, emit))
+        closing = _close(session, firewall, config.max_bytes, emit)
+        await (cleanup(closing) if cleanup is not None else asyncio.shield(closing))
 
 
 async def _close(
@@ -163,7 +177,7 @@ async def _close(
     proxy = session.proxy
     await asyncio.to_thread(proxy.stop)
     session.used_bytes = await asyncio.to_thread(firewall.used, proxy.port)
-    await asyncio.to_thread(firewall.revoke, proxy.port)
+    await asyncio.to_thread(firewall.revoke, proxy.port, session.grant)
     session.records = await asyncio.to_thread(proxy.records)
     await asyncio.to_thread(proxy.remove)
     for line in evidence(session, max_bytes):

@@ -107,9 +107,9 @@ class PodmanBuildNetwork:
         )
         self._check(resp, "listing build networks")
         names = [str(n.get("name")) for n in resp.json() or []]
+        names = [name for name in names if name.startswith(BUILD_NETWORK_PREFIX)]
         for name in names:
-            if name.startswith(BUILD_NETWORK_PREFIX):
-                self._remove_build_network_sync(name)
+            self._remove_build_network_sync(name)
         return len(names)
 
     async def _reap_build_networks(self) -> None:

@@ -243,9 +243,9 @@ def test_build_firewall_tables_in_real_nftables() -> None:
             f'add element inet {table} grants {{ {element} comment "10.254.78.0/24 999999999:1" }}'
         )
         assert firewall.run(["-f", "-"], gone + "\n")[0] == 0
-        assert {g.port for g, _ in firewall.grants()} == {40111, 40112}
+        assert {g.port for g, _, _ in firewall.grants()} == {40111, 40112}
         assert firewall.prune() == 1
-        assert [g for g, _ in firewall.grants()] == [grant]
+        assert [(g, own) for g, _, own in firewall.grants()] == [(grant, True)]
         assert "10.254.78.0/24" not in firewall.run(["list", "table", "bridge", table], None)[1]
         firewall.revoke(40111, grant)
         assert firewall.used(40111) is None
@@ -286,3 +286,33 @@ async def test_a_build_refused_by_the_firewall_leaves_no_proxy_directory(
         ):
             pass
     assert list(temp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("", "IPv4 address"),
+        ("http://proxy.example:3128", "IPv4 address"),
+        ("http://127.0.0.1:3128", "loopback"),
+        ("http://0.0.0.0:3128", "loopback"),
+        ("https://10.0.0.5:3128", "http://<IPv4 address>:<port>"),
+        ("http://10.0.0.5", "http://<IPv4 address>:<port>"),
+        ("http://10.0.0.5:70000", "1-65535"),
+    ],
+)
+def test_an_attached_proxy_url_is_checked(url: str, why: str) -> None:
+    from dockyard.core.build_egress import parse_proxy_url
+
+    with pytest.raises(ValueError, match="build_proxy_url") as refused:
+        parse_proxy_url(url)
+    assert why in str(refused.value)
+    assert str(parse_proxy_url("http://10.0.0.5:3128/")) == "10.0.0.5:3128"
+
+
+def test_attach_without_a_url_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "dockyard.toml"
+    config.write_text('build_proxy = "attach"\n')
+    with pytest.raises(ConfigError, match="build_proxy_url"):
+        load_settings(config)
+    config.write_text('build_proxy = "attach"\nbuild_proxy_url = "http://10.0.0.5:3128"\n')
+    assert load_settings(config).build_proxy_url == "http://10.0.0.5:3128"

@@ -681,3 +681,110 @@ async def test_an_alias_pointed_elsewhere_builds_again(
             with contextlib.suppress(Exception):
                 await runtime.remove_image(ref, force=True)
         await runtime.close()
+
+
+# ------------------------------------------- build_proxy = "attach": the operator's proxy
+ATTACHED_PROBE = """\
+import os, socket, urllib.request, urllib.error
+proxy = os.environ["HTTP_PROXY"]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+def through_proxy(name, url):
+    try:
+        opener.open(url, timeout=10).read()
+        print(f"attached {name}: REACHED", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(f"attached {name}: blocked (proxy said {exc.code})", flush=True)
+    except OSError as exc:
+        print(f"attached {name}: blocked ({exc})", flush=True)
+def direct(name, host, port):
+    try:
+        socket.create_connection((host, port), timeout=4).close()
+        print(f"attached {name}: REACHED", flush=True)
+    except OSError as exc:
+        print(f"attached {name}: blocked ({exc})", flush=True)
+print("attached proxy:", proxy, flush=True)
+through_proxy("index", "http://127.0.0.1:%(index)d/simple/%(package)s/")
+through_proxy("not-allowlisted", "http://pypi.org/simple/")
+direct("host-service", "%(address)s", %(host)d)
+"""
+
+ATTACHED_DOCKERFILE = """\
+FROM python:3.11-slim
+COPY probe.py /
+RUN python3 /probe.py
+RUN mkdir -p /www && echo ok > /www/health
+CMD ["python3", "-m", "http.server", "8000", "--directory", "/www"]
+"""
+
+
+def _host_address() -> str:
+    """An IPv4 address of this host outside loopback and container bridges (where an
+    operator's proxy listens for the builds)."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        name, address = line.split()[1], line.split()[3].split("/")[0]
+        if not name.startswith(("dy", "cni", "podman", "veth", "docker", "br-")):
+            return address
+    pytest.skip(f"no IPv4 address outside loopback and container bridges: {out}")
+
+
+def test_attach_gives_builds_the_operators_proxy_and_nothing_else(
+    servers: dict[str, Index],
+    offline_base_image: str,
+    git: tuple[GitDaemon, RepoBuilder],
+    tmp_path: Path,
+) -> None:
+    """``build_proxy = "attach"``: the build reaches the operator's proxy (a squid the
+    test runs on the host's address, allowing the index) and nothing else; the operator's
+    policy refuses the rest; the build log says dockyard keeps no record of its own."""
+    from dockyard.api.app import create_app
+    from dockyard.backends.engine.build_proxy import SquidProxy
+    from dockyard.core.build_egress import parse_allowlist
+    from dockyard.core.config import Settings
+
+    address = _host_address()
+    index = servers["index"].port
+    operator = SquidProxy(
+        "squid", tmp_path / "operator.pid", parse_allowlist([f"127.0.0.1:{index}"]), CAP
+    )
+    operator.start()
+    settings = Settings(
+        **TEST_SETTINGS,
+        data_dir=str(tmp_path / "data"),
+        insecure_sources=True,
+        port_range_start=62921,
+        port_range_end=62925,
+        build_timeout_s=240,
+        build_proxy="attach",
+        build_proxy_url=f"http://{address}:{operator.port}",
+        base_image_aliases={"python:3.11-slim": offline_base_image},
+    )
+    daemon, builder = git
+    repo = builder.new("attached")
+    probe = {"index": index, "package": PACKAGE, "address": address,
+             "host": servers["host"].port}  # fmt: skip
+    repo.write("probe.py", ATTACHED_PROBE % probe)
+    repo.write("Dockerfile", ATTACHED_DOCKERFILE)
+    repo.commit("attached")
+    try:
+        with TestClient(create_app(settings), timeout=300) as c:
+            c.headers.update(AUTH)
+            try:
+                body = _deploy(c, id="attached", repo=f"{daemon.url}/attached.git")
+                log = _build_log(c, "attached")
+                assert _slot(body)["state"] == "PROMOTED", f"{body}\n{log}"
+            finally:
+                assert c.delete("/v1/repos/attached").status_code in (200, 202, 404)
+    finally:
+        operator.stop()
+        records = operator.records()
+        operator.remove()
+    assert f"attached proxy: http://{address}:{operator.port}" in log, log
+    assert "attached index: REACHED" in log, log
+    assert "attached not-allowlisted: blocked (proxy said 403)" in log, log
+    assert "attached host-service: blocked" in log, log
+    assert "through the operator's proxy" in log, log
+    assert any(r.allowed and r.port == index for r in records), records

@@ -137,4 +137,4 @@ def _granted_ports() -> set[int]:
     """The proxy ports the build firewall grants (any dockyard's on this host)."""
     from dockyard.backends.engine.build_firewall import BuildFirewall
 
-    return {grant.port for grant, _ in BuildFirewall().grants()}
+    return {grant.port for grant, _, _ in BuildFirewall().grants()}

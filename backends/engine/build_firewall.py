@@ -13,7 +13,8 @@ same approach) hold every such interface:
   from anywhere but a build network (the LAN, other containers, the host's loopback) is
   rejected too;
 * ``forward``: nothing from or to a build network is forwarded (no internet, no LAN, no
-  other networks' containers, no other build);
+  other networks' containers, no other build), but for a grant to an operator's proxy on
+  another machine (``build_proxy = "attach"``) and its replies;
 * ``bridge forward``: frames between two containers of a build network are dropped (the
   set ``build_subnets``, one element per build);
 * ``output``: what a proxy sends to a build network counts against that build's quota
@@ -67,6 +68,8 @@ add rule {t} input iifname {ifaces} ct state established,related accept
 add rule {t} input iifname . ip daddr . tcp dport @grants accept
 add rule {t} input iifname {ifaces} {reject}
 add rule {t} input tcp dport @proxy_ports counter reject with tcp reset
+add rule {t} forward iifname . ip daddr . tcp dport @grants accept
+add rule {t} forward oifname {ifaces} ct state established,related accept
 add rule {t} forward iifname {ifaces} {reject}
 add rule {t} forward oifname {ifaces} counter drop
 add rule {t} output oifname {ifaces} quota name tcp sport map @port_quota \
@@ -120,17 +123,24 @@ class BuildFirewall:
         """Create or repair the tables (the elements of running builds kept)."""
         self._nft(["-f", "-"], build_ruleset(self.table), "be applied")
 
-    def grant(self, grant: BuildGrant, max_bytes: int) -> None:
+    def grant(self, grant: BuildGrant, max_bytes: int | None) -> None:
         """Admit the build's network to its proxy alone, and give the proxy a quota of
-        ``max_bytes`` (atomically)."""
+        ``max_bytes`` (atomically; None: the operator's proxy, neither quota nor port
+        guard: its port is not dockyard's)."""
         t, port = f"inet {self.table}", grant.port
-        lines = [
-            f"add quota {t} q_{port} {{ over {max_bytes} bytes }}",
-            f'add element {t} port_quota {{ {port} : "q_{port}" }}',
-            f"add element {t} proxy_ports {{ {port} }}",
+        lines = (
+            []
+            if max_bytes is None
+            else [
+                f"add quota {t} q_{port} {{ over {max_bytes} bytes }}",
+                f'add element {t} port_quota {{ {port} : "q_{port}" }}',
+                f"add element {t} proxy_ports {{ {port} }}",
+            ]
+        )
+        lines += [
             # The subnet and this process ride along as the element's comment, for prune().
             f'add element {t} grants {{ "{grant.iface}" . {grant.gateway} . {port} '
-            f'comment "{grant.subnet} {_owner()}" }}',
+            f'comment "{grant.subnet} {_owner()}{" attached" if max_bytes is None else ""}" }}',
             f"add element bridge {self.table} build_subnets {{ {grant.subnet} }}",
         ]
         self._nft(["-f", "-"], "\n".join(lines) + "\n", f"admit the proxy on port {port}")
@@ -147,9 +157,10 @@ class BuildFirewall:
                 return int(quota.get("used", 0))
         return None
 
-    def grants(self) -> list[tuple[BuildGrant, str]]:
+    def grants(self) -> list[tuple[BuildGrant, str, bool]]:
         """The grants in the table (any dockyard's on this host), each with its owner
-        (``<pid>:<start time>`` of the dockyard that made it)."""
+        (``<pid>:<start time>`` of the dockyard that made it) and whether its proxy is
+        dockyard's own squid (else the operator's, ``build_proxy = "attach"``)."""
         out = self._nft(["-j", "list", "set", "inet", self.table, "grants"], None, "be read")
         found = []
         for item in json.loads(out or "{}").get("nftables", []):
@@ -157,31 +168,37 @@ class BuildFirewall:
                 body = elem.get("elem", {}) if isinstance(elem, dict) else {}
                 parts = (body.get("val") or {}).get("concat") or []
                 subnet, _, owner = str(body.get("comment") or "").partition(" ")
+                owner, _, kind = owner.partition(" ")
                 if len(parts) == 3 and subnet:
                     iface, gateway, port = parts
                     with contextlib.suppress(ValueError):
                         grant = BuildGrant(str(iface), str(gateway), subnet, int(port))
-                        found.append((grant, owner))
+                        found.append((grant, owner, kind != "attached"))
         return found
 
     def prune(self) -> int:
         """Revoke the grants whose dockyard is gone (killed mid-build: its subnet may be
         handed to another network, its port to another proxy). How many."""
-        stale = [grant for grant, owner in self.grants() if not _alive(owner)]
-        for grant in stale:
-            self.revoke(grant.port, grant)
+        stale = [(grant, own) for grant, owner, own in self.grants() if not _alive(owner)]
+        for grant, own in stale:
+            self.revoke(grant.port, grant, own=own)
         return len(stale)
 
-    def revoke(self, port: int, grant: BuildGrant | None = None) -> None:
-        """Remove the proxy's port and quota, and the build's grant and subnet when given
-        (never raises: they may be gone already)."""
+    def revoke(self, port: int, grant: BuildGrant | None = None, *, own: bool = True) -> None:
+        """Remove the proxy's port and quota (``own``: dockyard's squid, not the
+        operator's proxy), and the build's grant and subnet when given (never raises:
+        they may be gone already)."""
         t = f"inet {self.table}"
-        commands = [
-            f"delete element {t} over_cap {{ {port} }}",
-            f"delete element {t} proxy_ports {{ {port} }}",
-            f"delete element {t} port_quota {{ {port} }}",
-            f"delete quota {t} q_{port}",
-        ]
+        commands = (
+            []
+            if not own
+            else [
+                f"delete element {t} over_cap {{ {port} }}",
+                f"delete element {t} proxy_ports {{ {port} }}",
+                f"delete element {t} port_quota {{ {port} }}",
+                f"delete quota {t} q_{port}",
+            ]
+        )
         if grant is not None:
             commands += [
                 f'delete element {t} grants {{ "{grant.iface}" . {grant.gateway} . {port} }}',

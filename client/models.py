@@ -99,6 +99,7 @@ class Evaluation(View):
     commit: str | None = None
     resolved_ref: str | None = None
     build_log_tail: list[str] = []
+    build_refused: list[str] = []
     image: str | None = None
     image_reused: bool | None = None
     image_kept: bool | None = None

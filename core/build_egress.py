@@ -59,6 +59,34 @@ def parse_allowlist(entries: Iterable[str]) -> list[AllowedHost]:
     return found
 
 
+def parse_proxy_url(url: str) -> AllowedHost:
+    """``build_proxy_url`` (``http://10.0.0.5:3128``) as the address and port builds may
+    reach. An IPv4 address, not a name (builds have no DNS, and the firewall grants an
+    address); not loopback or unspecified (a build's network cannot reach the host's
+    loopback).
+
+    :raises ValueError: naming ``build_proxy_url`` and what is wrong.
+    """
+    scheme, sep, rest = url.strip().partition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    why = ""
+    if scheme != "http" or not sep or not colon or not port.isdigit():
+        why = "it must be http://<IPv4 address>:<port>"
+    elif not 0 < int(port) < 65536:
+        why = "the port must be 1-65535"
+    else:
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            why = "the host must be an IPv4 address (builds have no DNS)"
+        else:
+            if address.is_loopback or address.is_unspecified:
+                why = "a build's network cannot reach the host's loopback; use another address"
+    if why:
+        raise ValueError(f'build_proxy_url {url!r} (build_proxy = "attach"): {why}')
+    return AllowedHost(host, int(port))
+
+
 def normalize_image(ref: str) -> str:
     """An image name as an alias key: Docker Hub's implicit prefixes dropped, ``:latest``
     added when no tag or digest is given (``docker.io/library/python`` -> ``python:latest``)."""
@@ -82,4 +110,4 @@ def resolve_alias(ref: str, aliases: Mapping[str, str]) -> str | None:
     return None
 
 
-__all__ = ["AllowedHost", "normalize_image", "parse_allowlist", "resolve_alias"]
+__all__ = ["AllowedHost", "normalize_image", "parse_allowlist", "parse_proxy_url", "resolve_alias"]

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dockyard.core.dockerfile import parse
+from dockyard.core.build_egress import resolve_alias
+from dockyard.core.dockerfile import external_images, parse
 from dockyard.core.errors import BuildFailed, ValidationError
 from dockyard.core.models import DeploymentSpec
 from dockyard.core.runtime import (
@@ -213,7 +214,31 @@ class Builder:
     #: Labels every built image gets besides its provenance (``Services`` adds the
     #: instance label, so garbage collection only ever considers its own dockyard's builds).
     labels: dict[str, str] = field(default_factory=dict)
+    #: ``base_image_aliases``: the names ``FROM`` lines use, mapped to local images. The
+    #: images a Dockerfile's names map to (and their ids) are build inputs.
+    base_image_aliases: dict[str, str] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    async def aliased_base_images(
+        self, spec: DeploymentSpec, source: FetchedSource
+    ) -> dict[str, dict[str, str | None]]:
+        """The Dockerfile's base images that ``base_image_aliases`` maps: each name as
+        written, the local image it maps to and that image's id (empty when none map;
+        a Dockerfile that cannot be read here is left to the build to report)."""
+        if not self.base_image_aliases:
+            return {}
+        path = Path(source.dockerfile or Path(source.context) / spec.dockerfile)
+        try:
+            text = path.read_bytes()[:_MAX_DOCKERFILE_BYTES].decode("utf-8", "replace")
+            refs = external_images(text, spec.build_args)
+        except (OSError, BuildFailed):
+            return {}
+        found: dict[str, dict[str, str | None]] = {}
+        for ref in refs:
+            image = resolve_alias(ref, self.base_image_aliases)
+            if image is not None:
+                found[ref] = {"image": image, "id": await self.runtime.image_id(image)}
+        return found
 
     async def build(
         self,
@@ -223,6 +248,12 @@ class Builder:
     ) -> BuiltRevision:
         """Produce the image for ``spec`` at ``source.commit``, reusing one built before."""
         inputs = build_inputs(spec, source)
+        if spec.build_mode == "dockerfile":
+            # Another alias table (or the aliased image rebuilt) is another image: never
+            # reuse one built from the old base. No alias in play: the hash is unchanged.
+            aliased = await self.aliased_base_images(spec, source)
+            if aliased:
+                inputs["base_images"] = aliased
         inputs_hash = _digest(inputs)
         args_hash = _digest(inputs["build_args"])
         if spec.build_mode == "image":

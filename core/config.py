@@ -67,8 +67,11 @@ class Settings(Model):
     allow_build_network: bool = False
     # The build egress proxy (backends/engine/build_proxy.py): "squid" gives builds network
     # through one squid per build that reaches only ``build_proxy_allow`` (host:port
-    # entries, empty by default), at most ``build_proxy_max_bytes`` per build.
-    build_proxy: Literal["off", "squid"] = "off"
+    # entries, empty by default), at most ``build_proxy_max_bytes`` per build; "attach"
+    # gives them the operator's own proxy at ``build_proxy_url`` (http://<IPv4>:<port>)
+    # and nothing else (no per-build log or byte cap: that proxy's own policy holds).
+    build_proxy: Literal["off", "squid", "attach"] = "off"
+    build_proxy_url: str | None = None
     build_proxy_allow: list[str] = []
     build_proxy_max_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024 * 1024
     build_proxy_binary: str = "squid"
@@ -149,6 +152,10 @@ class Settings(Model):
         from dockyard.core.build_egress import parse_allowlist
 
         parse_allowlist(self.build_proxy_allow)
+        if self.build_proxy == "attach" or self.build_proxy_url:
+            from dockyard.core.build_egress import parse_proxy_url
+
+            parse_proxy_url(self.build_proxy_url or "")
         _move_legacy_options(self)
 
     def plugin_options(self, name: str) -> dict[str, Any]:

@@ -48,8 +48,13 @@ MEANINGS: dict[str, str] = {
     "monitor_interval_s": "Seconds between health probes of promoted slots (0: no monitor).",
     "router_watch_interval_s": "Seconds between checks of what the router serves (0: never).",
     "allow_build_network": "Whether a deployment may ask for network access while building.",
-    "build_proxy": '"squid": builds reach the allowlist through one squid each; "off": no network.',
+    "build_proxy": (
+        '"squid": builds reach the allowlist through one squid each; "attach": through the '
+        'proxy at build_proxy_url; "off": no network.'
+    ),
     "build_proxy_allow": "host:port entries builds may reach through the proxy (empty: none).",
+    "build_proxy_url": 'The operator\'s proxy builds use when build_proxy is "attach": '
+    "http://<IPv4>:<port>.",
     "build_proxy_max_bytes": "Bytes one build may download through the proxy.",
     "build_proxy_binary": "The squid executable the build proxy runs.",
     "base_image_aliases": "FROM names mapped to local images (a name mapping to none fails).",
@@ -92,6 +97,7 @@ EXAMPLES: dict[str, Any] = {
     "podman_socket": "/run/podman/podman.sock",
     "max_container_lifetime_s": 86400.0,
     "agent_gateway": "127.0.0.1:8090",
+    "build_proxy_url": "http://10.0.0.5:3128",
 }
 
 HEADER = """\

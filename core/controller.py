@@ -197,6 +197,7 @@ class Controller:
             "resolved_ref": facts.resolved_ref,
             "image": facts.image,
             "image_reused": facts.image_reused,
+            "build_refused": tuple(facts.build_refused),
         }
         try:
             slots = await self.services.store.list_slots(deployment_id)

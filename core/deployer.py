@@ -365,11 +365,18 @@ class SlotOps:
         if slot.host_port:
             await self.store.release_port(slot.host_port)
 
-    async def fail(self, slot: Slot, reason: str, message: str) -> Slot:
-        """Move a working slot to FAILED, then remove what it ran."""
+    async def fail(
+        self, slot: Slot, reason: str, message: str, *, data: dict[str, Any] | None = None
+    ) -> Slot:
+        """Move a working slot to FAILED, then remove what it ran. ``data`` goes with the
+        transition's event (e.g. ``build_refused``: the hosts a build's proxy refused, also
+        kept with the build's facts for the deploy's outcome)."""
+        facts = self.facts.get(slot.deployment_id)
+        if facts is not None and data and data.get("build_refused") is not None:
+            facts.build_refused = [str(host) for host in data["build_refused"]]
         current = await self.store.get_slot(slot.deployment_id, slot.color)
         if current.state not in (S.FAILED, S.IDLE, S.RETIRED):
-            current = await self.move(current, S.FAILED, reason=reason, message=message)
+            current = await self.move(current, S.FAILED, reason=reason, message=message, data=data)
         try:
             await self.clear(current)
         except DockyardError as exc:

@@ -191,6 +191,12 @@ class Runtime(abc.ABC):
     async def image_exists(self, ref: str) -> bool:
         """Whether an image with this tag or id exists locally."""
 
+    async def image_id(self, ref: str) -> str | None:
+        """The id of the local image ``ref`` names (None: no such image, or this engine
+        cannot tell). Builds hash it for the base images ``base_image_aliases`` maps, so
+        an alias pointed at another image never reuses what the old one built."""
+        return None
+
     @abc.abstractmethod
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         """Remove an image; a missing image is not an error."""

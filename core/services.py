@@ -69,6 +69,7 @@ class Services:
             allowed_base_images=list(settings.allowed_base_images),
             views_dir=settings.data_path / "views",
             labels={LABEL_INSTANCE: settings.instance_id},
+            base_image_aliases=dict(settings.base_image_aliases),
         )
         return cls(
             settings=settings,

@@ -40,6 +40,8 @@ class BuildFacts:
     image: str | None = None
     image_reused: bool = False
     revision_id: str | None = None
+    #: ``host:port`` a failed build's proxy refused (its summary, as data).
+    build_refused: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class DeployOutcome:
     operation, else the operation's error, else ``not_promoted``); a slot promoted before a
     failed redeploy keeps serving and is still reported (``url``, ``promoted``).
     ``commit``/``image`` are known from the fetch and build on, whether the deploy then
-    worked or not.
+    worked or not; ``build_refused``: the hosts a failed build's proxy refused.
     """
 
     deployment_id: str
@@ -63,6 +65,7 @@ class DeployOutcome:
     image_reused: bool = False
     reason: str | None = None
     message: str | None = None
+    build_refused: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

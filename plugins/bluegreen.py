@@ -66,7 +66,10 @@ class BlueGreen(Strategy):
             if spec.auto_promote:
                 await ops.promote(deployment, slot)
         except DockyardError as exc:
-            await ops.fail(slot, exc.reason, exc.message)
+            # A failed build's refused hosts (build proxy) stay with the FAILED event.
+            refused = exc.detail.get("build_refused")
+            data = {"build_refused": list(refused)} if refused is not None else None
+            await ops.fail(slot, exc.reason, exc.message, data=data)
             raise
         except BaseException as exc:  # cancelled, or a bug: never leave a slot half-made
             await ops.fail(

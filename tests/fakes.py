@@ -61,6 +61,12 @@ class FakeRuntime(Runtime):
         self.builds += 1
         if request.build_args.get("BUILD") == "fail":
             raise BuildFailed("build failed on request", log_tail=["boom"])
+        if request.build_args.get("BUILD") == "refused":  # as the engines' build proxy says
+            raise BuildFailed(
+                "build failed: a host was refused",
+                log_tail=["build proxy refused: pypi.example:443"],
+                build_refused=["pypi.example:443", "10.0.0.5:80"],
+            )
         self.images[request.tag] = dict(request.build_args)
         if on_log:
             on_log(f"built {request.tag}")
@@ -80,6 +86,10 @@ class FakeRuntime(Runtime):
 
     async def image_exists(self, ref: str) -> bool:
         return ref in self.images
+
+    async def image_id(self, ref: str) -> str | None:
+        info = self.image_info.get(ref)
+        return info.id if info is not None else (f"id-of-{ref}" if ref in self.images else None)
 
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         self.images.pop(ref, None)

@@ -17,10 +17,11 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dockyard.backends.engine.build_firewall import BuildFirewall
+from dockyard.backends.engine.build_firewall import BuildFirewall, BuildGrant
 from dockyard.backends.engine.build_proxy import (
     SquidProxy,
     read_access_log,
@@ -219,16 +220,99 @@ def test_build_firewall_tables_in_real_nftables() -> None:
     table = f"dyb_test_{uuid.uuid4().hex[:8]}"
     firewall = BuildFirewall(table=table)
     try:
-        firewall.apply("dybtest0", "10.254.77.1", "10.254.77.0/24")
-        firewall.apply("dybtest0", "10.254.77.1", "10.254.77.0/24")  # idempotent
-        firewall.grant(40111, 5000)
+        firewall.apply()
+        firewall.apply()  # idempotent
+        grant = BuildGrant("dybtest0", "10.254.77.1", "10.254.77.0/24", 40111)
+        firewall.grant(grant, 5000)
         assert firewall.used(40111) == 0
         listed = firewall.run(["list", "table", "inet", table], None)[1]
-        assert "40111" in listed and 'iifname "dybtest0"' in listed
-        firewall.revoke(40111)
+        assert '"dybtest0" . 10.254.77.1 . 40111' in listed and 'iifname "dyb*"' in listed
+        bridge = firewall.run(["list", "table", "bridge", table], None)[1]
+        assert "10.254.77.0/24" in bridge
+        firewall.apply()  # re-applied for the next build: the running build's grant stays
+        assert (
+            '"dybtest0" . 10.254.77.1 . 40111'
+            in firewall.run(["list", "table", "inet", table], None)[1]
+        )
+        # A grant whose dockyard is gone (killed mid-build) is pruned; a live one stays.
+        dead = BuildGrant("dybtest1", "10.254.78.1", "10.254.78.0/24", 40112)
+        firewall.grant(dead, 5000)
+        element = '"dybtest1" . 10.254.78.1 . 40112'
+        firewall.run(["-f", "-"], f"delete element inet {table} grants {{ {element} }}\n")
+        gone = (
+            f'add element inet {table} grants {{ {element} comment "10.254.78.0/24 999999999:1" }}'
+        )
+        assert firewall.run(["-f", "-"], gone + "\n")[0] == 0
+        assert {g.port for g, _, _ in firewall.grants()} == {40111, 40112}
+        assert firewall.prune() == 1
+        assert [(g, own) for g, _, own in firewall.grants()] == [(grant, True)]
+        assert "10.254.78.0/24" not in firewall.run(["list", "table", "bridge", table], None)[1]
+        firewall.revoke(40111, grant)
         assert firewall.used(40111) is None
         listed = firewall.run(["list", "table", "inet", table], None)[1]
         assert "40111" not in listed
+        assert "10.254.77.0/24" not in firewall.run(["list", "table", "bridge", table], None)[1]
     finally:
         firewall.run(["delete", "table", "inet", table], None)
         firewall.run(["delete", "table", "bridge", table], None)
+
+
+async def test_a_build_refused_by_the_firewall_leaves_no_proxy_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nft`` failing refuses the build before its proxy starts; the directory made for
+    the proxy goes too."""
+    import tempfile
+
+    from dockyard.backends.engine.build_egress import (
+        BuildEgressConfig,
+        BuildNetwork,
+        egress_session,
+    )
+    from dockyard.core.errors import BuildFailed
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    def refusing(args: Any, stdin: str | None) -> tuple[int, str, str]:
+        return 1, "", "Operation not permitted"
+
+    firewall = BuildFirewall(runner=refusing, table="unused")
+    network = BuildNetwork("dockyard-build-x", "dybx", "10.254.1.1", "10.254.1.0/24")
+    with pytest.raises(BuildFailed, match=r"cannot be enforced.*Operation not permitted"):
+        async with egress_session(
+            BuildEgressConfig(mode="squid"), firewall, network, str(tmp_path), "x", print
+        ):
+            pass
+    assert list(temp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("", "IPv4 address"),
+        ("http://proxy.example:3128", "IPv4 address"),
+        ("http://127.0.0.1:3128", "loopback"),
+        ("http://0.0.0.0:3128", "loopback"),
+        ("https://10.0.0.5:3128", "http://<IPv4 address>:<port>"),
+        ("http://10.0.0.5", "http://<IPv4 address>:<port>"),
+        ("http://10.0.0.5:70000", "1-65535"),
+    ],
+)
+def test_an_attached_proxy_url_is_checked(url: str, why: str) -> None:
+    from dockyard.core.build_egress import parse_proxy_url
+
+    with pytest.raises(ValueError, match="build_proxy_url") as refused:
+        parse_proxy_url(url)
+    assert why in str(refused.value)
+    assert str(parse_proxy_url("http://10.0.0.5:3128/")) == "10.0.0.5:3128"
+
+
+def test_attach_without_a_url_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "dockyard.toml"
+    config.write_text('build_proxy = "attach"\n')
+    with pytest.raises(ConfigError, match="build_proxy_url"):
+        load_settings(config)
+    config.write_text('build_proxy = "attach"\nbuild_proxy_url = "http://10.0.0.5:3128"\n')
+    assert load_settings(config).build_proxy_url == "http://10.0.0.5:3128"

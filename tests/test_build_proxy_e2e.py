@@ -12,12 +12,16 @@ host and ``python:3.11-slim`` aliased to the offline base image:
   proxy's record; the proxy variables are in neither the image's config nor its history;
 * a download over the per-build cap is stopped, plain HTTP and inside a ``CONNECT``
   tunnel alike;
-* a ``FROM`` that maps to no local image fails before building, naming the image.
+* a ``FROM`` that maps to no local image fails before building, naming the image;
+* a build that fails after its proxy refused a host carries ``host:port`` as data;
+* two concurrent builds each reach their own proxy only;
+* pointing an alias at another image (or rebuilding the one it names) builds again.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import io
@@ -46,6 +50,8 @@ PACKAGE = "dockyardprobe"
 VALUE = "served-through-the-build-proxy"
 CAP = 4 * 1024 * 1024
 BIG = 4 * CAP
+#: The data directory of the module's dockyard (its build proxies' pid files).
+DATA: dict[str, Path] = {}
 HEALTH = {"interval_s": 0.3, "timeout_s": 2, "deadline_s": 40}
 
 
@@ -155,7 +161,7 @@ def client(
 
     if shutil.which("squid") is None:
         pytest.fail("squid is not installed: run contrib/ci/setup-podman.sh")
-    data = tmp_path_factory.mktemp("data")
+    data = DATA["dir"] = tmp_path_factory.mktemp("data")
     settings = Settings(
         **TEST_SETTINGS,
         data_dir=str(data),
@@ -171,7 +177,8 @@ def client(
     with TestClient(create_app(settings), timeout=300) as c:
         c.headers.update(AUTH)
         yield c
-        for name in ("cap", "app", "nobase"):  # what the tests deployed: nothing may stay
+        # What the tests deployed: nothing may stay.
+        for name in ("cap", "app", "nobase", "refused", "holder", "prober"):
             assert c.delete(f"/v1/repos/{name}").status_code in (200, 404)
 
 
@@ -185,14 +192,14 @@ def git(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, R
 
 @pytest.fixture(scope="module")
 def neighbour() -> Iterator[str]:
-    """Another container on the build network, listening: its address. Made after
-    dockyard made the network (by the first build of the module)."""
+    """Another container (on Podman's default network: each build has a network of its
+    own), listening: its address."""
     name = f"dockyard-test-neighbour-{uuid.uuid4().hex[:8]}"
     holder: dict[str, str] = {}
 
     def start(image: str) -> str:
         subprocess.run(
-            ["podman", "run", "-d", "--name", name, "--network", "dockyard-build", image,
+            ["podman", "run", "-d", "--name", name, "--network", "podman", image,
              "python3", "-m", "http.server", "8080"],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -200,7 +207,7 @@ def neighbour() -> Iterator[str]:
             ["podman", "inspect", name], check=True, capture_output=True, timeout=60
         ).stdout
         networks = json.loads(out)[0]["NetworkSettings"]["Networks"]
-        holder["ip"] = networks["dockyard-build"]["IPAddress"]
+        holder["ip"] = networks["podman"]["IPAddress"]
         return holder["ip"]
 
     try:
@@ -328,6 +335,31 @@ def test_download_over_the_cap_is_stopped(
     assert "build proxy: download cap reached" in "\n".join(log.splitlines()[-6:])
 
 
+def test_a_failed_build_carries_the_hosts_its_proxy_refused(
+    client: TestClient[Any], git: tuple[GitDaemon, RepoBuilder]
+) -> None:
+    """The refused hosts come from the proxy's summary as data: in the deploy's failure
+    (``GET /v1/repos/{id}``) and the FAILED slot's event (what an evaluation reads)."""
+    daemon, builder = git
+    repo = builder.new("refused")
+    repo.write(
+        "Dockerfile",
+        "FROM python:3.11-slim\n"
+        "RUN python3 -c \"import urllib.request as u; u.urlopen('http://pypi.org/simple/', "
+        'timeout=10)"\n',
+    )
+    repo.commit("refused")
+    body = _deploy(client, id="refused", repo=f"{daemon.url}/refused.git")
+    slot = _slot(body)
+    assert (slot["state"], slot["reason"]) == ("FAILED", "build_failed"), body
+    error = body["operation"]["error"]
+    assert error["detail"]["build_refused"] == ["pypi.org:80"], error
+    events = client.get("/v1/repos/refused/events").json()
+    failed = [e for e in events if e.get("to_state") == "FAILED"]
+    assert failed and failed[-1]["data"]["build_refused"] == ["pypi.org:80"], failed
+    assert "build proxy refused: pypi.org:80" in _build_log(client, "refused")
+
+
 def test_pip_install_through_the_proxy_builds_and_serves(
     client: TestClient[Any],
     git: tuple[GitDaemon, RepoBuilder],
@@ -394,6 +426,85 @@ def test_pip_install_through_the_proxy_builds_and_serves(
         assert "proxy" not in text.lower(), text
     # The proxy is gone with its build.
     assert _squids() == []
+
+
+HOLDER_DOCKERFILE = """\
+FROM python:3.11-slim
+RUN python3 -c "import time; time.sleep(90)"
+"""
+
+PROBER = """\
+import os, urllib.request
+own = os.environ["HTTP_PROXY"]
+gateway = own.split("//")[1].split(":")[0]
+index = "http://127.0.0.1:%(index)d/simple/%(package)s/"
+
+def fetch(name, proxy):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+    try:
+        opener.open(index, timeout=10).read()
+        print(f"prober {name}: REACHED", flush=True)
+    except OSError as exc:
+        print(f"prober {name}: blocked ({exc})", flush=True)
+
+fetch("own-proxy", own)
+fetch("other-port-own-gateway", f"http://{gateway}:{os.environ['OTHER_PORT']}")
+fetch("other-port-other-gateway", f"http://{os.environ['OTHER_GATEWAY']}:{os.environ['OTHER_PORT']}")
+"""
+
+PROBER_DOCKERFILE = """\
+FROM python:3.11-slim
+ARG OTHER_PORT
+ARG OTHER_GATEWAY
+COPY prober.py /
+RUN python3 /prober.py
+"""
+
+
+def test_concurrent_builds_reach_only_their_own_proxy(
+    client: TestClient[Any],
+    git: tuple[GitDaemon, RepoBuilder],
+    servers: dict[str, Index],
+) -> None:
+    """Two builds at once: each on a network of its own, each admitted to its own proxy
+    alone. While one build holds its proxy, the other reaches the allowlisted index
+    through its own, and not through the first one's port (neither at its own network's
+    address nor at the first one's)."""
+    daemon, builder = git
+    holder = builder.new("holder")
+    holder.write("Dockerfile", HOLDER_DOCKERFILE)
+    holder.commit("holder")
+    r = client.post("/v1/repos", json={"id": "holder", "repo": f"{daemon.url}/holder.git"})
+    assert r.status_code in (200, 201, 202), r.text
+    proxies = DATA["dir"] / "build-proxy"
+    deadline = time.monotonic() + 120
+    found: list[Path] = []
+    while not found and time.monotonic() < deadline:
+        found = list(proxies.glob("*.pid"))
+        time.sleep(0.2)
+    assert found, "the holder's build proxy never started"
+    record = json.loads(found[0].read_text())
+    holder_net = f"dockyard-build-{found[0].stem[:12]}"
+    inspect = subprocess.run(
+        ["podman", "network", "inspect", holder_net],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    holder_gateway = json.loads(inspect)[0]["subnets"][0]["gateway"]
+
+    prober = builder.new("prober")
+    prober.write("prober.py", PROBER % {"index": servers["index"].port, "package": PACKAGE})
+    prober.write("Dockerfile", PROBER_DOCKERFILE)
+    prober.commit("prober")
+    args = {"OTHER_PORT": str(record["port"]), "OTHER_GATEWAY": holder_gateway}
+    _deploy(client, id="prober", repo=f"{daemon.url}/prober.git", build_args=args)
+    log = _build_log(client, "prober")
+    assert "prober own-proxy: REACHED" in log, log
+    assert "prober other-port-own-gateway: blocked" in log, log
+    assert "prober other-port-other-gateway: blocked" in log, log
+    assert f"build proxy: allowed GET 127.0.0.1:{servers['index'].port}" in log, log
+    # The holder's build (and its proxy) still ran while the prober's did.
+    assert found[0].exists(), "the holder's proxy ended before the prober's build"
+    assert client.delete("/v1/repos/holder").status_code in (200, 202, 404)
 
 
 def _squids() -> list[str]:
@@ -512,3 +623,168 @@ async def test_base_image_aliases_on_every_engine(
     finally:
         await runtime.close()
     assert (context / "Dockerfile").read_text() == "FROM python:3.12-bogus\n"
+
+
+async def test_an_alias_pointed_elsewhere_builds_again(
+    engine: contract.Engine, test_image: contract.TestImage, tmp_path: Path
+) -> None:
+    """The local image an alias maps to (name and id) is a build input: rebuilding that
+    image, or mapping the alias to another one, never reuses an image built from the old
+    base; the same mapping does."""
+    from dockyard.backends.engine.build_egress import BuildEgressConfig
+    from dockyard.core.builds import Builder
+    from dockyard.core.models import DeploymentSpec
+    from dockyard.core.runtime import BuildRequest
+    from dockyard.core.source import FetchedSource
+
+    runtime: Any = engine.make_runtime()
+    suffix = uuid.uuid4().hex[:8]
+    target = f"localhost/dockyard-test/alias-base:{suffix}"
+    base_ctx, app = tmp_path / "base", tmp_path / "app"
+    base_ctx.mkdir()
+    app.mkdir()
+    (app / "Dockerfile").write_text("FROM python:3.11-slim\nLABEL app=alias\n")
+    source = FetchedSource(
+        repo="https://example.test/acme/alias", ref=None, resolved_ref=None,
+        commit="b" * 40, checkout=str(app), context=str(app),
+        dockerfile=str(app / "Dockerfile"),
+    )  # fmt: skip
+    spec = DeploymentSpec(id="alias", repo=source.repo)
+    made: list[str] = []
+
+    async def base(version: str) -> None:
+        (base_ctx / "Dockerfile").write_text(f"FROM {test_image.tag}\nLABEL v={version}\n")
+        built = await runtime.build(BuildRequest(context=str(base_ctx), tag=target))
+        made.append(built.id)
+
+    await runtime.open()
+    try:
+        await base("1")
+        builder = Builder(runtime=runtime, base_image_aliases={"python:3.11-slim": target})
+        runtime.build_egress = BuildEgressConfig(aliases=builder.base_image_aliases)
+        first = await builder.build(spec, source)
+        made.append(first.image)
+        assert (await builder.build(spec, source)).reused is True
+        await base("2")  # the same name, another image
+        rebuilt = await builder.build(spec, source)
+        made.append(rebuilt.image)
+        assert rebuilt.reused is False and rebuilt.image != first.image
+        elsewhere = Builder(
+            runtime=runtime, base_image_aliases={"python:3.11-slim": test_image.tag}
+        )
+        runtime.build_egress = BuildEgressConfig(aliases=elsewhere.base_image_aliases)
+        other = await elsewhere.build(spec, source)
+        made.append(other.image)
+        assert other.reused is False and other.image not in (first.image, rebuilt.image)
+    finally:
+        for ref in reversed([*made, target]):
+            with contextlib.suppress(Exception):
+                await runtime.remove_image(ref, force=True)
+        await runtime.close()
+
+
+# ------------------------------------------- build_proxy = "attach": the operator's proxy
+ATTACHED_PROBE = """\
+import os, socket, urllib.request, urllib.error
+proxy = os.environ["HTTP_PROXY"]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+def through_proxy(name, url):
+    try:
+        opener.open(url, timeout=10).read()
+        print(f"attached {name}: REACHED", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(f"attached {name}: blocked (proxy said {exc.code})", flush=True)
+    except OSError as exc:
+        print(f"attached {name}: blocked ({exc})", flush=True)
+def direct(name, host, port):
+    try:
+        socket.create_connection((host, port), timeout=4).close()
+        print(f"attached {name}: REACHED", flush=True)
+    except OSError as exc:
+        print(f"attached {name}: blocked ({exc})", flush=True)
+print("attached proxy:", proxy, flush=True)
+through_proxy("index", "http://127.0.0.1:%(index)d/simple/%(package)s/")
+through_proxy("not-allowlisted", "http://pypi.org/simple/")
+direct("host-service", "%(address)s", %(host)d)
+"""
+
+ATTACHED_DOCKERFILE = """\
+FROM python:3.11-slim
+COPY probe.py /
+RUN python3 /probe.py
+RUN mkdir -p /www && echo ok > /www/health
+CMD ["python3", "-m", "http.server", "8000", "--directory", "/www"]
+"""
+
+
+def _host_address() -> str:
+    """An IPv4 address of this host outside loopback and container bridges (where an
+    operator's proxy listens for the builds)."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        name, address = line.split()[1], line.split()[3].split("/")[0]
+        if not name.startswith(("dy", "cni", "podman", "veth", "docker", "br-")):
+            return address
+    pytest.skip(f"no IPv4 address outside loopback and container bridges: {out}")
+
+
+def test_attach_gives_builds_the_operators_proxy_and_nothing_else(
+    servers: dict[str, Index],
+    offline_base_image: str,
+    git: tuple[GitDaemon, RepoBuilder],
+    tmp_path: Path,
+) -> None:
+    """``build_proxy = "attach"``: the build reaches the operator's proxy (a squid the
+    test runs on the host's address, allowing the index) and nothing else; the operator's
+    policy refuses the rest; the build log says dockyard keeps no record of its own."""
+    from dockyard.api.app import create_app
+    from dockyard.backends.engine.build_proxy import SquidProxy
+    from dockyard.core.build_egress import parse_allowlist
+    from dockyard.core.config import Settings
+
+    address = _host_address()
+    index = servers["index"].port
+    operator = SquidProxy(
+        "squid", tmp_path / "operator.pid", parse_allowlist([f"127.0.0.1:{index}"]), CAP
+    )
+    operator.start()
+    settings = Settings(
+        **TEST_SETTINGS,
+        data_dir=str(tmp_path / "data"),
+        insecure_sources=True,
+        port_range_start=62921,
+        port_range_end=62925,
+        build_timeout_s=240,
+        build_proxy="attach",
+        build_proxy_url=f"http://{address}:{operator.port}",
+        base_image_aliases={"python:3.11-slim": offline_base_image},
+    )
+    daemon, builder = git
+    repo = builder.new("attached")
+    probe = {"index": index, "package": PACKAGE, "address": address,
+             "host": servers["host"].port}  # fmt: skip
+    repo.write("probe.py", ATTACHED_PROBE % probe)
+    repo.write("Dockerfile", ATTACHED_DOCKERFILE)
+    repo.commit("attached")
+    try:
+        with TestClient(create_app(settings), timeout=300) as c:
+            c.headers.update(AUTH)
+            try:
+                body = _deploy(c, id="attached", repo=f"{daemon.url}/attached.git")
+                log = _build_log(c, "attached")
+                assert _slot(body)["state"] == "PROMOTED", f"{body}\n{log}"
+            finally:
+                assert c.delete("/v1/repos/attached").status_code in (200, 202, 404)
+    finally:
+        operator.stop()
+        records = operator.records()
+        operator.remove()
+    assert f"attached proxy: http://{address}:{operator.port}" in log, log
+    assert "attached index: REACHED" in log, log
+    assert "attached not-allowlisted: blocked (proxy said 403)" in log, log
+    assert "attached host-service: blocked" in log, log
+    assert "through the operator's proxy" in log, log
+    assert any(r.allowed and r.port == index for r in records), records

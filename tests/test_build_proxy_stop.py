@@ -5,7 +5,9 @@ next start)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,10 +103,38 @@ def test_sigkill_mid_build_leaves_no_build_proxy(
             time.sleep(0.1)
         assert alive(squids) == {}, "squid outlived a killed dockyard"
         # The next start reaps what is left (the pid file; the build's RUN step).
-        assert list((data / "build-proxy").glob("*.pid"))
+        pid_files = list((data / "build-proxy").glob("*.pid"))
+        assert pid_files
+        network = f"dockyard-build-{pid_files[0].stem[:12]}"
+        port = json.loads(pid_files[0].read_text())["port"]
+        assert _network_exists(network) and port in _granted_ports()
         workdirs = [Path(cmd.split(" -f ")[1].split()[0]).parent for _, cmd in squids.values()]
         served.start()
         assert not list((data / "build-proxy").glob("*.pid"))
         assert not any(w.exists() for w in workdirs), workdirs
+        # Its next build removes the killed one's build network and firewall grant (the
+        # build fails on purpose: it leaves no image behind).
+        repo = repos.new("after")
+        repo.write("Dockerfile", "FROM python:3.11-slim\nRUN exit 3\n")
+        commit = repo.commit("quick")
+        body = {"id": "after", "repo": f"{daemon.url}/after.git", "ref": commit}
+        status, answer = served.request("POST", "/v1/repos?wait=true&timeout=120", body)
+        assert status == 200, answer
+        assert not _network_exists(network), network
+        assert port not in _granted_ports()
+        assert "exit status 3" in json.dumps(answer), answer
+        assert served.request("DELETE", "/v1/repos/after")[0] in (200, 202)
     finally:
         served.stop()
+
+
+def _network_exists(name: str) -> bool:
+    found = subprocess.run(["podman", "network", "exists", name], timeout=60, check=False)
+    return found.returncode == 0
+
+
+def _granted_ports() -> set[int]:
+    """The proxy ports the build firewall grants (any dockyard's on this host)."""
+    from dockyard.backends.engine.build_firewall import BuildFirewall
+
+    return {grant.port for grant, _, _ in BuildFirewall().grants()}

@@ -11,6 +11,7 @@ import pytest
 from dockyard.core.builds import Builder, build_inputs, check_dockerfile, image_tag
 from dockyard.core.errors import BuildFailed, ValidationError
 from dockyard.core.models import DeploymentSpec
+from dockyard.core.runtime import ImageInfo
 from dockyard.core.source import FetchedSource
 from tests.fakes import FakeRuntime
 
@@ -243,3 +244,29 @@ def test_a_backslash_does_not_continue_under_a_backtick_escape() -> None:
         check_dockerfile(text)
     with pytest.raises(BuildFailed, match="invalid escape token"):
         check_dockerfile("# escape=x\nFROM scratch\n")
+
+
+async def test_base_image_aliases_are_build_inputs(tmp_path: Path) -> None:
+    """An image built while ``python:3.11-slim`` mapped to one local image is not reused
+    once it maps to another, nor once that image was rebuilt (another id); a Dockerfile
+    whose names map to nothing hashes as without aliases."""
+    runtime = FakeRuntime()
+    source = _source(tmp_path)
+    (tmp_path / "Dockerfile").write_text("FROM docker.io/library/python:3.11-slim\n")
+    spec = DeploymentSpec(id="x", repo=source.repo)
+    runtime.images.update({"localhost/a:1": {}, "localhost/b:1": {}})
+
+    def builder(target: str) -> Builder:
+        return Builder(runtime=runtime, base_image_aliases={"python:3.11-slim": target})
+
+    first = await builder("localhost/a:1").build(spec, source)
+    assert (await builder("localhost/a:1").build(spec, source)).reused is True
+    other = await builder("localhost/b:1").build(spec, source)
+    assert other.image != first.image and other.reused is False
+    runtime.image_info["localhost/a:1"] = ImageInfo(id="rebuilt", tags=["localhost/a:1"])
+    rebuilt = await builder("localhost/a:1").build(spec, source)
+    assert rebuilt.image not in (first.image, other.image) and rebuilt.reused is False
+    assert runtime.builds == 3
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    plain = await Builder(runtime=runtime).build(spec, source)
+    assert (await builder("localhost/a:1").build(spec, source)).image == plain.image

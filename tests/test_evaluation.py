@@ -365,6 +365,18 @@ def test_deploy_failures_are_deploy_failed_with_the_dockyard_reason(
         else:
             assert body["build_log_tail"] == []
         assert_nothing_left(client, body["id"])
+        assert body["build_refused"] == []
+
+
+def test_a_failed_build_names_the_hosts_its_proxy_refused(make_client: Any) -> None:
+    """The refused hosts travel as data from the build failure (the engines fill it from
+    the proxy's summary) through the FAILED slot's event into the result."""
+    with make_client() as client:
+        with_build_args(client, {"BUILD": "refused"})
+        body = wait_final(client, evaluate(client, {}, timeouts=FAST)["id"])
+        assert (body["state"], body["detail_reason"]) == ("failed", "build_failed"), body
+        assert body["build_refused"] == ["pypi.example:443", "10.0.0.5:80"], body
+        assert_nothing_left(client, body["id"])
 
 
 def test_the_build_log_tail_is_bounded_and_masks_secrets() -> None:

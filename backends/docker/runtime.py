@@ -446,6 +446,13 @@ class DockerRuntime(DockerBuilds, EngineRuntime):
         )
         return found is not None
 
+    async def image_id(self, ref: str) -> str | None:
+        """The id of the local image ``ref`` names; None when there is none."""
+        found = await self._unless_missing(
+            lambda: self.docker.images.inspect(_image_ref(ref)), f"inspecting image {ref}"
+        )
+        return str((found or {}).get("Id") or "").removeprefix("sha256:") or None
+
     async def remove_image(self, ref: str, *, force: bool = False) -> None:
         """Remove an image; a missing image is not an error, one in use is a Conflict."""
         await self._unless_missing(

@@ -178,7 +178,9 @@ class EngineRuntime(NetworkPolicy, BuildLifecycle, Runtime):
             raise RuntimeUnavailable(f"{self.title} at {url} failed: {message}") from exc
 
     async def close(self) -> None:
-        """Disconnect; containers keep running (the engine owns them)."""
+        """Disconnect once the build cleanups under way are done; containers keep
+        running (the engine owns them)."""
+        await self._finish_build_cleanups()
         self._url = None
         await self._detach()
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,14 @@ class BuildJob:
     def temp_ref(self) -> str:
         return f"{BUILD_REPO}:{self.build_id}"
 
+    @property
+    def refused(self) -> list[str] | None:
+        """``host:port`` the build's proxy refused (None: the build had no proxy)."""
+        return None if self.egress is None else self.egress.refused
+
     def failed(self, reason: str, **detail: Any) -> BuildFailed:
+        if self.refused is not None:
+            detail.setdefault("build_refused", self.refused)
         return BuildFailed(
             f"build of {self.tag} failed: {reason}",
             tag=self.tag,
@@ -101,6 +108,9 @@ class BuildLifecycle(abc.ABC):
     #: The build proxy and base image aliases (the runtime's settings set them).
     build_egress: BuildEgressConfig = BuildEgressConfig()
     _build_firewall: BuildFirewall | None = None
+    #: Build cleanups under way (a proxy being stopped, a build network being removed):
+    #: they finish even when their build is cancelled, and ``close`` waits for them.
+    _build_cleanups: set[asyncio.Task[None]] | None = None
     #: Makes the progress of a build: engines that read more from the log subclass it.
     progress_type: Callable[[LogCallback | None, int], BuildProgress] = BuildProgress
 
@@ -128,32 +138,63 @@ class BuildLifecycle(abc.ABC):
         """Release what the build held open (a request body, a response)."""
         return None
 
-    async def _build_network(self) -> BuildNetwork:
-        """The engine's build network, held by the build firewall; BuildFailed
-        (``network_policy_failed``) when the engine cannot hold builds to their proxy."""
+    async def _build_network(self, build_id: str) -> BuildNetwork:
+        """A network of the build's own (its proxy is the only thing it reaches there),
+        held by the build firewall; BuildFailed (``network_policy_failed``) when the
+        engine cannot hold builds to their proxy."""
         raise BuildFailed(
             f"build_proxy is set but the {type(self).__name__} engine cannot hold builds to "
             "their proxy, so builds are refused (use Podman rootful)",
             reason="network_policy_failed",
         )
 
+    async def _drop_build_network(self, network: BuildNetwork) -> None:
+        """Remove a build's network once the build is over (never raises)."""
+        return None
+
+    async def _build_cleanup(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run ``cleanup`` to its end, even when the build is cancelled (again) meanwhile;
+        :meth:`_finish_build_cleanups` waits for it."""
+        if self._build_cleanups is None:
+            self._build_cleanups = set()
+        task = asyncio.ensure_future(cleanup)
+        self._build_cleanups.add(task)
+        task.add_done_callback(self._build_cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _finish_build_cleanups(self, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for the build cleanups still under way: a dockyard that stops
+        mid-build leaves no proxy's firewall grant, log directory or build network."""
+        pending = [task for task in self._build_cleanups or () if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
     @contextlib.asynccontextmanager
     async def _build_egress(self, job: BuildJob) -> AsyncIterator[None]:
-        """The build's proxy for the build's lifetime (none when off or when the build has
-        the whole network)."""
+        """The build's network and proxy for the build's lifetime (none when off or when
+        the build has the whole network)."""
         config = self.build_egress
         if not config.enabled or job.request.network:
             yield
             return
-        network = await self._build_network()
-        if self._build_firewall is None:
-            self._build_firewall = BuildFirewall(local_nft(self.options.nft_path))
-        state_dir = getattr(self.options, "state_dir", None)
-        async with egress_session(
-            config, self._build_firewall, network, state_dir, job.build_id, job.progress.note
-        ) as session:
-            job.egress = session
-            yield
+        network = await self._build_network(job.build_id)
+        try:
+            if self._build_firewall is None:
+                self._build_firewall = BuildFirewall(local_nft(self.options.nft_path))
+            state_dir = getattr(self.options, "state_dir", None)
+            async with egress_session(
+                config,
+                self._build_firewall,
+                network,
+                state_dir,
+                job.build_id,
+                job.progress.note,
+                cleanup=self._build_cleanup,
+            ) as session:
+                job.egress = session
+                yield
+        finally:
+            await self._build_cleanup(self._drop_build_network(network))
 
     # ------------------------------------------------------------------ template
     def _build_job(self, request: BuildRequest, on_log: LogCallback | None) -> BuildJob:
@@ -233,8 +274,15 @@ class BuildLifecycle(abc.ABC):
         for what holds (no network, no pulls, limits, timeouts that stop the build)."""
         job = self._build_job(request, on_log)
         await self._check_base_images(job)
-        async with self._build_egress(job):
-            await self._stream_build(job)
+        try:
+            async with self._build_egress(job):
+                await self._stream_build(job)
+        except BuildFailed as exc:
+            # The proxy's summary is read as the session closes: the hosts it refused
+            # travel with the failure as data (deployer, slot event, evaluation).
+            if job.refused is not None:
+                exc.detail["build_refused"] = job.refused
+            raise
         job.progress.flush()
         if job.progress.error is not None:
             await self._discard_build(job)

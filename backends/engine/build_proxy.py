@@ -1,8 +1,8 @@
 """The build egress proxy: one squid per build, the only way out of a build's network.
 
 When the operator sets ``build_proxy = "squid"``, a build that is not given the whole network
-(``allow_build_network``) runs its ``RUN`` steps on the engine's build network
-(``backends/engine/build_firewall.py`` holds it to the proxy) with ``HTTP_PROXY`` and its
+(``allow_build_network``) runs its ``RUN`` steps on a build network of its own
+(``backends/engine/build_firewall.py`` holds it to its proxy) with ``HTTP_PROXY`` and its
 kin pointing at a squid that dockyard starts for that build alone, on a port of its own:
 
 * deny by default; allow exactly the ``build_proxy_allow`` entries, by host name *and*

@@ -234,6 +234,13 @@ class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
     async def _tag_build(self, job: BuildJob) -> str:
         return await self._call(self._tag, job)
 
+    async def image_id(self, ref: str) -> str | None:
+        """The id of the local image ``ref`` names; None when there is none."""
+        resp = await self._call(self.client.api.get, f"/images/{ref}/json")
+        if not self._check(resp, f"inspecting image {ref}", ok_missing=True):
+            return None
+        return str(resp.json().get("Id") or "").removeprefix("sha256:") or None
+
     async def list_images(self, labels: Mapping[str, str] | None = None) -> list[ImageInfo]:
         """Local images carrying every label (what a build made, for garbage collection)."""
 

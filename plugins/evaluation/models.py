@@ -211,6 +211,9 @@ class Evaluation(Model, kw_only=True):
     resolved_ref: str | None = None
     #: A failed build's last log lines (bounded, secrets masked); the log goes with cleanup.
     build_log_tail: list[str] = []
+    #: ``host:port`` the build's proxy refused (``build_proxy``), from the failed build's
+    #: proxy summary; empty when none (or no proxy).
+    build_refused: list[str] = []
     image: str | None = None
     image_reused: bool | None = None
     image_kept: bool | None = None

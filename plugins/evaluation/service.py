@@ -715,8 +715,9 @@ class EvaluationService:
         return False
 
     async def _capture_provenance(self, evaluation: Evaluation) -> None:
-        """The exact commit (fetched, or refused after the fetch) and image, as the
-        controller knows them while the deployment exists."""
+        """The exact commit (fetched, or refused after the fetch), the image and the hosts
+        a failed build's proxy refused, as the controller knows them while the deployment
+        exists."""
         _provenance(evaluation, await self.controller.outcome(evaluation.deployment_id))
 
     def _capture_build_log(self, run: Run) -> None:
@@ -868,3 +869,5 @@ def _provenance(evaluation: Evaluation, outcome: DeployOutcome) -> None:
     if outcome.image:
         evaluation.image = outcome.image
         evaluation.image_reused = outcome.image_reused
+    if outcome.build_refused:
+        evaluation.build_refused = list(outcome.build_refused)

@@ -32,7 +32,7 @@ from dockyard.core.models import (
     SlotState,
 )
 from dockyard.core.plugins import Registrar
-from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter
+from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter, StatusPage
 from dockyard.core.views import OperationState
 
 
@@ -233,6 +233,36 @@ def render_status(controller: DeploymentController, item: DeploymentStatus) -> S
     )
 
 
+#: Status pages already rendered: (controller, query) -> (the store's page, its items'
+#: operations, the view). A store keeps a page object until anything is written, so a repeat
+#: of the same query with nothing written and no operation changed is served the same view
+#: (no per-item rendering: the allocations it saved were the status list's p99).
+_RENDERED: dict[tuple[Any, ...], tuple[StatusPage, list[OperationState | None], StatusView]] = {}
+#: How many rendered pages are kept (a status screen polls a few queries).
+RENDERED_KEPT = 8
+
+
+def _rendered_status(
+    controller: DeploymentController, page: StatusPage, query: tuple[Any, ...]
+) -> StatusView:
+    """The view of ``page``: the one rendered before when the store returned the very same
+    page object (nothing written since) and every item's operation is as it was then."""
+    key = (id(controller), *query)
+    operations = [controller.operation_state(item.id) for item in page.deployments]
+    kept = _RENDERED.get(key)
+    if kept is not None and kept[0] is page and kept[1] == operations:
+        return kept[2]
+    view = StatusView(
+        deployments=[render_status(controller, item) for item in page.deployments],
+        cursor=page.cursor,
+    )
+    _RENDERED.pop(key, None)
+    _RENDERED[key] = (page, operations, view)
+    while len(_RENDERED) > RENDERED_KEPT:
+        _RENDERED.pop(next(iter(_RENDERED)))
+    return view
+
+
 async def render(controller: DeploymentController, deployment: Deployment) -> DeploymentView:
     """The API view of a deployment, with its slots and current operation."""
     state = await controller.state(deployment.id)
@@ -321,10 +351,8 @@ class DeploymentRoutes(Controller):
         if evaluation is not None:
             where = labelled(where, controller.status_filters, "evaluation", evaluation)
         page = await controller.status_page(after=cursor, limit=limit, where=where)
-        return StatusView(
-            deployments=[render_status(controller, item) for item in page.deployments],
-            cursor=page.cursor,
-        )
+        query = (cursor, limit, where.state, where.with_label, where.without_label)
+        return _rendered_status(controller, page, query)
 
     @post(
         "/repos",

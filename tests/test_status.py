@@ -252,3 +252,42 @@ async def test_a_repeated_status_read_is_served_until_any_connection_writes(
     finally:
         await ours.close()
         await theirs.close()
+
+
+def test_a_rendered_page_is_reused_until_the_page_or_an_operation_changes() -> None:
+    """The API renders a status page once per store page object and operations' state: the
+    same page with the same operations is the same view; a new page object (something was
+    written) or an operation that changed renders again, and shows it."""
+    from dockyard.api.deployments import _rendered_status
+    from dockyard.core.store import DeploymentStatus, StatusPage
+    from dockyard.core.views import OperationState
+
+    class Operations:
+        """What the status rendering asks a controller: operations and URLs."""
+
+        def __init__(self) -> None:
+            self.ops: dict[str, OperationState] = {}
+
+        def operation_state(self, deployment_id: str) -> OperationState | None:
+            return self.ops.get(deployment_id)
+
+        def url_for(self, deployment_id: str, promoted: Any) -> str | None:
+            return None
+
+    controller: Any = Operations()
+    item = DeploymentStatus(
+        id="a", repo="r", generation=1, created_at=1.0, updated_at=1.0, slots=[]
+    )
+    page = StatusPage(deployments=[item])
+    query = (None, 100, None, None, None)
+    first = _rendered_status(controller, page, query)
+    assert _rendered_status(controller, page, query) is first
+    controller.ops["a"] = OperationState(
+        kind="deploy", running=True, started_at=2.0, finished_at=None, error=None
+    )
+    running = _rendered_status(controller, page, query)
+    assert running is not first and running.deployments[0].operation is not None
+    assert running.deployments[0].operation.running
+    assert _rendered_status(controller, page, query) is running
+    written = StatusPage(deployments=[item])  # an equal page the store read again
+    assert _rendered_status(controller, written, query) is not running

@@ -38,6 +38,7 @@ from dockyard.api.plugins import PluginContext, collect_api_plugins, plugin_life
 from dockyard.api.schema import fix_options_allow, serve_true_schema
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
+from dockyard.api.ui import SITE, UiSite, ui_routers
 from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.errors import ValidationError
@@ -148,6 +149,7 @@ def create_app(
     handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes, *OBSERVE_HANDLERS]
     handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
     handlers.extend(extensions.routes)
+    handlers.extend(ui_routers(extensions.ui))  # plugins' /ui pages, behind the UI session
     tokens = TokenBook.from_settings(settings)
     app = Litestar(
         route_handlers=handlers,
@@ -179,6 +181,7 @@ def create_app(
         ),
     )
     setattr(app.state, SCRAPE_REFRESHERS, list(extensions.scrapes))
+    setattr(app.state, SITE, UiSite(extensions.ui))
     document_errors(app)
     fix_options_allow(app)
     return app

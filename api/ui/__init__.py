@@ -1,18 +1,24 @@
-"""The status page (``/ui``): deployments with both slots, a live timeline of events,
-evaluations with queue position, progress and per-task outcomes, and a chart of deploy and
-evaluation durations.
+"""The status page (``/ui``): deployments with both slots, a live timeline of events, a
+chart of durations, and what plugins add (panels, pages, chart series, the timeline's text
+for their event kinds; :mod:`dockyard.api.ui.parts`).
 
 Server-rendered Jinja2 templates (autoescaped: every id, commit message, reason or log line
 a repository controls is shown as text) and one small script, ``static/ui.js``, that follows
-``/ui/events/stream`` and re-fetches the server-rendered fragments when something changes;
-no build step. A Content-Security-Policy allows scripts from dockyard only, so even markup
-that escaped escaping could not run.
+``/ui/events/stream`` and, when something changes, re-fetches the server-rendered fragments
+(every ``data-fragment``: the deployments, the chart, each panel) and the timeline's new
+entries (``/ui/fragments/timeline?after=N``); no build step and no per-panel script. A
+Content-Security-Policy allows scripts from dockyard only, so even markup that escaped
+escaping could not run.
 
 Access: a login form takes an API token that grants ``read``; the page keeps only a random
 session id in a cookie marked ``HttpOnly``, ``SameSite=Strict`` and ``Path=/ui`` (the token
 stays on the server, in memory, and is checked again on each request, so revoking it ends
 the session). ``/ui`` is outside the bearer-token middleware; :func:`ui_guard` fails closed
-on every route that is not marked ``ui_public``.
+on every route that is not marked ``ui_public``, plugins' routes included.
+
+For plugins: :func:`page` renders a template of the app's status page with its headers,
+:func:`current_record` says who is logged in, :func:`login_redirect` sends a visitor to the
+form, and :class:`Bar` is what a chart series returns.
 """
 
 from __future__ import annotations
@@ -23,22 +29,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import jinja2
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.status_codes import HTTP_303_SEE_OTHER
+from markupsafe import Markup
 
 from dockyard.api.auth import TokenBook, TokenRecord
 from dockyard.api.deployments import render
-from dockyard.api.events import EventHub, StreamEvent, check_id, last_event_id, sse_messages
-from dockyard.core.errors import DockyardError
-from dockyard.core.models import Model, SlotState, now
+from dockyard.api.events import EventHub, check_id, last_event_id, sse_messages
+from dockyard.api.ui.parts import Bar, UiPanel, UiParts, UiSite
+from dockyard.core.models import Model, SlotState
+
+__all__ = [
+    "Bar",
+    "UIRoutes",
+    "UiSite",
+    "current_record",
+    "login_redirect",
+    "page",
+    "site_of",
+    "ui_guard",
+    "ui_routers",
+]
 
 HERE = Path(__file__).parent
 COOKIE = "dockyard_ui"
@@ -51,28 +69,8 @@ HTML = "text/html; charset=utf-8"
 #: Journal entries the timeline and the chart look at.
 TIMELINE = 60
 CHART_WINDOW = 3000
-
-templates = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(HERE / "templates"),
-    autoescape=True,  # always, whatever the file name
-    undefined=jinja2.StrictUndefined,
-)
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _clock(at: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(at)) if at else "-"
-
-
-templates.filters["age"] = lambda at: _age(now() - at) if at else "-"
-templates.filters["clock"] = _clock
+#: The app-state attribute holding the app's :class:`UiSite`.
+SITE = "ui_site"
 
 
 @dataclass
@@ -133,9 +131,26 @@ def ui_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteH
         raise NotAuthorizedException("log in at /ui/login")
 
 
-def page(name: str, status_code: int = 200, **context: Any) -> Response[str]:
+def site_of(state: State) -> UiSite:
+    """The app's status page (built by ``create_app`` from the plugins' parts)."""
+    site = getattr(state, SITE, None)
+    if site is None:
+        site = UiSite(UiParts())
+        setattr(state, SITE, site)
+    return site
+
+
+def page(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    name: str,
+    status_code: int = 200,
+    **context: Any,
+) -> Response[str]:
+    """Render the template ``name`` of this app's status page (a plugin's are
+    ``{prefix}/NAME``) with the page's headers: a script-from-dockyard-only CSP, no caching,
+    no sniffing, no referrer."""
     return Response(
-        templates.get_template(name).render(**context),
+        site_of(connection.app.state).render(name, **context),
         media_type=HTML,
         status_code=status_code,
         headers={
@@ -147,53 +162,24 @@ def page(name: str, status_code: int = 200, **context: Any) -> Response[str]:
     )
 
 
+def login_redirect() -> Response[Any]:
+    """Send a visitor without a session to the login form (for ``ui_public`` pages that
+    would rather redirect than answer 401)."""
+    return Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
+
+
+def ui_routers(parts: UiParts) -> list[Any]:
+    """The plugins' ``/ui`` routes, mounted under ``/ui`` behind :func:`ui_guard`."""
+    if not parts.routes:
+        return []
+    return [Router("/ui", route_handlers=parts.routes, guards=[ui_guard], include_in_schema=False)]
+
+
 class LoginForm(Model):
     token: str = ""
 
 
 # ------------------------------------------------------------------ what the page shows
-class Bar(Model):
-    label: str
-    seconds: float
-    ok: bool
-    kind: str
-
-
-def durations(entries: list[StreamEvent], limit: int = 24) -> list[Bar]:
-    """Recent deploy durations (BUILDING to PROMOTED or FAILED) and evaluation totals."""
-    started: dict[tuple[str, str], float] = {}
-    bars: list[Bar] = []
-    for entry in entries:
-        key = (entry.deployment_id, str(entry.color))
-        if entry.kind == "slot_transition" and entry.to_state is SlotState.BUILDING:
-            started[key] = entry.at
-        elif entry.kind == "slot_transition" and entry.to_state in (
-            SlotState.PROMOTED,
-            SlotState.FAILED,
-        ):
-            if key in started:
-                bars.append(
-                    Bar(
-                        label=entry.deployment_id,
-                        seconds=round(entry.at - started.pop(key), 2),
-                        ok=entry.to_state is SlotState.PROMOTED,
-                        kind="deploy",
-                    )
-                )
-        elif entry.kind == "evaluation" and entry.data.get("final"):
-            total = entry.data.get("total_s")
-            if isinstance(total, int | float):
-                bars.append(
-                    Bar(
-                        label=str(entry.evaluation_id),
-                        seconds=float(total),
-                        ok=bool(entry.data.get("ok")),
-                        kind="evaluation",
-                    )
-                )
-    return bars[-limit:]
-
-
 #: Build-log lines shown under a failed slot.
 LOG_TAIL = 8
 
@@ -218,23 +204,25 @@ async def deployments_context(state: State) -> dict[str, Any]:
     return {"deployments": views, "build_logs": logs}
 
 
-async def evaluations_context(state: State) -> dict[str, Any]:
-    service = getattr(state, "evaluations", None)
-    evaluations = await service.list(limit=50) if service is not None else []
-    return {"evaluations": evaluations, "evaluations_enabled": service is not None}
-
-
 def chart_context(state: State) -> dict[str, Any]:
     hub: EventHub = state.events
-    bars = durations(hub.journal.read(0, limit=CHART_WINDOW, newest=True))
+    site = site_of(state)
+    bars = site.bars(hub.journal.read(0, limit=CHART_WINDOW, newest=True))
     top = max((b.seconds for b in bars), default=1.0) or 1.0
-    return {"bars": bars, "top": top}
+    return {"bars": bars, "top": top, "colours": site.colours()}
 
 
-def timeline_context(state: State) -> dict[str, Any]:
+def timeline_context(state: State, after: int = 0) -> dict[str, Any]:
+    """The timeline's newest entries after ``after``, newest first."""
     hub: EventHub = state.events
-    entries = hub.journal.read(0, limit=TIMELINE, newest=True)
+    entries = hub.journal.read(after, limit=TIMELINE, newest=True)
     return {"events": list(reversed(entries)), "last_id": hub.journal.last_id()}
+
+
+async def panel_html(state: State, panel: UiPanel) -> Markup:
+    """A panel rendered (and escaped) by the server, to be placed in the index as is."""
+    context = await panel.context(state)
+    return Markup(site_of(state).render(panel.template, **context))
 
 
 class UIRoutes(Controller):
@@ -248,29 +236,32 @@ class UIRoutes(Controller):
     async def index(self, request: Request[Any, Any, Any], state: State) -> Response[Any]:
         record = current_record(request)
         if record is None:
-            return Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
+            return login_redirect()
+        panels = [(p, await panel_html(state, p)) for p in site_of(state).panels]
         context = {
             **await deployments_context(state),
-            **await evaluations_context(state),
             **chart_context(state),
             **timeline_context(state),
-            "token_name": record.name if record else "",
+            "panels": panels,
+            "token_name": record.name,
         }
-        return page("index.html", **context)
+        return page(request, "index.html", **context)
 
     @get("/login", opt={"ui_public": True})
-    async def login_form(self) -> Response[str]:
-        return page("login.html", error=None)
+    async def login_form(self, request: Request[Any, Any, Any]) -> Response[str]:
+        return page(request, "login.html", error=None)
 
     @post("/login", opt={"ui_public": True}, status_code=HTTP_303_SEE_OTHER)
     async def login(
         self,
+        request: Request[Any, Any, Any],
         state: State,
         data: Annotated[LoginForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Response[Any]:
         record = _book(state).verify(data.token.strip())
         if record is None or not record.grants("read"):
             return page(
+                request,
                 "login.html",
                 status_code=401,
                 error="That token is not valid, was revoked, or lacks the read scope.",
@@ -295,56 +286,39 @@ class UIRoutes(Controller):
     @post("/logout", status_code=HTTP_303_SEE_OTHER)
     async def logout(self, request: Request[Any, Any, Any], state: State) -> Response[Any]:
         _sessions(state).close(request.cookies.get(COOKIE))
-        response = Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
+        response = login_redirect()
         response.delete_cookie(COOKIE, path="/ui")
         return response
 
     @get("/fragments/deployments")
-    async def deployments_fragment(self, state: State) -> Response[str]:
-        return page("deployments.html", **await deployments_context(state))
-
-    @get("/fragments/evaluations")
-    async def evaluations_fragment(self, state: State) -> Response[str]:
-        return page("evaluations.html", **await evaluations_context(state))
+    async def deployments_fragment(
+        self, request: Request[Any, Any, Any], state: State
+    ) -> Response[str]:
+        return page(request, "deployments.html", **await deployments_context(state))
 
     @get("/fragments/chart")
-    async def chart_fragment(self, state: State) -> Response[str]:
-        return page("chart.html", **chart_context(state))
+    async def chart_fragment(self, request: Request[Any, Any, Any], state: State) -> Response[str]:
+        return page(request, "chart.html", **chart_context(state))
 
-    @get("/evaluations/{evaluation_id:str}", opt={"ui_public": True})
-    async def evaluation(
-        self, request: Request[Any, Any, Any], state: State, evaluation_id: FromPath[str]
-    ) -> Response[Any]:
-        if current_record(request) is None:
-            return Redirect("/ui/login", status_code=HTTP_303_SEE_OTHER)
-        return page("evaluation.html", **await self._evaluation(state, evaluation_id))
-
-    @get("/fragments/evaluation/{evaluation_id:str}")
-    async def evaluation_fragment(
-        self, state: State, evaluation_id: FromPath[str]
+    @get("/fragments/timeline")
+    async def timeline_fragment(
+        self,
+        request: Request[Any, Any, Any],
+        state: State,
+        after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
     ) -> Response[str]:
-        return page("evaluation_body.html", **await self._evaluation(state, evaluation_id))
+        """The timeline's entries newer than ``after`` (newest first), as ``<li>``s."""
+        return page(request, "timeline.html", **timeline_context(state, after))
 
-    @staticmethod
-    async def _evaluation(state: State, evaluation_id: str) -> dict[str, Any]:
-        service = getattr(state, "evaluations", None)
-        evaluation = None
-        error = None
-        if service is None:
-            error = "the evaluation plugin is not loaded"
-        else:
-            try:
-                evaluation = await service.get(evaluation_id)
-            except DockyardError as exc:
-                error = exc.message
-        hub: EventHub = state.events
-        events = hub.journal.read(0, evaluation=evaluation_id, limit=200, newest=True)
-        return {
-            "evaluation": evaluation,
-            "evaluation_id": evaluation_id,
-            "error": error,
-            "events": list(reversed(events)),
-        }
+    @get("/fragments/{panel:str}")
+    async def panel_fragment(
+        self, request: Request[Any, Any, Any], state: State, panel: FromPath[str]
+    ) -> Response[str]:
+        """A plugin's panel alone (what the page re-fetches when events come)."""
+        found = site_of(state).panel(panel)
+        if found is None:
+            raise NotFoundException(f"panel: no panel {panel!r}")
+        return page(request, found.template, **await found.context(state))
 
     @get("/events/stream")
     async def stream(

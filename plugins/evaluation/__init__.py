@@ -5,6 +5,9 @@ Built like any third-party plugin, with nothing about it in ``core/`` or ``api/`
 - its HTTP surface (the ``/v1/integration`` routes, :mod:`.routes`), the ``evaluations``
   dependency they use and a lifespan that runs one :class:`EvaluationService` beside the
   deployment controller come through ``dockyard_api_plugins``;
+- its part of the status page (:mod:`.ui`: the evaluations panel, an evaluation's page,
+  the chart's evaluation bars, the timeline's text for ``evaluation`` events) comes
+  through the same registrar's ``ui_*`` methods, its templates as package data;
 - its evaluations are plugin records in the store (namespace ``evaluation``, :mod:`.records`);
 - its metrics (:mod:`.metrics`) are registered in dockyard's registry, counted from its own
   ``evaluation`` events (``dockyard_event``) and refreshed at scrape time
@@ -124,14 +127,17 @@ async def _serve(context: PluginContext) -> AsyncIterator[None]:
 
 @hookimpl
 def dockyard_api_plugins(register: ApiRegistrar) -> None:
-    """Mount the validator integration routes with their service."""
+    """Mount the validator integration routes with their service, and the status page's
+    evaluation parts."""
     from dockyard.plugins.evaluation.routes import IntegrationRoutes
+    from dockyard.plugins.evaluation.ui import add_ui
 
     EvaluationConfig.from_settings(register.settings)  # a bad option fails at startup
     register.route(IntegrationRoutes)
     register.dependency("evaluations", _evaluations)
     register.lifespan(_serve)
     register.scrape(metrics.refresh_gauges)
+    add_ui(register)
 
 
 @hookimpl

@@ -12,6 +12,12 @@ entry point in the group ``dockyard``. It brings, through ``dockyard_api_plugins
   it implements itself and other plugins may too. Its option ``tick_s`` is read from
   ``[plugins.testplugin]``.
 
+Through the same registrar it adds to the status page (``/ui``): its templates
+(``templates/``, package data, as ``testplugin/*.html``), a ``notes`` panel listing the notes,
+a page per note ``/ui/testplugin/notes/{key}`` (needs a session) and a public page
+``/ui/testplugin/about``, a ``notes`` chart series (each note's ``seconds``) and the
+timeline's text for its ``testplugin_note`` events (``note KEY``), which ``POST`` emits.
+
 Through ``dockyard_cli_commands`` it adds ``dockyard testplugin-greet NAME``, a local
 command that prints every ``testplugin_greetings`` answer and its ``tick_s`` option, and
 refuses an empty name with a one-line error.
@@ -23,24 +29,30 @@ import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, Any
 
-from litestar import get, post
+from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from dockyard.api.cli_plugins import CliRegistrar
+from dockyard.api.events import StreamEvent
 from dockyard.api.plugins import ApiRegistrar, PluginContext
+from dockyard.api.ui import Bar, page
 from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.hookspecs import hookimpl
-from dockyard.core.plugins import build_plugin_manager
+from dockyard.core.models import Event
+from dockyard.core.plugins import build_plugin_manager, emit_event
 from dockyard.core.services import Services
 from dockyard.core.store import PluginRecord
 from dockyard_testplugin import hookspecs
 
 NAMESPACE = "testplugin"
+TEMPLATES = Path(__file__).parent / "templates"
+NOTE_EVENT = "testplugin_note"
 
 
 class Ticker:
@@ -74,6 +86,11 @@ async def add_note(
     key = str(data["key"])
     stored = await services.store.put_record(
         PluginRecord(namespace=NAMESPACE, key=key, value=data, labels={"kind": "note"})
+    )
+    seconds = data.get("seconds")
+    await emit_event(
+        services.pm,
+        Event(deployment_id="notes", kind=NOTE_EVENT, data={"key": key, "seconds": seconds}),
     )
     return {"key": stored.key, "created_at": stored.created_at}
 
@@ -117,12 +134,60 @@ async def _lifespan(context: PluginContext) -> AsyncIterator[None]:
         )
 
 
+# ---------------------------------------------------------------- the status page
+async def _notes_panel(state: State) -> dict[str, Any]:
+    notes = await state.services.store.list_records(NAMESPACE, labels={"kind": "note"})
+    return {"notes": [note.value for note in notes]}
+
+
+@get("/testplugin/notes/{key:str}")
+async def note_page(
+    request: Request[Any, Any, Any], state: State, key: FromPath[str]
+) -> Response[str]:
+    record = await state.services.store.get_record(NAMESPACE, key)
+    ticker = getattr(state, "testplugin_ticker", None)
+    ticks = ticker.ticks if ticker is not None else 0
+    note = record.value if record is not None else None
+    return page(request, "testplugin/note.html", key=key, note=note, ticks=ticks)
+
+
+@get("/testplugin/about", opt={"ui_public": True})
+async def about_page(request: Request[Any, Any, Any]) -> Response[str]:
+    return page(request, "testplugin/about.html")
+
+
+def _note_bars(entries: list[StreamEvent]) -> list[Bar]:
+    return [
+        Bar(
+            label=str(e.data["key"]),
+            seconds=float(e.data["seconds"]),
+            ok=True,
+            kind="notes",
+            at=e.at,
+        )
+        for e in entries
+        if e.kind == NOTE_EVENT and isinstance(e.data.get("seconds"), int | float)
+    ]
+
+
+def _note_text(entry: StreamEvent) -> str:
+    return f"note {entry.data.get('key')}"
+
+
 @hookimpl
 def dockyard_api_plugins(register: ApiRegistrar) -> None:
     for handler in (add_note, list_notes, greet, ticks):
         register.route(handler)
     register.dependency("ticker", _ticker)
     register.lifespan(_lifespan)
+    register.ui_templates(TEMPLATES)
+    register.ui_panel(
+        "notes", title="Notes", template="testplugin/panel.html", context=_notes_panel
+    )
+    for handler in (note_page, about_page):
+        register.ui_route(handler)
+    register.ui_chart("notes", _note_bars, colour="#2a9d8f")
+    register.ui_event_text(NOTE_EVENT, _note_text)
 
 
 async def _greet_command(args: argparse.Namespace, settings: Settings) -> int:

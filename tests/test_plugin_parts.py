@@ -363,6 +363,11 @@ def test_the_status_page_knows_nothing_of_evaluations() -> None:
     (``plugins/evaluation/ui.py``) through ``ApiRegistrar.ui_*``."""
     assert _STREAM_HANDLER.search((ROOT / "api" / "ui" / "__init__.py").read_text())
     assert _status_page_mentions(skip_stream_handler=True) == []
+    # nor is any event kind spelled out in the page's script or the timeline's template:
+    # how a kind reads is the server's event_text (ApiRegistrar.ui_event_text)
+    ui = ROOT / "api" / "ui"
+    for path in (ui / "static" / "ui.js", ui / "templates" / "event.html"):
+        assert not re.search(r"slot_transition|kind ===? ", path.read_text()), path
 
 
 @pytest.mark.xfail(

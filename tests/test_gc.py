@@ -38,11 +38,10 @@ from dockyard.core.gc import (
 )
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import DeploymentSpec, HealthCheck
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, BuildRequest
 from dockyard.core.services import Services
 from dockyard.core.store import PluginRecord
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, started_services
 
 
 def stored_evaluation(
@@ -70,27 +69,17 @@ KEEP_DAYS |= {"gc_sources_max_age_days": 10.0, "gc_images_max_age_days": 10.0}
 
 @pytest_asyncio.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    cfg = Settings(
+    async with started_services(
+        tmp_path,
+        FakeRuntime(),
         data_dir=str(tmp_path / "data"),
-        monitor_interval_s=0,
         router_watch_interval_s=0,
         port_range_start=61330,
         port_range_end=61340,
         gc_sources_max_mb=0,
         **KEEP_DAYS,
-    )
-    svc = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=FakeRuntime(),
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await svc.start()
-    try:
+    ) as svc:
         yield svc
-    finally:
-        await svc.runtime.close()
-        await svc.close()
 
 
 def touch(path: Path, at: float, text: str = "x" * 100) -> Path:

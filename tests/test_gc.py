@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -373,7 +374,7 @@ def test_healthz_shows_each_kinds_disk_use(fake_client_factory: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.podman
 def test_the_command_prints_then_removes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``dockyard gc --dry-run`` then ``dockyard gc`` on a data directory, with the configured
     (real Podman) runtime: each line names the kind, the entry, its bytes and the reason."""
@@ -382,6 +383,10 @@ def test_the_command_prints_then_removes(
     from tests.test_e2e import _podman_required
 
     _podman_required()
+    # The host's networks are other tests' too: this gc sees none of them (a prefix of its own).
+    config = tmp_path / "dockyard.toml"
+    config.write_text(f'[plugins.podman]\ngc_network_prefix = "gc-none-{uuid.uuid4().hex}"\n')
+    monkeypatch.setenv("DOCKYARD_CONFIG", str(config))
     data = tmp_path / "data"
     long_ago = time.time() - 40 * DAY_S
     touch(data / "builds" / "gone" / "blue.log", long_ago, "z" * 2048)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pluggy
 
 from dockyard.core.builds import LABEL_INPUTS, LOGS_DIR
@@ -80,18 +81,28 @@ class Retention(Model):
     max_age_s: float | None = None
     max_bytes: int | None = None
 
+    @classmethod
+    def of(cls, days: float, mb: float) -> Retention:
+        """From ``max_age_days`` and ``max_mb`` as settings say them (0: no such limit)."""
+        return cls(
+            max_age_s=float(days) * DAY_S if days else None,
+            max_bytes=int(float(mb) * MIB) if mb else None,
+        )
+
 
 def retention_of(settings: Settings, kind: str) -> Retention:
     """The retention ``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` say (0: no
-    such limit). A plugin's kind without such settings reads ``gc_max_age_days`` and
-    ``gc_max_mb`` from the plugin's table, ``[plugins.<kind>]``."""
+    such limit). A plugin's kind without such settings (or with deprecated ones, unset)
+    reads ``gc_max_age_days`` and ``gc_max_mb`` from the plugin's table,
+    ``[plugins.<kind>]``; a kind may bring its own (``Kind.retention``) instead."""
     options = settings.plugin_options(kind)
-    days = getattr(settings, f"gc_{kind}_max_age_days", options.get("gc_max_age_days", 0))
-    mb = getattr(settings, f"gc_{kind}_max_mb", options.get("gc_max_mb", 0))
-    return Retention(
-        max_age_s=float(days) * DAY_S if days else None,
-        max_bytes=int(float(mb) * MIB) if mb else None,
-    )
+    days = getattr(settings, f"gc_{kind}_max_age_days", msgspec.UNSET)
+    mb = getattr(settings, f"gc_{kind}_max_mb", msgspec.UNSET)
+    if days is msgspec.UNSET:
+        days = options.get("gc_max_age_days", 0)
+    if mb is msgspec.UNSET:
+        mb = options.get("gc_max_mb", 0)
+    return Retention.of(days, mb)
 
 
 def grace_of(settings: Settings) -> float:

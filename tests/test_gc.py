@@ -23,7 +23,7 @@ import pytest_asyncio
 
 from dockyard.api.events import EventJournal, StreamEvent
 from dockyard.core.builds import LABEL_INPUTS
-from dockyard.core.config import Settings
+from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
 from dockyard.core.gc import (
     DAY_S,
@@ -64,8 +64,10 @@ REPO = "https://github.com/acme/agent"
 #: The fake clock: twenty days from now, so what is made now is twenty days old.
 LATER = time.time() + 20 * DAY_S
 RECENT = LATER - DAY_S
-KEEP_DAYS = {f"gc_{kind}_max_age_days": 10.0 for kind in ("evaluations", "events", "build_logs")}
+KEEP_DAYS = {f"gc_{kind}_max_age_days": 10.0 for kind in ("events", "build_logs")}
 KEEP_DAYS |= {"gc_sources_max_age_days": 10.0, "gc_images_max_age_days": 10.0}
+#: The evaluation plugin's retention, in its own table.
+KEEP_EVALUATIONS = {"evaluation": {"gc_max_age_days": 10.0}}
 
 
 @pytest_asyncio.fixture
@@ -78,6 +80,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
         port_range_start=61330,
         port_range_end=61340,
         gc_sources_max_mb=0,
+        plugins=KEEP_EVALUATIONS,
         **KEEP_DAYS,
     ) as svc:
         yield svc
@@ -290,6 +293,42 @@ async def test_a_plugins_kind_is_pruned_by_its_own_retention(services: Services)
     assert [(r.kind, r.name, r.reason) for r in report.removed] == [("scratch", "old", "age")]
     assert plugin.removed == ["old"]
     assert report.usage["scratch"].count == 2 and report.usage["scratch"].in_use == 1
+
+
+def test_the_old_evaluation_gc_names_still_work_with_one_deprecation_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gc_evaluations_max_age_days``/``_max_mb`` (before ``[plugins.evaluation]``
+    ``gc_max_age_days``/``gc_max_mb``) are read for one release, warned about once each."""
+    from dockyard.core import config as config_module
+    from dockyard.plugins.evaluation import records
+
+    monkeypatch.setattr(config_module, "_warned_legacy", set())
+    with pytest.warns(DeprecationWarning) as warned:
+        old = load_settings(
+            environ={
+                "DOCKYARD_GC_EVALUATIONS_MAX_AGE_DAYS": "3",
+                "DOCKYARD_GC_EVALUATIONS_MAX_MB": "2",
+            }
+        )
+        Settings(gc_evaluations_max_age_days=4)  # once per process: no second warning
+    messages = sorted(str(w.message) for w in warned)
+    assert len(messages) == 2
+    assert "gc_evaluations_max_age_days" in messages[0] and "gc_max_age_days" in messages[0]
+    assert "gc_evaluations_max_mb" in messages[1] and "[plugins.evaluation]" in messages[1]
+
+    def kept(settings: Settings) -> Retention | None:
+        return records.gc_kind(GcContext(settings, None, None)).retention  # type: ignore[arg-type]
+
+    assert kept(old) == Retention(max_age_s=3 * DAY_S, max_bytes=2 * 1024 * 1024)
+    new = Settings(plugins={"evaluation": {"gc_max_age_days": 5, "gc_max_mb": 0}})
+    assert kept(new) == Retention(max_age_s=5 * DAY_S, max_bytes=None)
+    assert kept(Settings()) == Retention(max_age_s=30 * DAY_S, max_bytes=None)  # the default
+    both = Settings(
+        gc_evaluations_max_age_days=3,
+        plugins={"evaluation": {"gc_max_age_days": 5}},
+    )
+    assert kept(both) == Retention(max_age_s=5 * DAY_S, max_bytes=None)  # the table wins
 
 
 def msgspec_settings(settings: Settings, **changes: Any) -> Settings:

@@ -2,15 +2,23 @@
 
 They accept fields a newer dockyard adds (unknown fields are ignored), so a client keeps
 working across server upgrades. ``TaskSolution`` is the validator's own format.
+
+This module is also the one home of the parts of an evaluation's wire format that the
+server writes as they are (:class:`TaskResult`, :class:`Session`, :class:`Progress`,
+:class:`BatchProgress`, :data:`FINAL_STATES`): the evaluation plugin's models
+(``dockyard.plugins.evaluation.models``) use these classes, so both sides decode one
+definition. It imports nothing but msgspec, so the client never loads the server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+#: States an evaluation ends in; it never leaves them.
 FINAL_STATES = frozenset({"finished", "failed", "cancelled", "expired"})
+TaskOutcome = Literal["pending", "running", "ok", "failed", "timeout", "cancelled"]
 
 
 class View(msgspec.Struct, kw_only=True):
@@ -28,10 +36,11 @@ class TaskSolution(View):
 
 
 class TaskResult(View):
-    """One task: the solution plus the raw answers, timing and outcome."""
+    """One task's answer in the validator's format (the solution) plus dockyard's
+    measurements: the raw answers, timing and outcome."""
 
     task_id: str
-    outcome: str = "pending"  # pending | running | ok | failed | timeout | cancelled
+    outcome: TaskOutcome = "pending"
     reason: str | None = None
     message: str | None = None
     actions: list[dict[str, Any]] = []
@@ -53,7 +62,8 @@ class TaskResult(View):
 
 
 class Session(View):
-    """A step session: post steps to ``step_url`` until done or ``expires_at``."""
+    """A stateful agent handed to the validator: it posts steps to ``step_url`` (the agent
+    through the router) until it finishes the evaluation or ``expires_at`` passes."""
 
     url: str
     step_url: str
@@ -62,7 +72,7 @@ class Session(View):
     opened_at: float
     expires_at: float
     closed_at: float | None = None
-    closed_by: str | None = None
+    closed_by: Literal["validator", "ttl", "cancel"] | None = None
     report: list[Any] = []
 
 

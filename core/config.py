@@ -27,6 +27,12 @@ _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 #: Deprecated top-level prefixes of plugin options, read for one release: a setting
 #: ``<prefix><option>`` becomes option ``<option>`` of ``[plugins.<plugin>]``.
 LEGACY_OPTION_PREFIXES = {"eval_": "evaluation"}
+#: Deprecated top-level settings that became a plugin's option under another name, read
+#: for one release the same way: setting -> (plugin, option).
+LEGACY_OPTION_NAMES = {
+    "gc_evaluations_max_age_days": ("evaluation", "gc_max_age_days"),
+    "gc_evaluations_max_mb": ("evaluation", "gc_max_mb"),
+}
 _warned_legacy: set[str] = set()
 
 
@@ -128,10 +134,12 @@ class Settings(Model):
     # Garbage collection (core/gc.py): the server's pass every gc_interval_s (0: never;
     # ``dockyard gc`` still runs one). Per kind, entries older than gc_<kind>_max_age_days
     # go, then the oldest until the kind fits gc_<kind>_max_mb; 0: no such limit. What an
-    # existing deployment or a running evaluation uses is never removed.
+    # existing deployment or a running evaluation uses is never removed. A plugin's kind
+    # reads gc_max_age_days and gc_max_mb from its [plugins.<name>] table.
     gc_interval_s: Annotated[float, Meta(ge=0)] = 3600.0
-    gc_evaluations_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
-    gc_evaluations_max_mb: Annotated[float, Meta(ge=0)] = 0.0
+    # Deprecated (one release): now [plugins.evaluation] gc_max_age_days and gc_max_mb.
+    gc_evaluations_max_age_days: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
+    gc_evaluations_max_mb: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
     gc_events_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
     gc_events_max_mb: Annotated[float, Meta(ge=0)] = 0.0
     gc_build_logs_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
@@ -174,14 +182,14 @@ class Settings(Model):
 
 
 def _move_legacy_options(settings: Settings) -> None:
-    """Move deprecated ``eval_*`` settings into ``plugins["evaluation"]`` (an option set
-    there wins), warning once per process which names to change."""
+    """Move deprecated settings (``eval_*``, :data:`LEGACY_OPTION_NAMES`) into their
+    plugin's table (an option set there wins), warning once per process which names to
+    change."""
     for name in _LEGACY_FIELDS:
         value = getattr(settings, name)
         if value is UNSET:
             continue
-        prefix = next(p for p in LEGACY_OPTION_PREFIXES if name.startswith(p))
-        plugin, option = LEGACY_OPTION_PREFIXES[prefix], name.removeprefix(prefix)
+        plugin, option = _legacy_option(name)
         options = {option: value, **settings.plugins.get(plugin, {})}
         settings.plugins = {**settings.plugins, plugin: options}  # the caller's dicts stay
         if name not in _warned_legacy:
@@ -192,6 +200,14 @@ def _move_legacy_options(settings: Settings) -> None:
             )
             log.warning("DeprecationWarning: %s", message)
             warnings.warn(message, DeprecationWarning, stacklevel=2)
+
+
+def _legacy_option(name: str) -> tuple[str, str]:
+    """The plugin and option a deprecated setting ``name`` became."""
+    if name in LEGACY_OPTION_NAMES:
+        return LEGACY_OPTION_NAMES[name]
+    prefix = next(p for p in LEGACY_OPTION_PREFIXES if name.startswith(p))
+    return LEGACY_OPTION_PREFIXES[prefix], name.removeprefix(prefix)
 
 
 #: Where Linux says which local ports it picks for outgoing connections.
@@ -237,7 +253,9 @@ def ephemeral_overlap(start: int, end: int, sysctl: Path = IPV4_SYSCTL) -> str |
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
-_LEGACY_FIELDS = tuple(n for n in _FIELDS if n.startswith(tuple(LEGACY_OPTION_PREFIXES)))
+_LEGACY_FIELDS = tuple(
+    n for n in _FIELDS if n.startswith(tuple(LEGACY_OPTION_PREFIXES)) or n in LEGACY_OPTION_NAMES
+)
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

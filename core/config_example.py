@@ -78,8 +78,6 @@ MEANINGS: dict[str, str] = {
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_format": "text for people, json for one JSON object per line.",
     "gc_interval_s": "Seconds between the server's garbage collection passes (0: never).",
-    "gc_evaluations_max_age_days": "Days a finished evaluation's record is kept (0: no limit).",
-    "gc_evaluations_max_mb": "MiB of evaluation records kept, oldest removed first (0: no limit).",
     "gc_events_max_age_days": "Days the journal keeps a gone deployment's events (0: no limit).",
     "gc_events_max_mb": "MiB of finished deployments' journal entries kept (0: no limit).",
     "gc_build_logs_max_age_days": "Days a deleted deployment's build logs are kept (0: no limit).",

@@ -11,15 +11,23 @@ Five kinds of things pile up on a host that deploys and evaluates round after ro
 * ``sources``: cached checkouts (``<data_dir>/sources/<repo>/<commit>``) and the source
   views of ``image`` mode (``<data_dir>/views/<key>``);
 * ``images``: the images this dockyard built (labels ``io.dockyard.build.inputs`` and
-  its ``io.dockyard.instance``).
+  its ``io.dockyard.instance``);
+* ``networks`` (runtimes that make networks): the engine networks the runtime lists
+  (``Runtime.list_networks``):
+  an agent network per gateway (``dockyard-agents-gw-<hash>``, left when the gateway
+  changes) and a build network a killed build left (``dockyard-build-<build>``). One no
+  container has joined, not for the configured ``agent_gateway`` and older than the grace
+  period is removed on every pass (no retention settings: an unused one costs a bridge and
+  firewall rules, and the runtime makes it again when needed).
 
-Each kind has a retention (:class:`Retention`, from the ``gc_<kind>_max_age_days`` and
-``gc_<kind>_max_mb`` settings): entries older than the age go, then the oldest until the
-kind fits the size. Never removed, whatever the retention says: what an existing deployment
-uses (its build logs and journal entries, any slot's revision's checkout, view and image),
-what a plugin's running work uses (a running evaluation's record, journal entries and
-image: the kind's ``mark_used``), the configured base images, and anything younger than
-the grace period (a build or fetch under way has not reached a slot yet).
+Each kind but ``networks`` has a retention (:class:`Retention`, from the
+``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` settings): entries older than the age
+go, then the oldest until the kind fits the size. Never removed, whatever the retention
+says: what an existing deployment uses (its build logs and journal entries, any slot's
+revision's checkout, view and image), what a plugin's running work uses (a running
+evaluation's record, journal entries and image: the kind's ``mark_used``), the configured
+base images and gateway's network, a network a container joined, and anything younger
+than the grace period (a build or fetch under way has not reached a slot yet).
 
 :class:`GarbageCollector` runs one pass (``dockyard gc [--dry-run]``); :class:`GcSchedule`
 runs it periodically in the server and keeps the disk use of each kind for ``/v1/healthz``.
@@ -41,19 +49,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pluggy
 
 from dockyard.core.builds import LABEL_INPUTS, LOGS_DIR
 from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.models import Model
+from dockyard.core.policy import parse_gateway
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, Runtime
 from dockyard.core.store import StateStore
 
 log = logging.getLogger(__name__)
 
 #: The core's kinds; plugins add theirs (the evaluation plugin: ``evaluations``).
-KINDS = ("events", "build_logs", "sources", "images")
+KINDS = ("events", "build_logs", "sources", "images", "networks")
 MIB = 1024 * 1024
 DAY_S = 86400.0
 #: Nothing younger than this is removed (at least; builds and fetches may take longer).
@@ -71,18 +81,28 @@ class Retention(Model):
     max_age_s: float | None = None
     max_bytes: int | None = None
 
+    @classmethod
+    def of(cls, days: float, mb: float) -> Retention:
+        """From ``max_age_days`` and ``max_mb`` as settings say them (0: no such limit)."""
+        return cls(
+            max_age_s=float(days) * DAY_S if days else None,
+            max_bytes=int(float(mb) * MIB) if mb else None,
+        )
+
 
 def retention_of(settings: Settings, kind: str) -> Retention:
     """The retention ``gc_<kind>_max_age_days`` and ``gc_<kind>_max_mb`` say (0: no
-    such limit). A plugin's kind without such settings reads ``gc_max_age_days`` and
-    ``gc_max_mb`` from the plugin's table, ``[plugins.<kind>]``."""
+    such limit). A plugin's kind without such settings (or with deprecated ones, unset)
+    reads ``gc_max_age_days`` and ``gc_max_mb`` from the plugin's table,
+    ``[plugins.<kind>]``; a kind may bring its own (``Kind.retention``) instead."""
     options = settings.plugin_options(kind)
-    days = getattr(settings, f"gc_{kind}_max_age_days", options.get("gc_max_age_days", 0))
-    mb = getattr(settings, f"gc_{kind}_max_mb", options.get("gc_max_mb", 0))
-    return Retention(
-        max_age_s=float(days) * DAY_S if days else None,
-        max_bytes=int(float(mb) * MIB) if mb else None,
-    )
+    days = getattr(settings, f"gc_{kind}_max_age_days", msgspec.UNSET)
+    mb = getattr(settings, f"gc_{kind}_max_mb", msgspec.UNSET)
+    if days is msgspec.UNSET:
+        days = options.get("gc_max_age_days", 0)
+    if mb is msgspec.UNSET:
+        mb = options.get("gc_max_mb", 0)
+    return Retention.of(days, mb)
 
 
 def grace_of(settings: Settings) -> float:
@@ -176,6 +196,9 @@ class InUse:
     #: ``(repo, commit, subdir)`` of every slot's revision: its source view.
     sources: set[tuple[str, str, str]] = field(default_factory=set)
     images: set[str] = field(default_factory=set)
+    #: ``host:port`` of the gateways agents are given now (``agent_gateway``): their
+    #: networks stay even with no container.
+    gateways: set[str] = field(default_factory=set)
 
 
 def repo_key(repo: str) -> str:
@@ -197,6 +220,10 @@ async def gather_in_use(store: StateStore, settings: Settings) -> InUse:
             used.sources.add((revision.repo, revision.commit, revision.subdir))
             used.images.update(x for x in (revision.image_tag, revision.image_id) if x)
     used.images.update(x for x in settings.allowed_base_images if x)
+    if settings.agent_gateway:
+        with contextlib.suppress(DockyardError):  # a bad one is the deployer's to report
+            host, port, _ = parse_gateway(settings.agent_gateway)
+            used.gateways.add(f"{host}:{port}")
     return used
 
 
@@ -209,6 +236,8 @@ class Kind:
     remove: Callable[[Item], Awaitable[None]]
     #: Adds what this kind's active things use (ids, images) before any kind is listed.
     mark_used: Callable[[InUse], Awaitable[None]] | None = None
+    #: The kind's own retention, instead of its ``gc_<kind>_*`` settings.
+    retention: Retention | None = None
 
 
 @dataclass
@@ -395,6 +424,29 @@ def built_images(runtime: Runtime, instance_id: str) -> Kind:
     return Kind("images", inventory, remove)
 
 
+def engine_networks(runtime: Runtime) -> Kind:
+    """The networks the runtime lists (:meth:`Runtime.list_networks`): removable once no
+    container has joined one and it is not for a gateway in use; their age is their
+    creation (the grace period keeps a network a deploy or build is about to join)."""
+
+    async def inventory(used: InUse) -> list[Item]:
+        return [
+            Item(
+                network.name,
+                0,
+                network.created,
+                network.containers > 0 or (network.gateway or "") in used.gateways,
+                network,
+            )
+            for network in await runtime.list_networks()
+        ]
+
+    async def remove(item: Item) -> None:
+        await runtime.remove_network(item.name)
+
+    return Kind("networks", inventory, remove, retention=Retention(max_age_s=0.0))
+
+
 class GarbageCollector:
     """One data directory's garbage collection over its store and (optional) runtime."""
 
@@ -415,6 +467,8 @@ class GarbageCollector:
         self.kinds += [journal_events(data), build_logs(data), sources(data)]
         if runtime is not None:
             self.kinds.append(built_images(runtime, settings.instance_id))
+            if type(runtime).list_networks is not Runtime.list_networks:  # it makes networks
+                self.kinds.append(engine_networks(runtime))
 
     async def _inventories(self, errors: list[str]) -> tuple[InUse, dict[str, list[Item]]]:
         used = await gather_in_use(self.store, self.settings)
@@ -444,7 +498,8 @@ class GarbageCollector:
         removed: list[Removal] = []
         for kind in self.kinds:
             items = found.get(kind.name, [])
-            for item, reason in choose(items, retention_of(self.settings, kind.name), now, grace):
+            retention = kind.retention or retention_of(self.settings, kind.name)
+            for item, reason in choose(items, retention, now, grace):
                 if not dry_run:
                     try:
                         await kind.remove(item)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from dockyard.core.errors import RuntimeOperationError
 from dockyard.core.models import Model
 
 #: Label keys dockyard puts on everything it creates, so a restarted controller can adopt
@@ -165,6 +166,19 @@ class ImageInfo(Model):
     labels: dict[str, str] = {}
 
 
+class NetworkInfo(Model):
+    """A network this runtime made that garbage collection may remove (an agent network
+    for a gateway, a build network), as the runtime lists it."""
+
+    name: str
+    created: float = 0.0  # epoch seconds
+    #: Containers (in any state) that joined it: a network with any is in use.
+    containers: int = 0
+    #: ``host:port`` of the gateway its containers reach (an agent network for a gateway).
+    gateway: str | None = None
+    labels: dict[str, str] = {}
+
+
 class Runtime(abc.ABC):
     """A container engine. Instances are built by the factory a plugin registers through
     ``dockyard_register_runtimes`` and are used between ``open()`` and ``close()``."""
@@ -229,6 +243,17 @@ class Runtime(abc.ABC):
         """Local images carrying all the given labels. A runtime that cannot list images
         answers an empty list: garbage collection then keeps every image."""
         return []
+
+    async def list_networks(self) -> list[NetworkInfo]:
+        """The networks this runtime made that are not always needed (one per gateway, one
+        per build: they pile up as gateways change and builds crash). A runtime that makes
+        none, or cannot list them, answers an empty list: garbage collection keeps all."""
+        return []
+
+    async def remove_network(self, name: str) -> None:
+        """Remove a network :meth:`list_networks` answered, unless a container joined it
+        meanwhile (then RuntimeOperationError); a missing one is not an error."""
+        raise RuntimeOperationError(f"the {self.name} runtime does not remove networks")
 
 
 RuntimeFactory = Callable[..., Runtime]

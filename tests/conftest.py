@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,6 +63,29 @@ def dockyard_runtime_factory(engine: Any) -> Any:
 def dockyard_engine_probe(engine: Any) -> Any:
     """dockyard.testing's engine probe: the engine seen through its CLI or API."""
     return engine
+
+
+def pip_install_target(source: Path, target: Path) -> Path:
+    """Pip-install the package at ``source`` (with its entry points, without dependencies)
+    into the private directory ``target``, for a subprocess with ``PYTHONPATH=target``."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
 
 
 def free_port() -> int:

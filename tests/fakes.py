@@ -7,17 +7,20 @@ checkout made on disk without git; a ref resolves to a commit derived from its n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from dockyard.core.config import Settings
 from dockyard.core.errors import BuildFailed, Conflict, SourceError
+from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import (
     BuildRequest,
     BuiltImage,
@@ -28,6 +31,7 @@ from dockyard.core.runtime import (
     Runtime,
     RuntimeInfo,
 )
+from dockyard.core.services import Services
 from dockyard.core.source import FetchedSource, Source, SourceRequest
 
 
@@ -202,3 +206,25 @@ class FakeSource(Source):
             context=str(context),
             dockerfile=str(context / "Dockerfile") if request.dockerfile else None,
         )
+
+
+@contextlib.asynccontextmanager
+async def started_services(
+    tmp_path: Path, runtime: Runtime, **settings: Any
+) -> AsyncIterator[Services]:
+    """Services on ``runtime`` with a :class:`FakeSource` (``tmp_path/src``), no entry-point
+    plugins, data in ``tmp_path`` and no monitor unless ``settings`` say otherwise; started,
+    and closed (the runtime too) on the way out."""
+    cfg = Settings(**{"data_dir": str(tmp_path), "monitor_interval_s": 0, **settings})
+    svc = Services.build(
+        cfg,
+        build_plugin_manager(load_entry_points=False),
+        runtime=runtime,
+        sources={"fake": FakeSource(tmp_path / "src")},
+    )
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.runtime.close()
+        await svc.close()

@@ -12,34 +12,21 @@ import aiohttp
 import msgspec
 import pytest_asyncio
 
-from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.models import Color, DeploymentSpec, Event, HealthCheck, SlotState
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import ContainerSpec
 from dockyard.core.services import Services
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, started_services
 
 S = SlotState
 
 
 @pytest_asyncio.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    cfg = Settings(
-        data_dir=str(tmp_path), monitor_interval_s=0, port_range_start=47300, port_range_end=47320
-    )
-    svc = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=FakeRuntime(),
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await svc.start()
-    try:
+    async with started_services(
+        tmp_path, FakeRuntime(), port_range_start=47300, port_range_end=47320
+    ) as svc:
         yield svc
-    finally:
-        await svc.runtime.close()
-        await svc.close()
 
 
 def spec(**fields: Any) -> DeploymentSpec:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -79,6 +81,27 @@ def test_the_client_has_one_name() -> None:
     assert importlib.util.find_spec("dockyard.api.client") is None
     assert client.DockyardClient.__module__ == "dockyard.client.rest"
     assert client.ValidatorIntegration.evaluate_miner_from_github
+
+
+def test_the_client_loads_no_server_code() -> None:
+    """The evaluation views the server writes have their one home in the client's models
+    (the plugin's models use them), so importing the client loads neither the server's
+    packages nor its frameworks."""
+    probe = (
+        "import sys, dockyard.client\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('dockyard.')"
+        " or m.split('.')[0] in ('litestar', 'pluggy', 'podman', 'pygit2', 'jinja2'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert "dockyard.client.models" in out
+    assert [m for m in out if not m.startswith("dockyard.client")] == []
+    from dockyard.client import models as client_models
+    from dockyard.plugins.evaluation import models as server_models
+
+    assert server_models.TaskResult is client_models.TaskResult
+    assert server_models.Session is client_models.Session
 
 
 async def test_evaluate_miner_from_github_as_the_seed_calls_it(dockyard_url: str) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest_asyncio
 
 from dockyard.api.events import EventJournal, StreamEvent
 from dockyard.core.builds import LABEL_INPUTS
-from dockyard.core.config import Settings
+from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
 from dockyard.core.gc import (
     DAY_S,
@@ -38,11 +39,10 @@ from dockyard.core.gc import (
 )
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import DeploymentSpec, HealthCheck
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_INSTANCE, LABEL_MANAGED, BuildRequest
 from dockyard.core.services import Services
 from dockyard.core.store import PluginRecord
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, started_services
 
 
 def stored_evaluation(
@@ -64,33 +64,26 @@ REPO = "https://github.com/acme/agent"
 #: The fake clock: twenty days from now, so what is made now is twenty days old.
 LATER = time.time() + 20 * DAY_S
 RECENT = LATER - DAY_S
-KEEP_DAYS = {f"gc_{kind}_max_age_days": 10.0 for kind in ("evaluations", "events", "build_logs")}
+KEEP_DAYS = {f"gc_{kind}_max_age_days": 10.0 for kind in ("events", "build_logs")}
 KEEP_DAYS |= {"gc_sources_max_age_days": 10.0, "gc_images_max_age_days": 10.0}
+#: The evaluation plugin's retention, in its own table.
+KEEP_EVALUATIONS = {"evaluation": {"gc_max_age_days": 10.0}}
 
 
 @pytest_asyncio.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    cfg = Settings(
+    async with started_services(
+        tmp_path,
+        FakeRuntime(),
         data_dir=str(tmp_path / "data"),
-        monitor_interval_s=0,
         router_watch_interval_s=0,
         port_range_start=61330,
         port_range_end=61340,
         gc_sources_max_mb=0,
+        plugins=KEEP_EVALUATIONS,
         **KEEP_DAYS,
-    )
-    svc = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=FakeRuntime(),
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await svc.start()
-    try:
+    ) as svc:
         yield svc
-    finally:
-        await svc.runtime.close()
-        await svc.close()
 
 
 def touch(path: Path, at: float, text: str = "x" * 100) -> Path:
@@ -302,6 +295,42 @@ async def test_a_plugins_kind_is_pruned_by_its_own_retention(services: Services)
     assert report.usage["scratch"].count == 2 and report.usage["scratch"].in_use == 1
 
 
+def test_the_old_evaluation_gc_names_still_work_with_one_deprecation_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gc_evaluations_max_age_days``/``_max_mb`` (before ``[plugins.evaluation]``
+    ``gc_max_age_days``/``gc_max_mb``) are read for one release, warned about once each."""
+    from dockyard.core import config as config_module
+    from dockyard.plugins.evaluation import records
+
+    monkeypatch.setattr(config_module, "_warned_legacy", set())
+    with pytest.warns(DeprecationWarning) as warned:
+        old = load_settings(
+            environ={
+                "DOCKYARD_GC_EVALUATIONS_MAX_AGE_DAYS": "3",
+                "DOCKYARD_GC_EVALUATIONS_MAX_MB": "2",
+            }
+        )
+        Settings(gc_evaluations_max_age_days=4)  # once per process: no second warning
+    messages = sorted(str(w.message) for w in warned)
+    assert len(messages) == 2
+    assert "gc_evaluations_max_age_days" in messages[0] and "gc_max_age_days" in messages[0]
+    assert "gc_evaluations_max_mb" in messages[1] and "[plugins.evaluation]" in messages[1]
+
+    def kept(settings: Settings) -> Retention | None:
+        return records.gc_kind(GcContext(settings, None, None)).retention  # type: ignore[arg-type]
+
+    assert kept(old) == Retention(max_age_s=3 * DAY_S, max_bytes=2 * 1024 * 1024)
+    new = Settings(plugins={"evaluation": {"gc_max_age_days": 5, "gc_max_mb": 0}})
+    assert kept(new) == Retention(max_age_s=5 * DAY_S, max_bytes=None)
+    assert kept(Settings()) == Retention(max_age_s=30 * DAY_S, max_bytes=None)  # the default
+    both = Settings(
+        gc_evaluations_max_age_days=3,
+        plugins={"evaluation": {"gc_max_age_days": 5}},
+    )
+    assert kept(both) == Retention(max_age_s=5 * DAY_S, max_bytes=None)  # the table wins
+
+
 def msgspec_settings(settings: Settings, **changes: Any) -> Settings:
     import msgspec
 
@@ -384,7 +413,7 @@ def test_healthz_shows_each_kinds_disk_use(fake_client_factory: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.podman
 def test_the_command_prints_then_removes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``dockyard gc --dry-run`` then ``dockyard gc`` on a data directory, with the configured
     (real Podman) runtime: each line names the kind, the entry, its bytes and the reason."""
@@ -393,6 +422,10 @@ def test_the_command_prints_then_removes(
     from tests.test_e2e import _podman_required
 
     _podman_required()
+    # The host's networks are other tests' too: this gc sees none of them (a prefix of its own).
+    config = tmp_path / "dockyard.toml"
+    config.write_text(f'[plugins.podman]\ngc_network_prefix = "gc-none-{uuid.uuid4().hex}"\n')
+    monkeypatch.setenv("DOCKYARD_CONFIG", str(config))
     data = tmp_path / "data"
     long_ago = time.time() - 40 * DAY_S
     touch(data / "builds" / "gone" / "blue.log", long_ago, "z" * 2048)

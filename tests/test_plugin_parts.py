@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sqlite3
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from dockyard.plugins.evaluation import records
 from dockyard.plugins.evaluation.models import Evaluation, Limits, Miner
 from dockyard.plugins.evaluation.options import EvaluationConfig
 from dockyard.plugins.sqlite_store import DB_FILENAME, MIGRATIONS, SqliteStore
-from tests.conftest import AUTH, ROOT, TEST_SETTINGS
+from tests.conftest import AUTH, ROOT, TEST_SETTINGS, pip_install_target
 
 TEST_PLUGIN = ROOT / "tests" / "plugins" / "dockyard_testplugin"
 
@@ -46,25 +45,7 @@ TEST_PLUGIN = ROOT / "tests" / "plugins" / "dockyard_testplugin"
 @pytest.fixture(scope="module")
 def testplugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test plugin pip-installed (with its entry point) into a private directory."""
-    target = tmp_path_factory.mktemp("testplugin-site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(TEST_PLUGIN),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
+    return pip_install_target(TEST_PLUGIN, tmp_path_factory.mktemp("testplugin-site"))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from dockyard.core import hookimpl
 from dockyard.core.errors import PluginError, PolicyRefused, UnknownPluginError
 from dockyard.core.models import DeploymentSpec, Event
 from dockyard.core.plugins import build_plugin_manager, check_spec, current_plugin, emit_event
-from tests.conftest import EXAMPLE_PLUGIN, ROOT
+from tests.conftest import EXAMPLE_PLUGIN, ROOT, pip_install_target
 
 PROBE = """
 import json
@@ -34,25 +34,7 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example plugin pip-installed into a private target directory."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE_PLUGIN),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
+    return pip_install_target(EXAMPLE_PLUGIN, tmp_path_factory.mktemp("site"))
 
 
 def _probe(site: Path, **env: str) -> dict[str, Any]:

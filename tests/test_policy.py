@@ -20,7 +20,6 @@ from dockyard.core.config import Settings, load_settings
 from dockyard.core.controller import Controller
 from dockyard.core.errors import ConfigError, RuntimeOperationError, ValidationError
 from dockyard.core.models import Color, DeploymentSpec, Resources, SlotState
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.policy import (
     check_spec,
     effective_lifetime,
@@ -31,7 +30,7 @@ from dockyard.core.policy import (
 from dockyard.core.runtime import ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation.options import EvaluationConfig
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, started_services
 
 S = SlotState
 
@@ -190,26 +189,15 @@ class RecordingRuntime(FakeRuntime):
 
 @pytest_asyncio.fixture
 async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    cfg = Settings(
-        data_dir=str(tmp_path),
-        monitor_interval_s=0,
+    async with started_services(
+        tmp_path,
+        RecordingRuntime(),
         port_range_start=47700,
         port_range_end=47720,
         agent_gateway="http://127.0.0.1:9999/v1",
         max_memory_mb=1024,
-    )
-    svc = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=RecordingRuntime(),
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await svc.start()
-    try:
+    ) as svc:
         yield svc
-    finally:
-        await svc.runtime.close()
-        await svc.close()
 
 
 async def deploy(controller: Controller, **fields: Any) -> None:

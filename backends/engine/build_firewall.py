@@ -33,11 +33,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dockyard.backends.engine.firewall import NftRunner, local_nft
+from dockyard.backends.engine.firewall import NftTables
 from dockyard.core.children import start_time
 from dockyard.core.errors import RuntimeOperationError
 
@@ -99,29 +97,16 @@ class BuildGrant:
             )
 
 
-class BuildFirewall:
+class BuildFirewall(NftTables):
     """The ``dockyard_builds`` tables: the builds' grants, their proxies' ports and byte
     quotas."""
 
-    def __init__(self, runner: NftRunner | None = None, *, table: str = TABLE) -> None:
-        self.run = runner or local_nft()
-        self.table = table
-
-    def _nft(self, args: Sequence[str], stdin: str | None = None, what: str = "") -> str:
-        try:
-            code, out, err = self.run(args, stdin)
-        except (OSError, subprocess.SubprocessError) as exc:
-            code, out, err = 1, "", str(exc)
-        if code != 0:
-            raise RuntimeOperationError(
-                f"the build firewall could not {what}: {err.strip() or f'nft exited {code}'}",
-                reason="network_policy_failed",
-            )
-        return out
+    NAME = "build firewall"
+    DEFAULT_TABLE = TABLE
 
     def apply(self) -> None:
         """Create or repair the tables (the elements of running builds kept)."""
-        self._nft(["-f", "-"], build_ruleset(self.table), "be applied")
+        self._load(build_ruleset(self.table))
 
     def grant(self, grant: BuildGrant, max_bytes: int | None) -> None:
         """Admit the build's network to its proxy alone, and give the proxy a quota of
@@ -143,7 +128,7 @@ class BuildFirewall:
             f'comment "{grant.subnet} {_owner()}{" attached" if max_bytes is None else ""}" }}',
             f"add element bridge {self.table} build_subnets {{ {grant.subnet} }}",
         ]
-        self._nft(["-f", "-"], "\n".join(lines) + "\n", f"admit the proxy on port {port}")
+        self._load("\n".join(lines) + "\n", f"admit the proxy on port {port}")
 
     def used(self, port: int) -> int | None:
         """Bytes the proxy on ``port`` sent to its build network so far (None: unknown)."""
@@ -206,7 +191,7 @@ class BuildFirewall:
             ]
         for command in commands:
             try:
-                self._nft(["-f", "-"], command + "\n", "revoke")
+                self._load(command + "\n", "revoke")
             except RuntimeOperationError:
                 continue
 

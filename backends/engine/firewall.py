@@ -108,12 +108,18 @@ add rule {b} forward ip saddr @agent_subnets ip daddr @agent_subnets counter dro
 """
 
 
-class AgentFirewall:
-    """The ``dockyard`` nftables tables, their gateway grants and agent subnets."""
+class NftTables:
+    """Tables of dockyard's that ``nft`` holds: how they are run and applied. A failed
+    ``nft`` is a RuntimeOperationError (``network_policy_failed``) naming :attr:`NAME`."""
 
-    def __init__(self, runner: NftRunner | None = None, *, table: str = TABLE) -> None:
+    #: What an error calls these tables ("the agent firewall could not ...").
+    NAME = "firewall"
+    #: The table name when none is given.
+    DEFAULT_TABLE = TABLE
+
+    def __init__(self, runner: NftRunner | None = None, *, table: str | None = None) -> None:
         self.run = runner or local_nft()
-        self.table = table
+        self.table = table or self.DEFAULT_TABLE
 
     def _nft(self, args: Sequence[str], stdin: str | None = None, what: str = "") -> str:
         try:
@@ -122,10 +128,20 @@ class AgentFirewall:
             code, out, err = 1, "", str(exc)
         if code != 0:
             raise RuntimeOperationError(
-                f"the agent firewall could not {what}: {err.strip() or f'nft exited {code}'}",
+                f"the {self.NAME} could not {what}: {err.strip() or f'nft exited {code}'}",
                 reason="network_policy_failed",
             )
         return out
+
+    def _load(self, script: str, what: str = "be applied") -> None:
+        """Apply an ``nft -f`` script atomically (all of it or nothing)."""
+        self._nft(["-f", "-"], script, what)
+
+
+class AgentFirewall(NftTables):
+    """The ``dockyard`` nftables tables, their gateway grants and agent subnets."""
+
+    NAME = "agent firewall"
 
     def check(self) -> str:
         """Why the firewall cannot work here, or "" when it can (it is applied on the way)."""
@@ -137,7 +153,7 @@ class AgentFirewall:
 
     def ensure(self) -> None:
         """Create or repair the tables (atomically; grants and subnets are kept)."""
-        self._nft(["-f", "-"], ruleset(self.table), "be applied")
+        self._load(ruleset(self.table))
 
     def apply(self, networks: Iterable[AgentNetwork]) -> None:
         """Apply the rules and make the elements exactly ``networks``' (atomically)."""
@@ -158,7 +174,7 @@ class AgentFirewall:
                     f'add element {t} gateway_dnat {{ "{net.iface}" . {port} : {ip} . {port} }}'
                 )
                 lines.append(f'add element {t} gateway_allow {{ "{net.iface}" . {ip} . {port} }}')
-        self._nft(["-f", "-"], "\n".join(lines) + "\n", "be applied")
+        self._load("\n".join(lines) + "\n")
 
     @staticmethod
     def route_localnet(iface: str) -> bool:
@@ -196,6 +212,7 @@ __all__ = [
     "AgentFirewall",
     "AgentNetwork",
     "NftRunner",
+    "NftTables",
     "local_nft",
     "ruleset",
 ]

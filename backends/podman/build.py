@@ -28,6 +28,7 @@ from dockyard.backends.engine.buildlog import stream_message
 from dockyard.backends.engine.context import add_to_tar
 from dockyard.backends.engine.images import image_infos, label_filters_json
 from dockyard.backends.podman.build_network import PodmanBuildNetwork
+from dockyard.backends.podman.network_gc import PodmanNetworkGc
 from dockyard.backends.podman.processes import _shutdown_response, kill_marked_build_processes
 from dockyard.core.errors import BuildFailed
 from dockyard.core.runtime import LABEL_MANAGED, ImageInfo
@@ -62,7 +63,7 @@ def _pump(resp: Any, deliver: Callable[[Message], None]) -> None:
         deliver(("end", None))
 
 
-class PodmanBuilds(PodmanBuildNetwork, BuildLifecycle):
+class PodmanBuilds(PodmanNetworkGc, PodmanBuildNetwork, BuildLifecycle):
     """The build primitives of :class:`dockyard.backends.podman.PodmanRuntime`."""
 
     client: Any

@@ -161,6 +161,8 @@ class PodmanOptions(EngineOptions):
     #: Where the private service's pid file lives (dockyard's data directory), so the next
     #: start stops a service a killed dockyard left.
     state_dir: str | None = None
+    #: Garbage collection sees only its networks whose names start with this ("": all).
+    gc_network_prefix: str = ""
 
 
 class PodmanRuntime(RootlessNetPolicy, PodmanBuilds, EngineRuntime):

@@ -63,6 +63,8 @@ OPTION_MEANINGS = {
     "gateway_env": "The variable evaluated agents find their gateway in.",
     "gateway_vars": "The gateway variables of evaluated agents: name -> URL suffix.",
     "sandbox_image": "The image build_mode image evaluations run when the miner names none.",
+    "gc_max_age_days": "Days a finished evaluation's record is kept (0: no limit).",
+    "gc_max_mb": "MiB of evaluation records kept, oldest removed first (0: no limit).",
 }
 
 __all__ = [

@@ -13,6 +13,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+# The parts of the wire format the client decodes as they are have their one home in the
+# client's views (pure msgspec, so the client never imports the server).
+from dockyard.client.models import (
+    FINAL_STATES,
+    BatchProgress,
+    Progress,
+    Session,
+    TaskResult,
+)
 from dockyard.core.models import (
     BuildMode,
     ContainerPath,
@@ -27,13 +36,10 @@ from dockyard.core.models import (
     now,
 )
 
-#: States an evaluation ends in; it never leaves them.
-FINAL_STATES = frozenset({"finished", "failed", "cancelled", "expired"})
 EvaluationState = Literal[
     "queued", "deploying", "running", "session", "cleaning", "finished", "failed",
     "cancelled", "expired",
 ]  # fmt: skip
-TaskOutcome = Literal["pending", "running", "ok", "failed", "timeout", "cancelled"]
 
 #: An IWA task object: ``id``, ``prompt``, ``url``; other fields are passed on untouched.
 Task = Annotated[dict[str, Any], Meta(max_length=64)]
@@ -142,44 +148,6 @@ class Limits(Model):
     keep_image: bool
 
 
-class TaskResult(Model):
-    """One task's answer in the validator's format, with dockyard's measurements."""
-
-    task_id: str
-    outcome: TaskOutcome = "pending"
-    reason: str | None = None
-    message: str | None = None
-    actions: list[dict[str, Any]] = []
-    web_agent_id: str | None = None
-    recording: Any = None
-    raw: list[Any] = []
-    steps: int = 0
-    started_at: float | None = None
-    finished_at: float | None = None
-    duration_s: float | None = None
-
-
-class Session(Model):
-    """A stateful agent handed to the validator: it posts steps to ``step_url`` (the agent
-    through the router) until it finishes the evaluation or ``expires_at`` passes."""
-
-    url: str
-    step_url: str
-    protocol: str
-    ttl_s: float
-    opened_at: float
-    expires_at: float
-    closed_at: float | None = None
-    closed_by: Literal["validator", "ttl", "cancel"] | None = None
-    report: list[Any] = []
-
-
-class Progress(Model):
-    tasks_total: int = 0
-    tasks_done: int = 0
-    tasks_ok: int = 0
-
-
 class Evaluation(Model, kw_only=True):
     """One miner's evaluation: what was asked, where it stands, what came back."""
 
@@ -231,14 +199,6 @@ class Evaluation(Model, kw_only=True):
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
-
-
-class BatchProgress(Model):
-    total: int = 0
-    finished: int = 0
-    ok: int = 0
-    queued: int = 0
-    running: int = 0
 
 
 class Batch(Model):

@@ -2,8 +2,10 @@
 
 Admission limits, default timeouts and the image policy of evaluations. Read from
 ``settings.plugin_options("evaluation")`` (TOML ``[plugins.evaluation]``); the old
-top-level ``eval_<option>`` settings (and ``DOCKYARD_EVAL_<OPTION>`` variables) are still
-read for one release: ``core/config.py`` moves them here and warns once.
+top-level ``eval_<option>`` settings (and ``DOCKYARD_EVAL_<OPTION>`` variables), and
+``gc_evaluations_max_age_days``/``gc_evaluations_max_mb`` (now ``gc_max_age_days`` and
+``gc_max_mb``), are still read for one release: ``core/config.py`` moves them here and
+warns once.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class EvaluationConfig(Model):
     # The image ``build_mode: "image"`` evaluations run when the miner names none
     # (``dockyard sandbox-image build`` makes it).
     sandbox_image: Annotated[str, Meta(max_length=255)] | None = SANDBOX_IMAGE
+    # Garbage collection of finished evaluations' records (``dockyard gc``, kind
+    # ``evaluations``): older than this many days go, then the oldest until they fit
+    # ``gc_max_mb`` MiB; 0: no such limit. (Were ``gc_evaluations_max_age_days`` and
+    # ``gc_evaluations_max_mb``, still read for one release.)
+    gc_max_age_days: Annotated[float, Meta(ge=0)] = 30.0
+    gc_max_mb: Annotated[float, Meta(ge=0)] = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EvaluationConfig:

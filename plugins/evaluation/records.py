@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import msgspec
 
-from dockyard.core.gc import GcContext, InUse, Item, Kind
+from dockyard.core.gc import GcContext, InUse, Item, Kind, Retention
 from dockyard.core.store import PluginRecord, StateStore
 from dockyard.plugins.evaluation.models import FINAL_STATES, Evaluation
+from dockyard.plugins.evaluation.options import EvaluationConfig
 
 #: The records' namespace: the plugin's name.
 NAMESPACE = "evaluation"
@@ -83,8 +84,10 @@ async def delete_evaluations_older_than(store: StateStore, before: float) -> lis
 def gc_kind(context: GcContext) -> Kind:
     """The ``evaluations`` kind of garbage collection (``dockyard_register_gc_kinds``):
     finished evaluations' records are removable, their age their last update, their size
-    their JSON; a running one is in use, and so are its journal entries and its image."""
+    their JSON; a running one is in use, and so are its journal entries and its image.
+    Kept as ``[plugins.evaluation]`` ``gc_max_age_days`` and ``gc_max_mb`` say."""
     store = context.store
+    config = EvaluationConfig.from_settings(context.settings)
 
     async def mark_used(used: InUse) -> None:
         for record in await list_stored(store, finished=False):
@@ -107,4 +110,5 @@ def gc_kind(context: GcContext) -> Kind:
     async def remove(item: Item) -> None:
         await delete(store, item.name)
 
-    return Kind("evaluations", inventory, remove, mark_used)
+    retention = Retention.of(config.gc_max_age_days, config.gc_max_mb)
+    return Kind("evaluations", inventory, remove, mark_used, retention)

@@ -43,6 +43,32 @@ EvaluationId = Annotated[
 ]
 
 
+def _evaluation_post(
+    path: str, operation_id: str, summary: str, *codes: int, status_code: int = HTTP_200_OK
+) -> post:
+    """A POST route of the integration: the ``evaluate`` scope, these error answers."""
+    return post(
+        path,
+        operation_id=operation_id,
+        summary=summary,
+        status_code=status_code,
+        responses=errors(*codes),
+        opt=SCOPE,
+    )
+
+
+def _evaluation_get(path: str, operation_id: str, summary: str) -> get:
+    """A GET route of the integration: the ``evaluate`` scope."""
+    return get(path, operation_id=operation_id, summary=summary, opt=SCOPE)
+
+
+def _submit(path: str, operation_id: str, summary: str) -> post:
+    """A route that queues evaluations: 202 with what was queued (and its id)."""
+    return _evaluation_post(
+        path, operation_id, summary, 409, 422, 503, status_code=HTTP_202_ACCEPTED
+    )
+
+
 def _check_id(evaluation_id: str) -> str:
     if not EVALUATION_ID.match(evaluation_id):
         raise ValidationError(f"id: {evaluation_id[:MAX_ID]!r} is not an evaluation id")
@@ -55,14 +81,7 @@ class IntegrationRoutes(Controller):
     path = "/v1/integration"
     tags = ["integration"]
 
-    @post(
-        "/evaluate-miner",
-        operation_id="evaluateMiner",
-        summary="Evaluate one miner's agent from its git code",
-        status_code=HTTP_202_ACCEPTED,
-        responses=errors(409, 422, 503),
-        opt=SCOPE,
-    )
+    @_submit("/evaluate-miner", "evaluateMiner", "Evaluate one miner's agent from its git code")
     async def evaluate_miner(
         self,
         data: JSONBody[EvaluateMinerRequest],
@@ -70,13 +89,10 @@ class IntegrationRoutes(Controller):
     ) -> Evaluation:
         return await evaluations.submit(data)
 
-    @post(
+    @_submit(
         "/evaluate-miners-batch",
-        operation_id="evaluateMinersBatch",
-        summary="Evaluate many miners, at most `concurrency` at once",
-        status_code=HTTP_202_ACCEPTED,
-        responses=errors(409, 422, 503),
-        opt=SCOPE,
+        "evaluateMinersBatch",
+        "Evaluate many miners, at most `concurrency` at once",
     )
     async def evaluate_batch(
         self,
@@ -85,11 +101,10 @@ class IntegrationRoutes(Controller):
     ) -> Batch:
         return await evaluations.submit_batch(data)
 
-    @get(
+    @_evaluation_get(
         "/evaluation/{evaluation_id:str}",
-        operation_id="getEvaluation",
-        summary="An evaluation (or a batch): state, queue position, progress, results",
-        opt=SCOPE,
+        "getEvaluation",
+        "An evaluation (or a batch): state, queue position, progress, results",
     )
     async def show(
         self,
@@ -100,11 +115,10 @@ class IntegrationRoutes(Controller):
             return await evaluations.batch(evaluation_id)
         return await evaluations.get(evaluation_id)
 
-    @get(
+    @_evaluation_get(
         "/evaluations",
-        operation_id="listEvaluations",
-        summary="Evaluations: active ones first, then the stored ones, newest first",
-        opt=SCOPE,
+        "listEvaluations",
+        "Evaluations: active ones first, then the stored ones, newest first",
     )
     async def list_evaluations(
         self,
@@ -116,13 +130,12 @@ class IntegrationRoutes(Controller):
     ) -> EvaluationList:
         return EvaluationList(evaluations=await evaluations.list(state=state_filter, limit=limit))
 
-    @post(
+    @_evaluation_post(
         "/evaluation/{evaluation_id:str}/cancel",
-        operation_id="cancelEvaluation",
-        summary="Cancel an evaluation, or every unfinished one of a batch; cleans up",
-        status_code=HTTP_200_OK,
-        responses=errors(409, 503),
-        opt=SCOPE,
+        "cancelEvaluation",
+        "Cancel an evaluation, or every unfinished one of a batch; cleans up",
+        409,
+        503,
     )
     async def cancel(
         self,
@@ -131,13 +144,13 @@ class IntegrationRoutes(Controller):
     ) -> Evaluation | Batch:
         return await evaluations.cancel(_check_id(evaluation_id))
 
-    @post(
+    @_evaluation_post(
         "/evaluation/{evaluation_id:str}/finish",
-        operation_id="finishSession",
-        summary="End an evaluation's step session (optionally with the validator's report)",
-        status_code=HTTP_200_OK,
-        responses=errors(409, 422, 503),
-        opt=SCOPE,
+        "finishSession",
+        "End an evaluation's step session (optionally with the validator's report)",
+        409,
+        422,
+        503,
     )
     async def finish(
         self,

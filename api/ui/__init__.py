@@ -30,13 +30,13 @@ from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import Body, FromPath, FromQuery, QueryParameter
+from litestar.params import Body, FromPath, QueryParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.status_codes import HTTP_303_SEE_OTHER
 
 from dockyard.api.auth import TokenBook, TokenRecord
 from dockyard.api.deployments import render
-from dockyard.api.events import EventHub, StreamEvent, check_id, last_event_id, sse_messages
+from dockyard.api.events import EventHub, StreamEvent, last_event_id, sse_messages, tag_filters
 from dockyard.core.errors import DockyardError
 from dockyard.core.models import Model, SlotState, now
 
@@ -185,7 +185,7 @@ def durations(entries: list[StreamEvent], limit: int = 24) -> list[Bar]:
             if isinstance(total, int | float):
                 bars.append(
                     Bar(
-                        label=str(entry.evaluation_id),
+                        label=str(entry.tags.get("evaluation")),
                         seconds=float(total),
                         ok=bool(entry.data.get("ok")),
                         kind="evaluation",
@@ -338,7 +338,7 @@ class UIRoutes(Controller):
             except DockyardError as exc:
                 error = exc.message
         hub: EventHub = state.events
-        events = hub.journal.read(0, evaluation=evaluation_id, limit=200, newest=True)
+        events = hub.journal.read(0, tags={"evaluation": evaluation_id}, limit=200, newest=True)
         return {
             "evaluation": evaluation,
             "evaluation_id": evaluation_id,
@@ -352,13 +352,14 @@ class UIRoutes(Controller):
         state: State,
         request: Request[Any, Any, Any],
         after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
-        evaluation: FromQuery[str | None] = None,
     ) -> ServerSentEvent:
+        """The status page's stream; ``?<tag>=ID`` follows one tagged unit of work (a
+        plugin's event tag, as on ``GET /v1/events/stream``)."""
         start = last_event_id(request.headers.get("last-event-id"), after)
+        hub: EventHub = state.events
+        tags = tag_filters(request, hub.tag_names, ("after",))
         return ServerSentEvent(
-            sse_messages(
-                state.events, start, None, check_id("evaluation", evaluation), named=False
-            ),
+            sse_messages(hub, start, None, tags, named=False),
             headers={"Cache-Control": "no-store"},
         )
 

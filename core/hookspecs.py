@@ -141,8 +141,8 @@ def dockyard_register_status_filters(register: Registrar[str]) -> None:
 
     :param register: call ``register(name, label)``: ``GET /v1/status?<name>=true`` lists
         only the deployments whose spec has ``label``, ``<name>=false`` only those without
-        it. The API serves the names it declares (``evaluation``); a declared filter no
-        loaded plugin registers is refused (400 naming it) when asked for.
+        it. The API reads the name from the query (and lists it in the OpenAPI document);
+        a name no loaded plugin registers is refused (400 naming it) when asked for.
 
     The evaluation plugin registers ``evaluation`` (its agents' ``dockyard_evaluation``
     label). A third-party plugin implements this hook so the deployments it makes can be

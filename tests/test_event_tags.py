@@ -307,3 +307,34 @@ def test_tag_options_of_the_events_command() -> None:
     assert parse_tags(["evaluation=ev-1", "run=r.2"]) == {"evaluation": "ev-1", "run": "r.2"}
     with pytest.raises(ValidationError, match=r"--tag: 'evaluation' is not NAME=ID"):
         parse_tags(["evaluation"])
+
+
+def test_the_events_command_follows_a_tag_and_prints_the_plugin_s_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dockyard events --tag evaluation=ID`` against a served dockyard (real HTTP)."""
+    from dockyard.api.cli import main as cli_main
+    from tests.test_api_schema import served
+
+    with served(tmp_path) as base:
+        journal = EventJournal(tmp_path / "data" / "events.sqlite3")  # beside the server's
+        progress = {"state": "running", "progress": {"tasks_total": 4, "tasks_done": 1}}
+        for deployment, kind, tags, data in [
+            ("ev-a", "evaluation", {"evaluation": "ev-a"}, progress),
+            ("app", "created", {}, {}),
+            ("ev-b", "evaluation", {"evaluation": "ev-b"}, {"state": "queued"}),
+        ]:
+            journal.append(
+                StreamEvent(id=0, deployment_id=deployment, kind=kind, at=0, tags=tags, data=data)
+            )
+        journal.close()
+        common = ["--url", base, "--token", TEST_TOKEN]
+        assert cli_main(["events", "--tag", "evaluation=ev-a", *common]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1 and lines[0].endswith("ev-a -     evaluation running (1/4 tasks)")
+        assert cli_main(["events", "--tag", "evaluation", *common]) == 2
+        err = capsys.readouterr().err
+        assert err == "dockyard: error: --tag: 'evaluation' is not NAME=ID\n"
+        assert cli_main(["events", "--tag", "colour=red", *common]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dockyard: error: colour: no loaded plugin registers this filter")

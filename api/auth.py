@@ -37,6 +37,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from dockyard.core.config import Settings
 from dockyard.core.errors import Conflict, NotFound, PluginError, ValidationError
 from dockyard.core.models import Model, now
+from dockyard.core.plugins import DockyardPluginManager
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ScopeTable:
                 raise ValidationError(f"scope {name!r} implies unknown scopes {unknown}")
 
     @classmethod
-    def from_plugins(cls, pm: Any) -> ScopeTable:
+    def from_plugins(cls, pm: DockyardPluginManager) -> ScopeTable:
         """The core's scopes and every ``dockyard_register_token_scopes`` one; a plugin's
         scope that is a core one, badly named, or implies an unknown scope is a
         PluginError naming the plugin."""

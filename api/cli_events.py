@@ -19,6 +19,7 @@ from typing import Any
 from dockyard.client.events import follow_events, last_event_id
 from dockyard.client.rest import DockyardClient
 from dockyard.core.errors import ValidationError
+from dockyard.core.plugins import DockyardPluginManager
 
 #: How often ``--wait`` asks whether the operation has ended.
 POLL_S = 0.5
@@ -33,7 +34,7 @@ EventFormat = Callable[[dict[str, Any]], str]
 _formats: dict[str, EventFormat] = {}
 
 
-def use_event_formats(pm: Any) -> None:
+def use_event_formats(pm: DockyardPluginManager) -> None:
     """Print events with the formats ``pm``'s plugins register."""
     _formats.clear()
     _formats.update(pm.registries.event_formats.items())

@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dockyard.core.errors import PluginError
 from dockyard.core.models import Event
+
+if TYPE_CHECKING:
+    from dockyard.core.plugins import DockyardPluginManager
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class EventTagger(Protocol):
 TaggerFactory = Callable[[], EventTagger]
 
 
-def make_taggers(pm: Any, reserved: Iterable[str] = ()) -> dict[str, EventTagger]:
+def make_taggers(pm: DockyardPluginManager, reserved: Iterable[str] = ()) -> dict[str, EventTagger]:
     """A fresh tagger for every registered tag (name -> tagger); a bad or ``reserved``
     name (one an event's own fields use) is a PluginError naming its plugin."""
     registry = pm.registries.event_tags

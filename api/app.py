@@ -21,21 +21,25 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from dockyard.api.auth import (
+    APP_SCOPES,
     AuditLog,
     BearerAuth,
     ClientGate,
+    ScopeTable,
     TokenBook,
+    check_route_scopes,
     rate_limits,
     scope_guard,
     token_rate_limits,
 )
-from dockyard.api.deployments import DeploymentRoutes
+from dockyard.api.deployments import STATUS_FILTERED_OPERATIONS, DeploymentRoutes
 from dockyard.api.errors import EXCEPTION_HANDLERS, document_errors
+from dockyard.api.events import ID_RE, TAG_FILTERED_OPERATIONS
 from dockyard.api.metrics import SCRAPE_REFRESHERS
 from dockyard.api.observe import HANDLERS as OBSERVE_HANDLERS
 from dockyard.api.observe import LOGGING_CONFIG, RequestTelemetry, event_hub_lifespan
 from dockyard.api.plugins import PluginContext, collect_api_plugins, plugin_lifespans
-from dockyard.api.schema import fix_options_allow, serve_true_schema
+from dockyard.api.schema import PluginParts, fix_options_allow, serve_true_schema
 from dockyard.api.system import SystemController
 from dockyard.api.tokens import TokenRoutes
 from dockyard.api.ui import SITE, UiSite, ui_routers
@@ -95,6 +99,37 @@ def _controller(state: State) -> Controller:
     return state.controller  # type: ignore[no-any-return]
 
 
+def query_filters(pm: DockyardPluginManager) -> dict[str, list[dict[str, Any]]]:
+    """The query parameters plugins register, by operation id: an event tag filters the
+    event routes (``?<tag>=ID``), a status filter ``GET /v1/status`` (``?<name>=true|false``)."""
+    tags, status = pm.registries.event_tags, pm.registries.status_filters
+    tag_params = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": f"only events tagged {name} with this id (the {tags.owner(name)!r}"
+            " plugin's event tag)",
+            "schema": {"type": "string", "pattern": ID_RE.pattern},
+        }
+        for name in tags.names()
+    ]
+    status_params = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": f"true: only deployments labelled {label!r} (the"
+            f" {status.owner(name)!r} plugin's filter); false: only the others",
+            "schema": {"type": "boolean"},
+        }
+        for name, label in status.items()
+    ]
+    filters = {operation: tag_params for operation in TAG_FILTERED_OPERATIONS}
+    filters.update({operation: status_params for operation in STATUS_FILTERED_OPERATIONS})
+    return filters
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -113,7 +148,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        serve_true_schema(app)
+        serve_true_schema(
+            app,
+            PluginParts(
+                filters=query_filters(pm),
+                tag_names=tuple(pm.registries.event_tags.names()),
+                scope_names=scopes.names,
+            ),
+        )
         ours = services if services is not None else Services.build(settings, pm)
         owned = not ours.started  # the caller may have opened them (the CLI does, to fail fast)
         if owned:
@@ -147,10 +189,16 @@ def create_app(
                 await ours.close()
 
     handlers: list[Any] = [SystemController, DeploymentRoutes, TokenRoutes, *OBSERVE_HANDLERS]
-    handlers.extend(handler for _, handler in pm.registries.api_handlers.items())
+    mounted: list[tuple[str, Any]] = [("dockyard", handler) for handler in handlers]
+    api_handlers = pm.registries.api_handlers
+    mounted.extend((api_handlers.owner(name), handler) for name, handler in api_handlers.items())
+    mounted.extend(zip(extensions.route_owners, extensions.routes, strict=True))
+    scopes = ScopeTable.from_plugins(pm)
+    check_route_scopes(scopes, mounted)  # a route no token could be granted fails the start
+    handlers.extend(handler for _, handler in api_handlers.items())
     handlers.extend(extensions.routes)
     handlers.extend(ui_routers(extensions.ui))  # plugins' /ui pages, behind the UI session
-    tokens = TokenBook.from_settings(settings)
+    tokens = TokenBook.from_settings(settings, scopes)
     app = Litestar(
         route_handlers=handlers,
         guards=[scope_guard],
@@ -182,6 +230,7 @@ def create_app(
     )
     setattr(app.state, SCRAPE_REFRESHERS, list(extensions.scrapes))
     setattr(app.state, SITE, UiSite(extensions.ui))
+    setattr(app.state, APP_SCOPES, scopes)
     document_errors(app)
     fix_options_allow(app)
     return app

@@ -21,7 +21,8 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -34,18 +35,117 @@ from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockyard.core.config import Settings
-from dockyard.core.errors import Conflict, NotFound, ValidationError
+from dockyard.core.errors import Conflict, NotFound, PluginError, ValidationError
 from dockyard.core.models import Model, now
+from dockyard.core.plugins import DockyardPluginManager
 
-Scope_ = Literal["read", "deploy", "evaluate", "admin"]
-SCOPES: tuple[str, ...] = ("read", "deploy", "evaluate", "admin")
-#: What holding a scope also grants.
-IMPLIES: dict[str, frozenset[str]] = {
-    "read": frozenset({"read"}),
-    "deploy": frozenset({"deploy", "read"}),
-    "evaluate": frozenset({"evaluate"}),
-    "admin": frozenset(SCOPES),
+
+@dataclass(frozen=True)
+class TokenScope:
+    """A token scope: what it is for, and the other scopes holding it also grants.
+
+    The core's are ``read``, ``deploy`` (grants ``read``) and ``admin`` (grants every
+    scope); plugins register theirs through ``dockyard_register_token_scopes``."""
+
+    description: str
+    implies: frozenset[str] = frozenset()
+
+
+#: The core's scopes.
+CORE_SCOPES: dict[str, TokenScope] = {
+    "read": TokenScope("read deployments, logs, events and metrics"),
+    "deploy": TokenScope("create, redeploy, switch and delete deployments", frozenset({"read"})),
+    "admin": TokenScope("everything: every scope, tokens included"),
 }
+#: The scope that grants every other one.
+ADMIN = "admin"
+#: A scope's name (in ``opt={"scope": ...}``, token files and ``--scope``).
+SCOPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+
+class ScopeTable:
+    """The scopes a dockyard knows: the core's and the loaded plugins'; what each grants."""
+
+    def __init__(self, scopes: Mapping[str, TokenScope]) -> None:
+        self.scopes = dict(scopes)
+        for name, scope in self.scopes.items():
+            unknown = sorted(scope.implies - set(self.scopes))
+            if unknown:
+                raise ValidationError(f"scope {name!r} implies unknown scopes {unknown}")
+
+    @classmethod
+    def from_plugins(cls, pm: DockyardPluginManager) -> ScopeTable:
+        """The core's scopes and every ``dockyard_register_token_scopes`` one; a plugin's
+        scope that is a core one, badly named, or implies an unknown scope is a
+        PluginError naming the plugin."""
+        registry = pm.registries.token_scopes
+        scopes = dict(CORE_SCOPES)
+        for name, scope in registry.items():
+            plugin = registry.owner(name)
+            if name in CORE_SCOPES or not SCOPE_NAME_RE.match(name):
+                raise PluginError(
+                    f"plugin {plugin!r} registered the token scope {name!r}: a core scope"
+                    f" or not a name ({SCOPE_NAME_RE.pattern})"
+                )
+            if not isinstance(scope, TokenScope):
+                raise PluginError(f"plugin {plugin!r}: token scope {name!r} is not a TokenScope")
+            scopes[name] = scope
+        for name in registry.names():
+            unknown = sorted(scopes[name].implies - set(scopes))
+            if unknown:
+                raise PluginError(
+                    f"plugin {registry.owner(name)!r}: token scope {name!r} implies"
+                    f" unknown scopes {unknown}"
+                )
+        return cls(scopes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.scopes))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.scopes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def implied(self, held: str) -> frozenset[str]:
+        """What holding ``held`` grants: itself, what it implies (transitively); ``admin``
+        every scope. A scope no loaded plugin registers grants only itself (and so no
+        route: none declares it)."""
+        if held == ADMIN:
+            return frozenset(self.scopes)
+        granted, todo = {held}, [held]
+        while todo:
+            scope = self.scopes.get(todo.pop())
+            for name in scope.implies if scope else ():
+                if name not in granted:
+                    granted.add(name)
+                    todo.append(name)
+        return frozenset(granted)
+
+    def grants(self, held: Iterable[str], required: str) -> bool:
+        return any(required in self.implied(scope) for scope in held)
+
+    def check(self, wanted: Iterable[str]) -> list[str]:
+        """``wanted`` sorted, or a 400 naming ``scopes`` and the unknown ones."""
+        names = sorted(set(wanted))
+        bad = [s for s in names if s not in self.scopes]
+        if bad:
+            raise ValidationError(
+                f"scopes: unknown scope {', '.join(map(repr, bad))}"
+                f" (known: {', '.join(self.names)})",
+                field="scopes",
+            )
+        if not names:
+            raise ValidationError(f"scopes: give one or more of {', '.join(self.names)}")
+        return names
+
+
+#: The core's scopes only (no plugin loaded).
+CORE_TABLE = ScopeTable(CORE_SCOPES)
+#: Where the app keeps its :class:`ScopeTable` (``app.state``).
+APP_SCOPES = "scopes"
 OPEN_PATHS = ("/v1/healthz",)
 DOCS_PREFIX = "/docs"
 UI_PREFIX = "/ui"
@@ -61,14 +161,16 @@ class TokenRecord(Model):
 
     id: str
     name: str
-    scopes: list[Scope_]
+    scopes: list[str]
     sha256: str
     created_at: float = msgspec.field(default_factory=now)
     revoked_at: float | None = None
     source: Literal["config", "file"] = "file"
 
-    def grants(self, scope: str) -> bool:
-        return any(scope in IMPLIES[s] for s in self.scopes)
+    def grants(self, scope: str, table: ScopeTable = CORE_TABLE) -> bool:
+        """Whether this token may use ``scope`` (what each scope grants: ``table``, the
+        app's scopes; the core's by default)."""
+        return table.grants(self.scopes, scope)
 
 
 def hash_token(token: str) -> str:
@@ -89,8 +191,15 @@ class TokenBook:
     """Configured tokens plus the ones in ``<data_dir>/tokens.json`` (mode 0600, written
     atomically under a lock, so the CLI and a running server can share it)."""
 
-    def __init__(self, path: Path, configured: Iterable[dict[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        configured: Iterable[dict[str, Any]] = (),
+        scopes: ScopeTable = CORE_TABLE,
+    ) -> None:
         self.path = path
+        #: The scopes a new token may have (the app's: the core's and its plugins').
+        self.scopes = scopes
         self.configured: dict[str, TokenRecord] = {}
         #: The file as last read: its (inode, mtime, size), when, and its records.
         self._seen: tuple[tuple[int, int, int], float, dict[str, TokenRecord]] | None = None
@@ -102,8 +211,8 @@ class TokenBook:
             self.configured[record.id] = record
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TokenBook:
-        return cls(settings.data_path / "tokens.json", settings.api_tokens)
+    def from_settings(cls, settings: Settings, scopes: ScopeTable = CORE_TABLE) -> TokenBook:
+        return cls(settings.data_path / "tokens.json", settings.api_tokens, scopes)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, TokenRecord]]:
@@ -154,17 +263,9 @@ class TokenBook:
 
     def create(self, name: str, scopes: Iterable[str]) -> tuple[TokenRecord, str]:
         """Make a token; the secret is returned once and never stored."""
-        wanted = sorted(set(scopes))
-        bad = [s for s in wanted if s not in SCOPES]
-        if not wanted or bad:
-            raise ValidationError(f"scopes: must be some of {', '.join(SCOPES)}; got {bad or []}")
+        wanted = self.scopes.check(scopes)
         token_id, token = new_token()
-        record = TokenRecord(
-            id=token_id,
-            name=name,
-            scopes=wanted,  # type: ignore[arg-type]
-            sha256=hash_token(token),
-        )
+        record = TokenRecord(id=token_id, name=name, scopes=wanted, sha256=hash_token(token))
         with self._locked() as records:
             records[token_id] = record
         return record, token
@@ -308,12 +409,50 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         return
     required = handler.opt.get("scope")
     record: TokenRecord | None = connection.scope.get(SCOPE_KEY_TOKEN)  # type: ignore[assignment]
-    if required not in SCOPES:
+    table: ScopeTable = getattr(connection.app.state, APP_SCOPES, CORE_TABLE)
+    if required not in table:
         raise PermissionDeniedException("this route declares no scope; refusing")
     if record is None:
         raise NotAuthorizedException("a bearer token is required")
-    if not record.grants(required):
+    if not record.grants(required, table):
         raise PermissionDeniedException(f"this token lacks the {required!r} scope")
+
+
+def declared_scopes(handler: Any, inherited: str | None = None) -> dict[str, str]:
+    """The scope each route of ``handler`` (a route handler, a ``Controller`` class or a
+    ``Router``) declares in ``opt``: path -> scope (routes declaring none are left out: the
+    guard refuses them)."""
+    found: dict[str, str] = {}
+    if isinstance(handler, BaseRouteHandler):
+        scope = handler.opt.get("scope", inherited)
+        if scope is not None:
+            found.update((path, scope) for path in sorted(handler.paths))
+        return found
+    opt = getattr(handler, "opt", None)
+    inherited = opt.get("scope", inherited) if isinstance(opt, dict) else inherited
+    if isinstance(handler, type):  # a Controller class: its handlers are class attributes
+        for member in vars(handler).values():
+            if isinstance(member, BaseRouteHandler):
+                for path, scope in declared_scopes(member, inherited).items():
+                    found[f"{getattr(handler, 'path', '')}{path}"] = scope
+        return found
+    for route in getattr(handler, "routes", []):  # a Router
+        for member in route.route_handlers:
+            if member.opt.get("scope", inherited) is not None:
+                found[route.path] = member.opt.get("scope", inherited)
+    return found
+
+
+def check_route_scopes(table: ScopeTable, routes: Iterable[tuple[str, Any]]) -> None:
+    """Every ``(plugin, handler)``'s routes declare scopes ``table`` knows; the first that
+    does not is a PluginError naming the plugin, the route and the scope."""
+    for plugin, handler in routes:
+        for path, scope in declared_scopes(handler).items():
+            if scope not in table:
+                raise PluginError(
+                    f"plugin {plugin!r}: route {path} declares the token scope {scope!r},"
+                    f" which no loaded plugin registers (known: {', '.join(table.names)})"
+                )
 
 
 def rate_limits(settings: Settings) -> list[Any]:

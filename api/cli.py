@@ -27,8 +27,8 @@ import aiohttp
 import msgspec
 
 from dockyard.api import cli_admin, cli_install
-from dockyard.api.auth import TokenBook
-from dockyard.api.cli_events import follow_operation, print_events
+from dockyard.api.auth import ScopeTable, TokenBook
+from dockyard.api.cli_events import follow_operation, parse_tags, print_events, use_event_formats
 from dockyard.api.cli_plugins import PLUGIN_COMMAND, CliCommand, collect_cli_commands
 from dockyard.client import DEFAULT_URL, ApiError, DockyardClient
 from dockyard.client.events import last_event_id
@@ -48,6 +48,8 @@ def _parser(pm: DockyardPluginManager | None = None) -> argparse.ArgumentParser:
         prog="dockyard",
         description="Run other people's code from git, hardened, with blue/green switches.",
     )
+    pm = pm or build_plugin_manager()
+    scope_names = ScopeTable.from_plugins(pm).names
     parser.add_argument("--version", action="version", version=f"dockyard {dockyard_version()}")
     parser.add_argument("--config", help="TOML configuration file (also DOCKYARD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -122,8 +124,18 @@ def _parser(pm: DockyardPluginManager | None = None) -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, default=200)
     logs.add_argument("--build", action="store_true", help="the build log instead")
     logs.add_argument("--raw", action="store_true", help="keep ANSI colour codes")
-    events = sub.add_parser("events", parents=[api], help="a deployment's or evaluation's events")
-    events.add_argument("id", nargs="?", help="deployment or evaluation id (default: all)")
+    events = sub.add_parser(
+        "events", parents=[api], help="a deployment's events, or those of a plugin's tag"
+    )
+    events.add_argument("id", nargs="?", help="deployment id (default: all)")
+    events.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="NAME=ID",
+        help="only events a plugin tagged so (repeatable), e.g. an event tag's id",
+    )
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     token = sub.add_parser("token", help="create, list and revoke API tokens")
@@ -147,13 +159,14 @@ def _parser(pm: DockyardPluginManager | None = None) -> argparse.ArgumentParser:
                 dest="scopes",
                 action="append",
                 required=True,
-                choices=["read", "deploy", "evaluate", "admin"],
+                metavar="SCOPE",
+                help=f"a scope to grant (repeatable): {', '.join(scope_names)}",
             )
         if name == "revoke":
             cmd.add_argument("id")
     cli_install.add_commands(sub)
     cli_admin.add_commands(sub)
-    collect_cli_commands(pm or build_plugin_manager(), sub, api)
+    collect_cli_commands(pm, sub, api)
 
     return parser
 
@@ -284,7 +297,9 @@ async def _api(args: argparse.Namespace) -> int:
         if args.command == "token":
             return await _tokens(args, client)
         if args.command == "events":
-            return await print_events(client, args.id, follow=args.follow, as_json=args.json)
+            return await print_events(
+                client, args.id, follow=args.follow, as_json=args.json, tags=parse_tags(args.tags)
+            )
     raise AssertionError(args.command)
 
 
@@ -292,7 +307,9 @@ async def _tokens(args: argparse.Namespace, client: DockyardClient) -> int:
     """``dockyard token ...`` through the API, or on the local token file with --local."""
     if args.local:
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-        book = TokenBook.from_settings(load_settings(args.config, **overrides))
+        settings = load_settings(args.config, **overrides)
+        scopes = ScopeTable.from_plugins(build_plugin_manager(settings.disable_plugins))
+        book = TokenBook.from_settings(settings, scopes)
         if args.token_command == "create":
             record, secret = book.create(args.name, args.scopes)
             rows = [{**msgspec.to_builtins(record), "token": secret}]
@@ -449,7 +466,9 @@ def _run_handler(result: int | Awaitable[int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dockyard`` command."""
     try:
-        parser = _parser(build_plugin_manager(_disabled_by_config(argv)))
+        pm = build_plugin_manager(_disabled_by_config(argv))
+        parser = _parser(pm)
+        use_event_formats(pm)
     except DockyardError as exc:  # a plugin that fails to load or to add its commands
         print(f"dockyard: error: {exc.message}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
@@ -35,13 +35,41 @@ from dockyard.core.plugins import Registrar
 from dockyard.core.store import MAX_STATUS_PAGE, DeploymentStatus, StatusFilter, StatusPage
 from dockyard.core.views import OperationState
 
+#: ``GET /v1/status``'s own query parameters; any other names a status filter.
+STATUS_PARAMS = ("limit", "cursor", "state")
+#: Operations whose query takes every registered status filter (listed in the schema).
+STATUS_FILTERED_OPERATIONS = ("status",)
+BOOLEANS = {"true": True, "false": False}
+
+
+def status_filters(
+    request: Request[Any, Any, Any], own: tuple[str, ...], filters: Registrar[str]
+) -> dict[str, bool]:
+    """The status filters of a request's query (``?<filter>=true|false``): every parameter
+    that is not one of the route's ``own`` must be a registered filter, and its value true
+    or false (a 400 naming the parameter otherwise)."""
+    found: dict[str, bool] = {}
+    for name in sorted(set(request.query_params.keys()) - set(own)):
+        if name not in filters:
+            raise ValidationError(f"{name}: no loaded plugin registers this status filter")
+        values = request.query_params.getall(name)
+        value = BOOLEANS.get(values[-1].strip().lower()) if len(values) == 1 else None
+        if value is None:
+            raise ValidationError(f"{name}: must be true or false", field=name)
+        found[name] = value
+    return found
+
 
 def labelled(where: StatusFilter, filters: Registrar[str], name: str, wanted: bool) -> StatusFilter:
     """``where`` narrowed by the status filter ``name`` (``dockyard_register_status_filters``):
-    deployments with its label when ``wanted``, without it otherwise."""
+    deployments with its label when ``wanted``, without it otherwise (one filter of each
+    sense per request: a second is a 400 naming it)."""
     if name not in filters:
         raise ValidationError(f"{name}: no loaded plugin registers this status filter")
     label = filters.get(name)
+    taken = where.with_label if wanted else where.without_label
+    if taken is not None:
+        raise ValidationError(f"{name}: one status filter set to {str(wanted).lower()} at a time")
     if wanted:
         return msgspec.structs.replace(where, with_label=label)
     return msgspec.structs.replace(where, without_label=label)
@@ -324,6 +352,7 @@ class DeploymentRoutes(Controller):
     )
     async def status(
         self,
+        request: Request[Any, Any, Any],
         controller: NamedDependency[DeploymentController],
         limit: Annotated[
             int, QueryParameter(ge=1, le=MAX_STATUS_PAGE, description="deployments per page")
@@ -338,18 +367,13 @@ class DeploymentRoutes(Controller):
             SlotState | None,
             QueryParameter(name="state", description="only deployments with a slot in this state"),
         ] = None,
-        evaluation: Annotated[
-            bool | None,
-            QueryParameter(
-                description="true: only evaluations' deployments; false: only the others"
-            ),
-        ] = None,
     ) -> StatusView:
         if cursor is not None and not SLUG.match(cursor):
             raise ValidationError(f"cursor: {cursor[:60]!r} is not a cursor this API gave out")
         where = StatusFilter(state=slot_state)
-        if evaluation is not None:
-            where = labelled(where, controller.status_filters, "evaluation", evaluation)
+        filters = controller.status_filters
+        for name, wanted in status_filters(request, STATUS_PARAMS, filters).items():
+            where = labelled(where, filters, name, wanted)
         page = await controller.status_page(after=cursor, limit=limit, where=where)
         query = (cursor, limit, where.state, where.with_label, where.without_label)
         return _rendered_status(controller, page, query)

@@ -56,7 +56,7 @@ ERROR_STATUSES: dict[int, str] = {
     400: "Invalid input: the request does not match the schema; `message` names the field",
     401: "No token, or a token that is unknown, malformed or revoked",
     403: "The token lacks the scope, or the client address is not allowed",
-    404: "The named deployment, evaluation or token does not exist",
+    404: "The named deployment, token or plugin resource does not exist",
     409: "Busy (an operation is in progress) or exists already",
     413: "The request body is larger than 1 MiB",
     422: "Well-formed but refused: an operator's cap or policy, a repository URL no source "

@@ -16,9 +16,10 @@ from typing import Any
 from litestar import Litestar
 from litestar.logging.config import LoggingConfig
 
-from dockyard.api.events import EventHub, EventRoutes
+from dockyard.api.events import RESERVED_TAGS, EventHub, EventRoutes
 from dockyard.api.metrics import MetricsRoutes, RequestTelemetry
 from dockyard.api.ui import UIRoutes
+from dockyard.core.event_tags import make_taggers
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ __all__ = ["HANDLERS", "LOGGING_CONFIG", "RequestTelemetry", "event_hub_lifespan
 async def event_hub_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Open the event journal and register the hub as a ``dockyard_event`` observer."""
     services = app.state.services
-    hub = EventHub.open(services.settings.data_path)
     pm = services.pm
+    hub = EventHub.open(services.settings.data_path, make_taggers(pm, reserved=RESERVED_TAGS))
     name = f"{HUB_PLUGIN}-{id(hub):x}"
     pm.register(hub, name=name)
     app.state.events = hub

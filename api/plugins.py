@@ -78,6 +78,8 @@ class ApiRegistrar:
 
     settings: Settings
     routes: list[Any] = field(default_factory=list)
+    #: The plugin that mounted each of ``routes`` (same order).
+    route_owners: list[str] = field(default_factory=list)
     dependencies: dict[str, Provide] = field(default_factory=dict)
     lifespans: list[tuple[str, PluginLifespan]] = field(default_factory=list)
     scrapes: list[MetricsRefresher] = field(default_factory=list)
@@ -87,6 +89,7 @@ class ApiRegistrar:
     def route(self, handler: Any) -> None:
         """Mount a Litestar route handler, controller or router (it declares its scope)."""
         self.routes.append(handler)
+        self.route_owners.append(current_plugin())
 
     def dependency(self, name: str, provide: Provide | Callable[..., Any]) -> None:
         """Add a Litestar dependency ``name``; a name two plugins add is an error."""

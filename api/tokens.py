@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
@@ -10,11 +10,13 @@ from litestar.params import JSONBody, PathParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from msgspec import Meta
 
-from dockyard.api.auth import TokenBook, TokenRecord
+from dockyard.api.auth import SCOPE_NAME_RE, TokenBook, TokenRecord
 from dockyard.api.errors import errors
 from dockyard.core.models import Model
 
-ScopeName = Literal["read", "deploy", "evaluate", "admin"]
+#: A scope's name: ``read``, ``deploy``, ``admin`` or one a loaded plugin registers
+#: (``dockyard_register_token_scopes``); one no loaded plugin registers is a 400.
+ScopeName = Annotated[str, Meta(pattern=SCOPE_NAME_RE.pattern)]
 #: A token id in a path (the 8 hex digits after ``dy_``).
 TokenId = Annotated[
     str, PathParameter(pattern=r"^[0-9a-f]{8}$", description="a token's id (8 hex digits)")
@@ -23,7 +25,7 @@ TokenId = Annotated[
 
 class TokenRequest(Model):
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._ -]{1,64}$")]
-    scopes: Annotated[list[ScopeName], Meta(min_length=1, max_length=4)]
+    scopes: Annotated[list[ScopeName], Meta(min_length=1, max_length=16)]
 
 
 class TokenView(Model):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -39,12 +39,17 @@ async def follow_events(
     evaluation: str | None = None,
     after: int = 0,
     reconnects: int = 30,
+    tags: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every event after ``after``, forever (until the caller stops iterating)."""
+    """Every event after ``after``, forever (until the caller stops iterating); only one
+    deployment's, and only those carrying ``tags`` (event tags plugins register, e.g.
+    ``{"evaluation": id}``; ``evaluation=id`` is the same, kept for one release)."""
     headers = {"Accept": "text/event-stream"}
     if client.token:
         headers["Authorization"] = f"Bearer {client.token}"
-    params = {k: v for k, v in (("deployment", deployment), ("evaluation", evaluation)) if v}
+    params = {**(tags or {}), **({"evaluation": evaluation} if evaluation else {})}
+    if deployment:
+        params["deployment"] = deployment
     last = after
     failures = 0
     timeout = aiohttp.ClientTimeout(total=None, sock_read=READ_TIMEOUT_S)

@@ -188,8 +188,8 @@ class InUse:
     """What active deployments and plugins' running work (an evaluation, ...) use."""
 
     deployments: set[str] = field(default_factory=set)
-    #: Ids of plugins' running work whose journal entries stay (the journal's
-    #: ``evaluation_id`` column); plugin kinds add them through ``Kind.mark_used``.
+    #: Ids of plugins' running work whose journal entries stay (the value of an event tag,
+    #: ``journal_tags``); plugin kinds add them through ``Kind.mark_used``.
     running: set[str] = field(default_factory=set)
     #: ``(sha256(repo)[:32], commit)`` of every slot's revision: its cached checkout.
     checkouts: set[tuple[str, str]] = field(default_factory=set)
@@ -354,10 +354,24 @@ def _journal(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _running_deployments(db: sqlite3.Connection, running: set[str]) -> set[str]:
+    """The deployments with a journal entry tagged with one of ``running`` (any tag)."""
+    if not running:
+        return set()
+    marks = ", ".join("?" for _ in running)
+    rows = db.execute(
+        "SELECT DISTINCT journal.deployment_id FROM journal_tags"
+        " JOIN journal ON journal.id = journal_tags.entry_id"
+        f" WHERE journal_tags.value IN ({marks})",
+        sorted(running),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
 def journal_events(data: Path) -> Kind:
     """The journal's entries grouped by deployment: a group is removable once its
-    deployment is gone and no running evaluation wrote in it; its age is its newest
-    entry."""
+    deployment is gone and none of its entries is tagged with a plugin's running work
+    (an event tag's value in ``InUse.running``); its age is its newest entry."""
     path = data / JOURNAL_FILE
 
     def listing(used: InUse) -> list[Item]:
@@ -367,26 +381,42 @@ def journal_events(data: Path) -> Kind:
         try:
             rows = db.execute(
                 "SELECT deployment_id, MAX(id), SUM(LENGTH(body)),"
-                " MAX(json_extract(CAST(body AS TEXT), '$.at')),"
-                " GROUP_CONCAT(DISTINCT evaluation_id) FROM journal GROUP BY deployment_id"
+                " MAX(json_extract(CAST(body AS TEXT), '$.at'))"
+                " FROM journal GROUP BY deployment_id"
             ).fetchall()
+            running = _running_deployments(db, used.running)
         except sqlite3.OperationalError:
-            return []  # no journal table yet
+            return []  # no journal table yet (or one the server has not migrated yet)
         finally:
             db.close()
         items = []
-        for deployment, last_id, size, at, evaluations in rows:
-            running = set((evaluations or "").split(",")) & used.running
-            in_use = deployment in used.deployments or bool(running)
+        for deployment, last_id, size, at in rows:
+            in_use = deployment in used.deployments or deployment in running
             items.append(Item(deployment, int(size or 0), float(at or 0), in_use, last_id))
         return items
 
     def delete(item: Item) -> None:
         db = _journal(path)
         try:
-            db.execute(
-                "DELETE FROM journal WHERE deployment_id = ? AND id <= ?", (item.name, item.handle)
-            )
+            tagged = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal_tags'"
+            ).fetchone()
+            db.execute("BEGIN IMMEDIATE")  # an entry and its tags go together
+            try:
+                if tagged:
+                    db.execute(
+                        "DELETE FROM journal_tags WHERE entry_id IN"
+                        " (SELECT id FROM journal WHERE deployment_id = ? AND id <= ?)",
+                        (item.name, item.handle),
+                    )
+                db.execute(
+                    "DELETE FROM journal WHERE deployment_id = ? AND id <= ?",
+                    (item.name, item.handle),
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         finally:
             db.close()
 

@@ -20,8 +20,11 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from dockyard.api.auth import TokenScope
+    from dockyard.api.cli_events import EventFormat
     from dockyard.api.cli_plugins import CliRegistrar
     from dockyard.api.plugins import ApiRegistrar
+    from dockyard.core.event_tags import TaggerFactory
     from dockyard.core.models import DeploymentSpec, Event
     from dockyard.core.plugins import Registrar
     from dockyard.core.router import RouterFactory
@@ -138,12 +141,57 @@ def dockyard_register_status_filters(register: Registrar[str]) -> None:
 
     :param register: call ``register(name, label)``: ``GET /v1/status?<name>=true`` lists
         only the deployments whose spec has ``label``, ``<name>=false`` only those without
-        it. The API serves the names it declares (``evaluation``); a declared filter no
-        loaded plugin registers is refused (400 naming it) when asked for.
+        it. The API reads the name from the query (and lists it in the OpenAPI document);
+        a name no loaded plugin registers is refused (400 naming it) when asked for.
 
     The evaluation plugin registers ``evaluation`` (its agents' ``dockyard_evaluation``
     label). A third-party plugin implements this hook so the deployments it makes can be
     told apart from the operator's without dockyard's API knowing its label.
+    """
+
+
+@hookspec
+def dockyard_register_event_tags(register: Registrar[TaggerFactory]) -> None:
+    """Register event tags: a name an event journal entry can carry, and who decides it.
+
+    :param register: call ``register(name, factory)``; ``factory()`` returns a tagger (one
+        per event hub, so it may keep state), called as ``tagger(event, context)`` for every
+        event journaled, with ``context`` the current log context
+        (``dockyard.core.logs.current()``); it returns the tag's value (an id:
+        ``[A-Za-z0-9._-]{1,80}``) or None. ``name`` matches ``[a-z][a-z0-9_]{0,39}``.
+        ``GET /v1/events?<name>=ID`` and the streams follow only the events tagged so; each
+        event's JSON has ``tags`` (and, deprecated for one release, ``<name>_id``).
+
+    The evaluation plugin registers ``evaluation`` (which evaluation an event belongs to).
+    A third-party plugin implements this hook so the journal can be read per unit of its
+    work without dockyard's API knowing what that unit is.
+    """
+
+
+@hookspec
+def dockyard_register_token_scopes(register: Registrar[TokenScope]) -> None:
+    """Register API token scopes beside the core ``read``, ``deploy`` and ``admin``.
+
+    :param register: call ``register(name, scope)`` with a
+        :class:`dockyard.api.auth.TokenScope` (its description, and the scopes holding it
+        also grants); ``admin`` grants every scope. A route declaring a scope no loaded
+        plugin registers fails the app's start naming the plugin that mounted it.
+
+    The evaluation plugin registers ``evaluate``. A third-party plugin implements this hook
+    so its routes can be granted to tokens apart from the core scopes.
+    """
+
+
+@hookspec
+def dockyard_register_event_formats(register: Registrar[EventFormat]) -> None:
+    """Register how ``dockyard events`` (and ``--wait``) prints an event kind.
+
+    :param register: call ``register(kind, format)``; ``format(event)`` gets the event as
+        its JSON object (a dict) and returns the line's text (after time, deployment and
+        colour).
+
+    The evaluation plugin registers ``evaluation``. A third-party plugin implements this
+    hook so the events it emits read well on the command line.
     """
 
 
@@ -190,7 +238,8 @@ def dockyard_api_handlers(register: Registrar[Any]) -> None:
 
     :param register: call ``register(name, handler)`` with a Litestar route handler,
         controller or router; it is mounted as-is on the app. Every handler must declare
-        the token scope it needs, ``opt={"scope": "read"|"deploy"|"evaluate"|"admin"}``;
+        the token scope it needs, ``opt={"scope": "read"|"deploy"|"admin"}`` or one a plugin
+        registers (``dockyard_register_token_scopes``);
         one that declares none is refused to everybody (403).
 
     A third-party plugin implements this hook to expose its own endpoints; to bring a

@@ -149,7 +149,8 @@ async def seed(services: Services) -> dict[str, Any]:
         ("eval-y", "ev-old", now),  # a finished evaluation's: goes
     ]:
         entry = StreamEvent(id=0, deployment_id=deployment, kind="k", at=at)
-        journal.append(msgspec_replace(entry, evaluation_id=evaluation))
+        tags = {"evaluation": evaluation} if evaluation else {}  # the evaluation plugin's tag
+        journal.append(msgspec_replace(entry, tags=tags))
     journal.close()
     # build logs
     touch(data / "builds" / "app" / "blue.log", now)

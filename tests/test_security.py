@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from dockyard.api.auth import IMPLIES, SCOPES, TokenBook, client_address, hash_token
+from dockyard.api.auth import ScopeTable, TokenBook, client_address, hash_token
 from tests.conftest import AUTH, free_port
 
 #: A token that lacks each scope (the route's scope -> a token scope not granting it).
@@ -41,7 +41,10 @@ def _routes(app: Any) -> list[tuple[str, str, str | None, bool]]:
 
 def test_every_route_but_healthz_needs_a_token_of_its_scope(fake_client_factory: Any) -> None:
     with fake_client_factory() as client:
-        book: TokenBook = TokenBook.from_settings(client.app.state.services.settings)
+        # The app's scopes: the core's and the loaded plugins' (the evaluation's evaluate).
+        table: ScopeTable = client.app.state.scopes
+        SCOPES, IMPLIES = table.names, {scope: table.implied(scope) for scope in table.names}
+        book: TokenBook = TokenBook.from_settings(client.app.state.services.settings, table)
         tokens = {scope: book.create(f"only-{scope}", [scope])[1] for scope in SCOPES}
         client.headers.pop("Authorization")
         routes = _routes(client.app)

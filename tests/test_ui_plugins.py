@@ -109,7 +109,7 @@ def test_the_chart_shows_every_series_in_the_order_they_finished() -> None:
             2,
             "evaluation",
             12.0,
-            evaluation_id="ev-1",
+            tags={"evaluation": "ev-1"},
             data={"final": True, "ok": False, "total_s": 7.5},
         ),
         _entry(3, "slot_transition", 13.0, color="blue", to_state=promoted),

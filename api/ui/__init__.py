@@ -35,14 +35,14 @@ from litestar.datastructures import Cookie, State
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.params import Body, FromPath, FromQuery, QueryParameter
+from litestar.params import Body, FromPath, QueryParameter
 from litestar.response import Redirect, ServerSentEvent
 from litestar.status_codes import HTTP_303_SEE_OTHER
 from markupsafe import Markup
 
 from dockyard.api.auth import TokenBook, TokenRecord
 from dockyard.api.deployments import render
-from dockyard.api.events import EventHub, check_id, last_event_id, sse_messages
+from dockyard.api.events import EventHub, last_event_id, sse_messages, tag_filters
 from dockyard.api.ui.parts import Bar, UiPanel, UiParts, UiSite
 from dockyard.core.models import Model, SlotState
 
@@ -326,13 +326,14 @@ class UIRoutes(Controller):
         state: State,
         request: Request[Any, Any, Any],
         after: Annotated[int, QueryParameter(ge=0, le=2**53 - 1)] = 0,
-        evaluation: FromQuery[str | None] = None,
     ) -> ServerSentEvent:
+        """The status page's stream; ``?<tag>=ID`` follows one tagged unit of work (a
+        plugin's event tag, as on ``GET /v1/events/stream``)."""
         start = last_event_id(request.headers.get("last-event-id"), after)
+        hub: EventHub = state.events
+        tags = tag_filters(request, hub.tag_names, ("after",))
         return ServerSentEvent(
-            sse_messages(
-                state.events, start, None, check_id("evaluation", evaluation), named=False
-            ),
+            sse_messages(hub, start, None, tags, named=False),
             headers={"Cache-Control": "no-store"},
         )
 

@@ -13,6 +13,11 @@ Built like any third-party plugin, with nothing about it in ``core/`` or ``api/`
   ``evaluation`` events (``dockyard_event``) and refreshed at scrape time
   (``ApiRegistrar.scrape``);
 - its options are ``[plugins.evaluation]`` (:mod:`.options`);
+- the event journal's ``evaluation`` tag (``dockyard_register_event_tags``,
+  :class:`.events.EvaluationTagger`), the ``evaluate`` token scope
+  (``dockyard_register_token_scopes``), the ``GET /v1/status?evaluation=`` filter
+  (``dockyard_register_status_filters``) and how ``dockyard events`` prints its events
+  (``dockyard_register_event_formats``) are registered like any plugin's;
 - its commands, ``dockyard evaluate`` and ``dockyard sandbox-image`` (:mod:`.cli`), come
   through ``dockyard_cli_commands``;
 - its own hook, ``dockyard_register_protocols`` (:mod:`.hookspecs`), is added through
@@ -29,7 +34,7 @@ from litestar.datastructures import State
 
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import Event
-from dockyard.plugins.evaluation import hookspecs, metrics, records
+from dockyard.plugins.evaluation import events, hookspecs, metrics, records
 from dockyard.plugins.evaluation.models import (
     Batch,
     EvaluateBatchRequest,
@@ -42,8 +47,11 @@ from dockyard.plugins.evaluation.options import PLUGIN_NAME, EvaluationConfig
 from dockyard.plugins.evaluation.service import EVALUATION_LABEL, EvaluationService
 
 if TYPE_CHECKING:
+    from dockyard.api.auth import TokenScope
+    from dockyard.api.cli_events import EventFormat
     from dockyard.api.cli_plugins import CliRegistrar
     from dockyard.api.plugins import ApiRegistrar, PluginContext
+    from dockyard.core.event_tags import TaggerFactory
     from dockyard.core.plugins import Registrar
 
 #: The plugin's options model (``[plugins.evaluation]``) and a line per option, for
@@ -84,8 +92,11 @@ __all__ = [
     "dockyard_api_plugins",
     "dockyard_cli_commands",
     "dockyard_event",
+    "dockyard_register_event_formats",
+    "dockyard_register_event_tags",
     "dockyard_register_gc_kinds",
     "dockyard_register_status_filters",
+    "dockyard_register_token_scopes",
 ]
 
 
@@ -99,6 +110,27 @@ def dockyard_register_gc_kinds(register: Registrar[Callable[..., Any]]) -> None:
 def dockyard_register_status_filters(register: Registrar[str]) -> None:
     """``GET /v1/status?evaluation=true|false``: evaluated agents' deployments, or the rest."""
     register("evaluation", EVALUATION_LABEL)
+
+
+@hookimpl
+def dockyard_register_event_tags(register: Registrar[TaggerFactory]) -> None:
+    """Journal entries name their evaluation: ``GET /v1/events?evaluation=ID``."""
+    register(PLUGIN_NAME, events.EvaluationTagger)
+
+
+@hookimpl
+def dockyard_register_token_scopes(register: Registrar[TokenScope]) -> None:
+    """``evaluate``: run and read evaluations (the ``/v1/integration`` routes); it grants
+    nothing else, and ``admin`` grants it."""
+    from dockyard.api.auth import TokenScope
+
+    register("evaluate", TokenScope("run and read evaluations (/v1/integration)"))
+
+
+@hookimpl
+def dockyard_register_event_formats(register: Registrar[EventFormat]) -> None:
+    """How ``dockyard events`` prints an ``evaluation`` event."""
+    register("evaluation", events.format_event)
 
 
 @hookimpl

@@ -5,10 +5,15 @@ the telemetry plugin counts outcomes from it, the event stream and the status pa
 It carries the evaluation's state, queue position, progress and per-task outcomes, never its
 tasks, environment or answers. Such events are not in the store's per-deployment history
 (the evaluation outlives its deployment); the event journal keeps them.
+
+The journal tags every event with the evaluation it belongs to (:class:`EvaluationTagger`,
+the ``evaluation`` event tag), so ``GET /v1/events?evaluation=ID`` follows one evaluation;
+``dockyard events`` prints these events with :func:`format_event`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from dockyard.core.models import Event
@@ -58,3 +63,41 @@ def evaluation_event(evaluation: Evaluation) -> Event:
 async def announce(pm: Any, evaluation: Evaluation) -> None:
     """Tell the ``dockyard_event`` observers where ``evaluation`` stands."""
     await emit_event(pm, evaluation_event(evaluation))
+
+
+class EvaluationTagger:
+    """Which evaluation an event belongs to (the ``evaluation`` event tag): the one an
+    ``evaluation`` event names, else the log context's ``evaluation_id`` (set while an
+    evaluation runs), else the evaluation the event's deployment was made for (remembered
+    from its ``evaluation`` events until the final one)."""
+
+    def __init__(self) -> None:
+        self._evaluation_of: dict[str, str] = {}
+
+    def __call__(self, event: Event, context: Mapping[str, Any]) -> str | None:
+        evaluation_id = None
+        if event.kind == "evaluation":
+            evaluation_id = event.data.get("evaluation_id")
+            if evaluation_id:
+                if event.data.get("final"):
+                    self._evaluation_of.pop(event.deployment_id, None)
+                else:
+                    self._evaluation_of[event.deployment_id] = evaluation_id
+        found = (
+            evaluation_id
+            or context.get("evaluation_id")
+            or self._evaluation_of.get(event.deployment_id)
+        )
+        return str(found) if found else None
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """An ``evaluation`` event as ``dockyard events`` prints it: state, progress, queue."""
+    data = event.get("data") or {}
+    progress = data.get("progress") or {}
+    text = f"evaluation {data.get('state')}"
+    if progress.get("tasks_total"):
+        text += f" ({progress.get('tasks_done')}/{progress.get('tasks_total')} tasks)"
+    if data.get("queue_position"):
+        text += f" queue position {data['queue_position']}"
+    return text

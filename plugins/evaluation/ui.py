@@ -35,18 +35,21 @@ TEMPLATES = Path(__file__).parent / "templates"
 PAGE_EVENTS = 200
 #: The panel's rows.
 PANEL_ROWS = 50
+#: The event tag naming an entry's evaluation (the plugin's name, see
+#: ``dockyard_register_event_tags``).
+TAG = "evaluation"
 #: The chart's colour for evaluation bars.
 COLOUR = "#7b4fc4"
 
 
 def _journal_of(hub: EventHub, evaluation_id: str) -> list[StreamEvent]:
     """The newest journal entries of one evaluation, oldest first."""
-    return hub.journal.read(0, evaluation=evaluation_id, limit=PAGE_EVENTS, newest=True)
+    return hub.journal.read(0, tags={TAG: evaluation_id}, limit=PAGE_EVENTS, newest=True)
 
 
 def _evaluation_of(entry: StreamEvent) -> str | None:
     """The evaluation a journal entry belongs to."""
-    return entry.evaluation_id
+    return entry.tags.get(TAG)
 
 
 async def panel_context(state: State) -> dict[str, Any]:

@@ -18,6 +18,12 @@ a page per note ``/ui/testplugin/notes/{key}`` (needs a session) and a public pa
 ``/ui/testplugin/about``, a ``notes`` chart series (each note's ``seconds``) and the
 timeline's text for its ``testplugin_note`` events (``note KEY``), which ``POST`` emits.
 
+Through the registrar hooks it adds, like the evaluation plugin: an event tag ``note``
+(each note added is a ``testplugin_note`` event of the deployment ``testplugin-notes``,
+tagged with the note's key: ``GET /v1/events?note=KEY``), a status filter ``noted``
+(deployments labelled ``testplugin_noted``), a token scope ``notes`` (grants ``read`` too;
+``GET /v1/testplugin/secret`` needs it) and how ``dockyard events`` prints its events.
+
 Through ``dockyard_cli_commands`` it adds ``dockyard testplugin-greet NAME``, a local
 command that prints every ``testplugin_greetings`` answer and its ``tick_s`` option, and
 refuses an empty name with a one-line error.
@@ -37,6 +43,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from dockyard.api.auth import TokenScope
 from dockyard.api.cli_plugins import CliRegistrar
 from dockyard.api.events import StreamEvent
 from dockyard.api.plugins import ApiRegistrar, PluginContext
@@ -45,7 +52,7 @@ from dockyard.core.config import Settings
 from dockyard.core.errors import DockyardError
 from dockyard.core.hookspecs import hookimpl
 from dockyard.core.models import Event
-from dockyard.core.plugins import build_plugin_manager, emit_event
+from dockyard.core.plugins import Registrar, build_plugin_manager, emit_event
 from dockyard.core.services import Services
 from dockyard.core.store import PluginRecord
 from dockyard_testplugin import hookspecs
@@ -53,6 +60,46 @@ from dockyard_testplugin import hookspecs
 NAMESPACE = "testplugin"
 TEMPLATES = Path(__file__).parent / "templates"
 NOTE_EVENT = "testplugin_note"
+#: The deployment id its note events name (no such deployment exists).
+NOTES_DEPLOYMENT = "testplugin-notes"
+NOTED_LABEL = "testplugin_noted"
+
+
+class NoteTagger:
+    """The ``note`` event tag: a note event's key; it remembers how many it tagged."""
+
+    def __init__(self) -> None:
+        self.tagged = 0
+
+    def __call__(self, event: Event, context: Any) -> str | None:
+        if event.kind != NOTE_EVENT:
+            return None
+        self.tagged += 1
+        return str(event.data.get("key"))
+
+
+@hookimpl
+def dockyard_register_event_tags(register: Registrar[Any]) -> None:
+    register("note", NoteTagger)
+
+
+@hookimpl
+def dockyard_register_status_filters(register: Registrar[str]) -> None:
+    register("noted", NOTED_LABEL)
+
+
+@hookimpl
+def dockyard_register_token_scopes(register: Registrar[TokenScope]) -> None:
+    register("notes", TokenScope("read the test plugin's secret", implies=frozenset({"read"})))
+
+
+def _format_note(event: dict[str, Any]) -> str:
+    return f"note {event['data']['key']} added"
+
+
+@hookimpl
+def dockyard_register_event_formats(register: Registrar[Any]) -> None:
+    register(NOTE_EVENT, _format_note)
 
 
 class Ticker:
@@ -88,11 +135,16 @@ async def add_note(
         PluginRecord(namespace=NAMESPACE, key=key, value=data, labels={"kind": "note"})
     )
     seconds = data.get("seconds")
-    await emit_event(
-        services.pm,
-        Event(deployment_id="notes", kind=NOTE_EVENT, data={"key": key, "seconds": seconds}),
+    note = Event(
+        deployment_id=NOTES_DEPLOYMENT, kind=NOTE_EVENT, data={"key": key, "seconds": seconds}
     )
+    await emit_event(services.pm, note)
     return {"key": stored.key, "created_at": stored.created_at}
+
+
+@get("/v1/testplugin/secret", operation_id="testpluginSecret", opt={"scope": "notes"})
+async def secret() -> dict[str, str]:
+    return {"secret": "only for the notes scope (and admin)"}
 
 
 @get("/v1/testplugin/notes", operation_id="testpluginNotes", opt={"scope": "read"})
@@ -176,7 +228,7 @@ def _note_text(entry: StreamEvent) -> str:
 
 @hookimpl
 def dockyard_api_plugins(register: ApiRegistrar) -> None:
-    for handler in (add_note, list_notes, greet, ticks):
+    for handler in (add_note, list_notes, greet, ticks, secret):
         register.route(handler)
     register.dependency("ticker", _ticker)
     register.lifespan(_lifespan)

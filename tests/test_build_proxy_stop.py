@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.gitserver import GitDaemon, RepoBuilder
+from tests.gitserver import GitDaemon, RepoBuilder, daemon_with_repos
 from tests.serve import Served, alive
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
@@ -28,10 +28,8 @@ RUN python3 -c "import time; time.sleep(90)"
 
 @pytest.fixture(scope="module")
 def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
-    builder = RepoBuilder(root)
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
+    with daemon_with_repos(tmp_path_factory.mktemp("repos") / "served") as served:
+        yield served
 
 
 def _serve(data: Path, offline_base_image: str, ports: tuple[int, int]) -> Served:

@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+# Helper modules whose asserts should explain themselves like a test's own.
+pytest.register_assert_rewrite("tests.hostprobe", "tests.serve")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = ROOT / "contrib" / "example-plugin"
 ON_CI = os.environ.get("CI", "").lower() == "true"

@@ -89,16 +89,7 @@ class ProcessRuntime(FakeRuntime):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CONTAINER, str(spec.host_port), revision
         )
-        info = ContainerInfo(
-            id=f"{next(self._ids):012x}",
-            name=spec.name,
-            image=spec.image,
-            status="running",
-            running=True,
-            labels=dict(spec.labels),
-            host_port=spec.host_port,
-        )
-        self.containers[info.id] = info
+        info = self.record_running(spec)
         self.processes[info.id] = process
         return info
 

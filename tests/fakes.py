@@ -116,9 +116,10 @@ class FakeRuntime(Runtime):
         app = web.Application()
         app.router.add_get("/health", health)
         app.router.add_get("/", root)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        return await self.serve_app(spec, app)
+
+    def record_running(self, spec: ContainerSpec) -> ContainerInfo:
+        """A new running container for ``spec``, recorded as this runtime's."""
         info = ContainerInfo(
             id=f"{next(self._ids):012x}",
             name=spec.name,
@@ -129,6 +130,17 @@ class FakeRuntime(Runtime):
             host_port=spec.host_port,
         )
         self.containers[info.id] = info
+        return info
+
+    async def serve_app(
+        self, spec: ContainerSpec, app: web.Application, **runner_options: Any
+    ) -> ContainerInfo:
+        """Serve ``app`` on 127.0.0.1 at the spec's host port as the container's process
+        (``stop`` cleans it up); the recorded container."""
+        runner = web.AppRunner(app, access_log=None, **runner_options)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        info = self.record_running(spec)
         self.servers[info.id] = runner
         return info
 

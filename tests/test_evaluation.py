@@ -106,22 +106,7 @@ class AgentRuntime(FakeRuntime):
         for route in ("/solve_task", "/step", "/act"):
             app.router.add_post(route, answer)
         # A stopped container drops its requests at once, like a killed process.
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
-        )
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
-        info = ContainerInfo(
-            id=f"{next(self._ids):012x}",
-            name=spec.name,
-            image=spec.image,
-            status="running",
-            running=True,
-            labels=dict(spec.labels),
-            host_port=spec.host_port,
-        )
-        self.containers[info.id] = info
-        self.servers[info.id] = runner
+        info = await self.serve_app(spec, app, shutdown_timeout=0.2, handler_cancellation=True)
         self.max_alive = max(self.max_alive, sum(c.running for c in self.containers.values()))
         return info
 

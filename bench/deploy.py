@@ -38,12 +38,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Row, median, report, spread
+from common import ROOT, Row, median, podman_controller, report, spread
 
-from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.services import Services
 from dockyard.core.source import SourceRequest
 from tests.gitserver import GIT_ENV, GitDaemon, RepoBuilder
@@ -204,19 +202,7 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             apps.add_example()
         for app in apps_wanted:
             apps.commit(app) if app in apps.repos else None
-        settings = Settings(
-            data_dir=str(work / "data"),
-            runtime="podman",
-            router="none",
-            insecure_sources=True,
-            monitor_interval_s=0,
-            port_range_start=PORTS[0],
-            port_range_end=PORTS[1],
-        )
-        services = Services.build(settings, build_plugin_manager(load_entry_points=False))
-        await services.start()
-        controller = Controller.from_services(services)
-        await controller.start()
+        services, controller = await podman_controller(work / "data", PORTS)
         try:
             with GitDaemon(apps.builder.root) as daemon:
                 for app in apps_wanted:

@@ -33,15 +33,12 @@ from typing import Any
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, report
+from common import Row, podman_controller, report
 
-from dockyard.core.config import Settings
-from dockyard.core.controller import Controller
-from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.services import Services
 from dockyard.plugins.evaluation.models import EvaluateBatchRequest, EvaluateMinerRequest, Miner
 from dockyard.plugins.evaluation.service import EvaluationService
 from tests.gitserver import GitDaemon, RepoBuilder
+from tests.nc_agent import handler
 
 TARGET_RATIO = 0.33
 BASE = "localhost/dockyard-bench/busybox-base:1"
@@ -51,25 +48,8 @@ BASE_DOCKERFILE = (
 PORTS = (48700, 48760)
 #: One HTTP exchange per connection: /health, and /step after SLEEP seconds, answered as the
 #: validator's agents answer a step: no tool call (``actions`` empty) ends the task.
-AGENT_SH = r"""#!/bin/sh
-read -r method path proto
-len=0
-while read -r line; do
-  line=$(printf '%s' "$line" | tr -d '\r')
-  [ -z "$line" ] && break
-  case "$line" in [Cc]ontent-[Ll]ength:*) len=${line#*: };; esac
-done
-[ "$len" -gt 0 ] && head -c "$len" >/dev/null
-reply() {
-  printf 'HTTP/1.0 %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n' "$1" "${#2}"
-  printf 'Connection: close\r\n\r\n%s' "$2"
-}
-case "$path" in
-  /health) reply "200 OK" '{"status":"ok"}' ;;
-  /step) sleep __SLEEP__; reply "200 OK" '{"actions":[]}' ;;
-  *) reply "404 Not Found" '{"error":"not found"}' ;;
-esac
-"""
+AGENT_SH = handler(r"""  /step) sleep __SLEEP__; reply "200 OK" '{"actions":[]}' ;;
+""")
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -137,20 +117,9 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             repo.write("agent.sh", AGENT_SH.replace("__SLEEP__", f"{args.task_s:g}"), mode=0o755)
             repo.commit("agent")
             names.append(repo.name)
-        settings = Settings(
-            data_dir=str(work / "data"),
-            runtime="podman",
-            router="none",
-            insecure_sources=True,
-            monitor_interval_s=0,
-            port_range_start=PORTS[0],
-            port_range_end=PORTS[1],
-            plugins={"evaluation": {"max_agents": args.agents}},
+        services, controller = await podman_controller(
+            work / "data", PORTS, plugins={"evaluation": {"max_agents": args.agents}}
         )
-        services = Services.build(settings, build_plugin_manager(load_entry_points=False))
-        await services.start()
-        controller = Controller.from_services(services)
-        await controller.start()
         service = EvaluationService(
             controller, store=services.store, pm=services.pm, settings=services.settings
         )

@@ -1,5 +1,7 @@
-"""The busybox ``httpd`` agent the end-to-end tests deploy from a loopback git server, and a
-dockyard on real Podman that runs its own Caddy or Traefik in front of it.
+"""The busybox ``httpd`` agent the end-to-end tests deploy from a loopback git server, the
+module-scoped ``git_server`` fixture that serves it, and a dockyard on real Podman that runs
+its own Caddy or Traefik in front of it (:func:`dockyard_behind`, or as a fixture over every
+proxy: :func:`client_behind_each_proxy`).
 
 The agent answers ``/`` with its version and ``/health`` with ``ok`` on port 8000; it is
 built ``FROM scratch`` with the host's static busybox, so no image is pulled.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import pytest
 from litestar.testing import TestClient
 
 from tests.conftest import AUTH, ON_CI, TEST_SETTINGS
-from tests.gitserver import Repo
-from tests.proxies import proxy_settings, require
+from tests.gitserver import GitDaemon, Repo, RepoBuilder, daemon_with_repos
+from tests.proxies import PROXIES, proxy_settings, require
 
 #: ``{build_steps}``: Dockerfile lines run before the ``CMD`` (empty for most tests).
 DOCKERFILE = """\
@@ -64,3 +66,27 @@ def dockyard_behind(
     with TestClient(create_app(config), timeout=timeout_s) as client:
         client.headers.update(AUTH)
         yield client
+
+
+@pytest.fixture(scope="module")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, RepoBuilder]]:
+    """A loopback git daemon and the builder of the repositories it serves, per module (a
+    test module uses it as ``git_server = httpd_agent.git_server``)."""
+    with daemon_with_repos(tmp_path_factory.mktemp("repos") / "served") as served:
+        yield served
+
+
+def client_behind_each_proxy(*, timeout_s: float, **settings: Any) -> Callable[..., Any]:
+    """A module-scoped ``client`` fixture, parametrized over :data:`PROXIES`: the API of a
+    :func:`dockyard_behind` that proxy with ``settings``."""
+
+    @pytest.fixture(scope="module", params=PROXIES)
+    def client(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[TestClient[Any]]:
+        """One dockyard on real Podman behind the proxy ``request.param`` it runs itself."""
+        data_dir = tmp_path_factory.mktemp("data")
+        with dockyard_behind(request.param, data_dir, timeout_s=timeout_s, **settings) as c:
+            yield c
+
+    return client

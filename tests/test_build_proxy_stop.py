@@ -9,13 +9,13 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.gitserver import GitDaemon, RepoBuilder, daemon_with_repos
+from tests import httpd_agent
+from tests.gitserver import GitDaemon, RepoBuilder
 from tests.serve import Served, alive
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
@@ -26,10 +26,7 @@ RUN python3 -c "import time; time.sleep(90)"
 """
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    with daemon_with_repos(tmp_path_factory.mktemp("repos") / "served") as served:
-        yield served
+git_server = httpd_agent.git_server
 
 
 def _serve(data: Path, offline_base_image: str, ports: tuple[int, int]) -> Served:

@@ -11,42 +11,27 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from tests.gitserver import GitDaemon, daemon_with_repos
-from tests.httpd_agent import commit_agent, dockyard_behind
-from tests.proxies import PROXIES
+from tests import httpd_agent
+from tests.httpd_agent import commit_agent
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 HEALTH = {"interval_s": 0.1, "timeout_s": 2, "deadline_s": 20}
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    with daemon_with_repos(tmp_path_factory.mktemp("repos") / "served") as served:
-        yield served
-
-
-@pytest.fixture(scope="module", params=PROXIES)
-def client(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TestClient[Any]]:
-    """One dockyard on real Podman behind the proxy ``request.param`` it runs itself."""
-    with dockyard_behind(
-        request.param,
-        tmp_path_factory.mktemp("data"),
-        timeout_s=120,
-        port_range_start=46400,
-        port_range_end=46420,
-        build_timeout_s=30,
-        router_watch_interval_s=0.5,
-    ) as client:
-        yield client
+git_server = httpd_agent.git_server
+client = httpd_agent.client_behind_each_proxy(
+    timeout_s=120,
+    port_range_start=46400,
+    port_range_end=46420,
+    build_timeout_s=30,
+    router_watch_interval_s=0.5,
+)
 
 
 class Load:

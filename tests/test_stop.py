@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dockyard.core.config import Settings
-from tests.gitserver import GitDaemon, Repo, daemon_with_repos
+from tests import httpd_agent
+from tests.gitserver import GitDaemon, Repo
 from tests.httpd_agent import commit_agent, require_podman
 from tests.proxies import require
 from tests.serve import Served, alive
@@ -60,10 +60,7 @@ def engine_containers(data_dir: Path) -> list[str]:
     return sorted(out.split())
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    with daemon_with_repos(tmp_path_factory.mktemp("repos") / "served") as served:
-        yield served
+git_server = httpd_agent.git_server
 
 
 def slot_rows(served: Served, deployment_id: str) -> dict[str, dict[str, Any]]:

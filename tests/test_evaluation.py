@@ -26,7 +26,7 @@ from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService, records
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, FakeSource, started_services
 
 #: The auth engineer's test token and settings, when the suite has them.
 AUTH: dict[str, str] = getattr(conftest, "AUTH", {})
@@ -685,21 +685,11 @@ def test_a_session_ends_when_its_ttl_does(make_client: Any) -> None:
 async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
     tmp_path: Path,
 ) -> None:
-    cfg = Settings(
-        data_dir=str(tmp_path / "data"),
-        monitor_interval_s=0,
-        port_range_start=48450,
-        port_range_end=48460,
-    )
     runtime = AgentRuntime()
-    services = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=runtime,
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await services.start()
-    try:
+    ports = {"port_range_start": 48450, "port_range_end": 48460}
+    async with started_services(
+        tmp_path, runtime, data_dir=str(tmp_path / "data"), **ports
+    ) as services:
         from dockyard.core.controller import Controller
 
         # What a killed dockyard left: a running evaluation's record, deployment, a
@@ -770,9 +760,6 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         finally:
             await second.stop()
             await restarted.stop()
-    finally:
-        await runtime.close()
-        await services.close()
 
 
 async def _no_cleanup(run: Any) -> None:

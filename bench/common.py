@@ -4,12 +4,15 @@ the same run, the ratio, the target), the table they print and the ``--check`` v
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import logging
 import math
 import os
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,3 +173,20 @@ def report(rows: Sequence[Row], *, as_json: bool, check: bool, title: str = "") 
 
 
 Main = Callable[[list[str] | None], int]
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--check``: how :func:`report` prints and whether it judges."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+
+
+def run_benchmark(
+    measure: Callable[[argparse.Namespace], Awaitable[list[Row]]],
+    args: argparse.Namespace,
+    title: str,
+) -> int:
+    """A benchmark's ``main``: ``measure(args)`` with only errors logged, then
+    :func:`report` (its exit code)."""
+    logging.basicConfig(level=logging.ERROR)
+    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)

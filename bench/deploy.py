@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import shutil
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Row, median, podman_controller, report, spread
+from common import ROOT, Row, add_report_options, median, podman_controller, run_benchmark, spread
 
 from dockyard.core.controller import Controller
 from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState
@@ -344,16 +343,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="counted deploys per app and side")
     parser.add_argument("--apps", default="busybox,example")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
     title = f"dockyard cold-deploy benchmark: {args.runs} deploys per app and side, rootful Podman"
-    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)
+    return run_benchmark(measure, args, title)
 
 
 if __name__ == "__main__":

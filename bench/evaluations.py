@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, podman_controller, report
+from common import Row, add_report_options, podman_controller, run_benchmark
 
 from dockyard.plugins.evaluation.models import EvaluateBatchRequest, EvaluateMinerRequest, Miner
 from dockyard.plugins.evaluation.service import EvaluationService
@@ -210,16 +209,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--agents", type=int, default=10, help="max_agents (default: one per miner)"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
     title = "dockyard evaluation benchmark: rootful Podman, image mode, loopback git"
-    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)
+    return run_benchmark(measure, args, title)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +240,33 @@ async def started_services(
     finally:
         await svc.runtime.close()
         await svc.close()
+
+
+@contextlib.contextmanager
+def api_over(
+    tmp_path: Path,
+    runtime: Runtime,
+    *,
+    pm: Any = None,
+    sources: Mapping[str, Source] | None = None,
+    **settings: Any,
+) -> Iterator[Any]:
+    """dockyard's API as an authenticated Litestar ``TestClient`` over ``runtime``: data in
+    ``tmp_path/data``, the test settings with ``settings`` on top, a :class:`FakeSource`
+    (``tmp_path/src``) unless ``sources`` says otherwise, no entry-point plugins unless
+    ``pm`` is given."""
+    from litestar.testing import TestClient
+
+    from dockyard.api.app import create_app
+    from tests.conftest import AUTH, TEST_SETTINGS
+
+    cfg = Settings(data_dir=str(tmp_path / "data"), **{**TEST_SETTINGS, **settings})
+    services = Services.build(
+        cfg,
+        pm or build_plugin_manager(load_entry_points=False),
+        runtime=runtime,
+        sources=sources or {"fake": FakeSource(tmp_path / "src")},
+    )
+    with TestClient(create_app(cfg, services=services)) as client:
+        client.headers.update(AUTH)
+        yield client

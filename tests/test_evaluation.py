@@ -19,14 +19,11 @@ from aiohttp import web
 from litestar.testing import TestClient
 
 import tests.conftest as conftest
-from dockyard.api.app import create_app
-from dockyard.core.config import Settings
 from dockyard.core.errors import Conflict
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService, records
-from tests.fakes import FakeRuntime, FakeSource, started_services
+from tests.fakes import FakeRuntime, api_over, started_services
 
 #: The auth engineer's test token and settings, when the suite has them.
 AUTH: dict[str, str] = getattr(conftest, "AUTH", {})
@@ -115,17 +112,8 @@ class AgentRuntime(FakeRuntime):
 def make_client(tmp_path: Path) -> Any:
     @contextlib.contextmanager
     def make(sources: dict[str, Any] | None = None, **settings: Any) -> Iterator[TestClient[Any]]:
-        values = {**TEST_SETTINGS, "port_range_start": 48400, "port_range_end": 48440}
-        values.update(settings)
-        cfg = Settings(data_dir=str(tmp_path / "data"), **values)
-        services = Services.build(
-            cfg,
-            build_plugin_manager(load_entry_points=False),
-            runtime=AgentRuntime(),
-            sources=sources or {"fake": FakeSource(tmp_path / "src")},
-        )
-        with TestClient(create_app(cfg, services=services)) as client:
-            client.headers.update(AUTH)
+        ports = {"port_range_start": 48400, "port_range_end": 48440}
+        with api_over(tmp_path, AgentRuntime(), sources=sources, **{**ports, **settings}) as client:
             yield client
 
     return make

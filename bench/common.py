@@ -4,18 +4,54 @@ the same run, the ratio, the target), the table they print and the ``--check`` v
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import logging
 import math
 import os
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dockyard.core.controller import Controller
+    from dockyard.core.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # tests.fakes, tests.gitserver, ... from this checkout
+
+
+async def podman_controller(
+    data_dir: Path, ports: tuple[int, int], **settings: Any
+) -> tuple[Services, Controller]:
+    """A started dockyard controller on rootful Podman, no router, with its services, for
+    the benchmarks that deploy from a loopback git daemon; ``settings`` on top. The caller
+    stops the controller and closes the services."""
+    from dockyard.core.config import Settings
+    from dockyard.core.controller import Controller
+    from dockyard.core.plugins import build_plugin_manager
+    from dockyard.core.services import Services
+
+    config = Settings(
+        data_dir=str(data_dir),
+        runtime="podman",
+        router="none",
+        insecure_sources=True,
+        monitor_interval_s=0,
+        port_range_start=ports[0],
+        port_range_end=ports[1],
+        **settings,
+    )
+    services = Services.build(config, build_plugin_manager(load_entry_points=False))
+    await services.start()
+    controller = Controller.from_services(services)
+    await controller.start()
+    return services, controller
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -137,3 +173,20 @@ def report(rows: Sequence[Row], *, as_json: bool, check: bool, title: str = "") 
 
 
 Main = Callable[[list[str] | None], int]
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--check``: how :func:`report` prints and whether it judges."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+
+
+def run_benchmark(
+    measure: Callable[[argparse.Namespace], Awaitable[list[Row]]],
+    args: argparse.Namespace,
+    title: str,
+) -> int:
+    """A benchmark's ``main``: ``measure(args)`` with only errors logged, then
+    :func:`report` (its exit code)."""
+    logging.basicConfig(level=logging.ERROR)
+    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)

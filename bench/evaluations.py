@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import shutil
 import subprocess
 import sys
@@ -33,15 +32,12 @@ from typing import Any
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, report
+from common import Row, add_report_options, podman_controller, run_benchmark
 
-from dockyard.core.config import Settings
-from dockyard.core.controller import Controller
-from dockyard.core.plugins import build_plugin_manager
-from dockyard.core.services import Services
 from dockyard.plugins.evaluation.models import EvaluateBatchRequest, EvaluateMinerRequest, Miner
 from dockyard.plugins.evaluation.service import EvaluationService
 from tests.gitserver import GitDaemon, RepoBuilder
+from tests.nc_agent import handler
 
 TARGET_RATIO = 0.33
 BASE = "localhost/dockyard-bench/busybox-base:1"
@@ -51,25 +47,8 @@ BASE_DOCKERFILE = (
 PORTS = (48700, 48760)
 #: One HTTP exchange per connection: /health, and /step after SLEEP seconds, answered as the
 #: validator's agents answer a step: no tool call (``actions`` empty) ends the task.
-AGENT_SH = r"""#!/bin/sh
-read -r method path proto
-len=0
-while read -r line; do
-  line=$(printf '%s' "$line" | tr -d '\r')
-  [ -z "$line" ] && break
-  case "$line" in [Cc]ontent-[Ll]ength:*) len=${line#*: };; esac
-done
-[ "$len" -gt 0 ] && head -c "$len" >/dev/null
-reply() {
-  printf 'HTTP/1.0 %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n' "$1" "${#2}"
-  printf 'Connection: close\r\n\r\n%s' "$2"
-}
-case "$path" in
-  /health) reply "200 OK" '{"status":"ok"}' ;;
-  /step) sleep __SLEEP__; reply "200 OK" '{"actions":[]}' ;;
-  *) reply "404 Not Found" '{"error":"not found"}' ;;
-esac
-"""
+AGENT_SH = handler(r"""  /step) sleep __SLEEP__; reply "200 OK" '{"actions":[]}' ;;
+""")
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -137,20 +116,9 @@ async def measure(args: argparse.Namespace) -> list[Row]:
             repo.write("agent.sh", AGENT_SH.replace("__SLEEP__", f"{args.task_s:g}"), mode=0o755)
             repo.commit("agent")
             names.append(repo.name)
-        settings = Settings(
-            data_dir=str(work / "data"),
-            runtime="podman",
-            router="none",
-            insecure_sources=True,
-            monitor_interval_s=0,
-            port_range_start=PORTS[0],
-            port_range_end=PORTS[1],
-            plugins={"evaluation": {"max_agents": args.agents}},
+        services, controller = await podman_controller(
+            work / "data", PORTS, plugins={"evaluation": {"max_agents": args.agents}}
         )
-        services = Services.build(settings, build_plugin_manager(load_entry_points=False))
-        await services.start()
-        controller = Controller.from_services(services)
-        await controller.start()
         service = EvaluationService(
             controller, store=services.store, pm=services.pm, settings=services.settings
         )
@@ -241,16 +209,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--agents", type=int, default=10, help="max_agents (default: one per miner)"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
     title = "dockyard evaluation benchmark: rootful Podman, image mode, loopback git"
-    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)
+    return run_benchmark(measure, args, title)
 
 
 if __name__ == "__main__":

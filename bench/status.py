@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import logging
 import multiprocessing
 import socket
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, median, pct, report, rss_mib, spread
+from common import Row, add_report_options, median, pct, rss_mib, run_benchmark, spread
 
 from dockyard.api.app import create_app
 from dockyard.api.deployments import render
@@ -264,16 +263,13 @@ async def measure(args: argparse.Namespace) -> list[Row]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per figure")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    rows = asyncio.run(measure(args))
-    return report(rows, as_json=args.json, check=args.check, title="dockyard status benchmark")
+    return run_benchmark(measure, args, "dockyard status benchmark")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import logging
 import multiprocessing
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import aiohttp
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, median, pct, report, spread
+from common import Row, add_report_options, median, pct, run_benchmark, spread
 
 from dockyard.core.controller import Controller
 from dockyard.core.models import DeploymentSpec, HealthCheck, SlotState
@@ -89,16 +88,7 @@ class ProcessRuntime(FakeRuntime):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CONTAINER, str(spec.host_port), revision
         )
-        info = ContainerInfo(
-            id=f"{next(self._ids):012x}",
-            name=spec.name,
-            image=spec.image,
-            status="running",
-            running=True,
-            labels=dict(spec.labels),
-            host_port=spec.host_port,
-        )
-        self.containers[info.id] = info
+        info = self.record_running(spec)
         self.processes[info.id] = process
         return info
 
@@ -322,8 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda v: tuple(int(p) for p in v.split("-", 1)),
         help="host ports leased to the app's slots",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    add_report_options(parser)
     return parser.parse_args(argv)
 
 
@@ -337,13 +326,12 @@ async def measure(args: argparse.Namespace) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
     title = (
         f"dockyard switch benchmark: {args.switches} switches per router, {args.clients}"
         f" clients at {args.rate:g} requests/s in all (half keep-alive), one process per"
         " upstream, all on 127.0.0.1"
     )
-    return report(asyncio.run(measure(args)), as_json=args.json, check=args.check, title=title)
+    return run_benchmark(measure, args, title)
 
 
 if __name__ == "__main__":

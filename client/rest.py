@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from dockyard.client.closing import AsyncClosing
 from dockyard.client.models import Batch, Evaluation, EvaluationList
 
 DEFAULT_URL = "http://127.0.0.1:8800"
@@ -34,7 +34,7 @@ class ApiError(Exception):
         self.message = message
 
 
-class DockyardClient:
+class DockyardClient(AsyncClosing):
     """One HTTP session to one dockyard."""
 
     def __init__(
@@ -58,14 +58,6 @@ class DockyardClient:
             headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
         )
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:

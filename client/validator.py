@@ -19,14 +19,14 @@ commit, and cleans up, whatever happens. It speaks the validator's protocol, ``s
 from __future__ import annotations
 
 import uuid
-from types import TracebackType
 from typing import Any
 
+from dockyard.client.closing import AsyncClosing
 from dockyard.client.models import Batch, Evaluation
 from dockyard.client.rest import DEFAULT_URL, DockyardClient
 
 
-class ValidatorIntegration:
+class ValidatorIntegration(AsyncClosing):
     """Evaluate miners from their GitHub code through a running dockyard."""
 
     def __init__(
@@ -46,17 +46,6 @@ class ValidatorIntegration:
         self.timeouts = dict(timeouts or {})
         self.wait_timeout_s = wait_timeout_s
         self.poll_s = poll_s
-
-    async def __aenter__(self) -> ValidatorIntegration:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._own_client:

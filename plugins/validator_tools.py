@@ -16,1709 +16,516 @@ action type the validator records in a step's history (``ClickAction``, ``TypeAc
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+_SELECTOR_DEFS: dict[str, Any] = {
+    "Selector": {
+        "description": "Represents a strategy for locating elements on a web page.",
+        "properties": {
+            "type": {"$ref": "#/$defs/SelectorType"},
+            "attribute": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "default": None,
+                "title": "Attribute",
+            },
+            "value": {"title": "Value", "type": "string"},
+            "case_sensitive": {"default": False, "title": "Case Sensitive", "type": "boolean"},
+        },
+        "required": ["type", "value"],
+        "title": "Selector",
+        "type": "object",
+    },
+    "SelectorType": {
+        "description": "Enumeration of supported selector strategies.",
+        "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
+        "title": "SelectorType",
+        "type": "string",
+    },
+}
+
+# The ``selector`` field as the actions declare it: mandatory, optional, or one of a click's
+# two ways to say where (the other is the ``x``, ``y`` pair).
+_REQUIRED_SELECTOR: dict[str, Any] = {
+    "$ref": "#/$defs/Selector",
+    "description": "The selector used to locate the target element for the action. This is mandatory.",
+}
+_OPTIONAL_SELECTOR: dict[str, Any] = {
+    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+    "default": None,
+    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
+}
+_CLICK_TARGET: dict[str, Any] = {
+    "selector": {
+        "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+        "default": None,
+        "description": "Selector for the element to click. Required if x, y are not provided.",
+    },
+    "x": {
+        "anyOf": [{"type": "integer"}, {"type": "null"}],
+        "default": None,
+        "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
+        "title": "X",
+    },
+    "y": {
+        "anyOf": [{"type": "integer"}, {"type": "null"}],
+        "default": None,
+        "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
+        "title": "Y",
+    },
+}
+
+
+def _tool(
+    name: str, description: str, properties: dict[str, Any], required: list[str] | None = None
+) -> dict[str, Any]:
+    """One offered tool: the action's fields as ``properties`` inside the schema every action shares."""
+    parameters: dict[str, Any] = {
+        "$defs": copy.deepcopy(_SELECTOR_DEFS),
+        "additionalProperties": True,
+        "description": description,
+        "properties": copy.deepcopy(properties),
+    }
+    if required is not None:
+        parameters["required"] = required
+    parameters["type"] = "object"
+    return {"name": name, "description": description, "parameters": parameters}
+
+
 VALIDATOR_TOOLS: list[dict[str, Any]] = [
-    {
-        "name": "browser.base_action_with_selector",
-        "description": "Base class for actions that require a `Selector` to identify an element.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    _tool(
+        "browser.base_action_with_selector",
+        "Base class for actions that require a `Selector` to identify an element.",
+        {"selector": _REQUIRED_SELECTOR},
+        ["selector"],
+    ),
+    _tool(
+        "browser.assert",
+        "Asserts that specific text exists within the page's main frame content.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "text_to_assert": {
+                "description": "The text content to check for existence on the page.",
+                "title": "Text To Assert",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Base class for actions that require a `Selector` to identify an element.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                }
-            },
-            "required": ["selector"],
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.assert",
-        "description": "Asserts that specific text exists within the page's main frame content.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Asserts that specific text exists within the page's main frame content.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "text_to_assert": {
-                    "description": "The text content to check for existence on the page.",
-                    "title": "Text To Assert",
-                    "type": "string",
-                },
-            },
-            "required": ["text_to_assert"],
-            "type": "object",
+        ["text_to_assert"],
+    ),
+    _tool(
+        "browser.base_click",
+        "Base class for click-related actions that support both selector and coordinate-based clicks.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.click",
+        "Clicks an element identified by a selector, or at specific coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.dblclick",
+        "Double-clicks an element identified by a selector or coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.drag_and_drop",
+        "Performs a drag-and-drop operation between two elements.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "sourceSelector": {"title": "Sourceselector", "type": "string"},
+            "targetSelector": {"title": "Targetselector", "type": "string"},
         },
-    },
-    {
-        "name": "browser.base_click",
-        "description": "Base class for click-related actions that support both selector and coordinate-based clicks.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["sourceSelector", "targetSelector"],
+    ),
+    _tool(
+        "browser.extract",
+        "Extracts deterministic text from the page, optionally filtered by a query or selector.",
+        {
+            "selector": {
+                "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+                "default": None,
+                "description": "Optional selector to scope extraction.",
             },
-            "additionalProperties": True,
-            "description": "Base class for click-related actions that support both selector and coordinate-based clicks.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
+            "query": {
+                "default": "",
+                "description": "Optional query used to filter the extracted content.",
+                "title": "Query",
+                "type": "string",
             },
-            "type": "object",
+            "include_html": {
+                "default": False,
+                "description": "If true, returns HTML instead of visible text.",
+                "title": "Include Html",
+                "type": "boolean",
+            },
+            "max_chars": {
+                "default": 4000,
+                "description": "Maximum characters to return.",
+                "title": "Max Chars",
+                "type": "integer",
+            },
         },
-    },
-    {
-        "name": "browser.click",
-        "description": "Clicks an element identified by a selector, or at specific coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "browser.dropdown_options",
+        "Retrieves all options (text and value) from a <select> dropdown element.",
+        {"selector": _REQUIRED_SELECTOR},
+        ["selector"],
+    ),
+    _tool(
+        "browser.go_back",
+        "Navigates to the previous page in browser history.",
+        {"selector": _OPTIONAL_SELECTOR},
+    ),
+    _tool(
+        "browser.hold_key",
+        "Hold a keyboard key down, optionally for a duration, and release it.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "key": {
+                "description": "Keyboard key to hold/release. Use Playwright key names.",
+                "title": "Key",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Clicks an element identified by a selector, or at specific coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
+            "duration_ms": {
+                "anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "null"}],
+                "default": None,
+                "description": "Optional duration in ms to hold before releasing.",
+                "title": "Duration Ms",
             },
-            "type": "object",
+            "release": {
+                "default": False,
+                "description": "If true, only releases the key instead of pressing it.",
+                "title": "Release",
+                "type": "boolean",
+            },
         },
-    },
-    {
-        "name": "browser.dblclick",
-        "description": "Double-clicks an element identified by a selector or coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["key"],
+    ),
+    _tool(
+        "browser.hover",
+        "Hovers the mouse cursor over an element identified by a selector.",
+        {"selector": _REQUIRED_SELECTOR},
+        ["selector"],
+    ),
+    _tool(
+        "browser.idle",
+        "Represents an intentional idle state or pause. Does nothing.",
+        {"selector": _OPTIONAL_SELECTOR},
+    ),
+    _tool(
+        "browser.left_click_drag",
+        "Left-click drag from a start selector/(x,y) to a target selector/(x,y).",
+        {
+            "selector": {
+                "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+                "default": None,
+                "description": "Start selector. If omitted, x/y must be provided.",
             },
-            "additionalProperties": True,
-            "description": "Double-clicks an element identified by a selector or coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
+            "x": {
+                "anyOf": [{"type": "integer"}, {"type": "null"}],
+                "default": None,
+                "description": "Start X coordinate.",
+                "title": "X",
             },
-            "type": "object",
+            "y": {
+                "anyOf": [{"type": "integer"}, {"type": "null"}],
+                "default": None,
+                "description": "Start Y coordinate.",
+                "title": "Y",
+            },
+            "targetSelector": {
+                "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+                "default": None,
+                "description": "Target selector. If omitted, targetX/targetY must be provided.",
+            },
+            "targetX": {
+                "anyOf": [{"type": "integer"}, {"type": "null"}],
+                "default": None,
+                "description": "Target X coordinate.",
+                "title": "Targetx",
+            },
+            "targetY": {
+                "anyOf": [{"type": "integer"}, {"type": "null"}],
+                "default": None,
+                "description": "Target Y coordinate.",
+                "title": "Targety",
+            },
+            "steps": {
+                "default": 1,
+                "description": "Number of intermediate mouse move steps during the drag.",
+                "title": "Steps",
+                "type": "integer",
+            },
         },
-    },
-    {
-        "name": "browser.drag_and_drop",
-        "description": "Performs a drag-and-drop operation between two elements.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "browser.middleclick",
+        "Middle-clicks an element identified by a selector or coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.mouse_down",
+        "Presses the left mouse button down on a selector or at coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.mouse_move",
+        "Moves the mouse to a selector center or to specific coordinates.",
+        {
+            **_CLICK_TARGET,
+            "steps": {
+                "default": 1,
+                "description": "Number of intermediate mouse move steps (animation).",
+                "title": "Steps",
+                "type": "integer",
             },
-            "additionalProperties": True,
-            "description": "Performs a drag-and-drop operation between two elements.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "sourceSelector": {"title": "Sourceselector", "type": "string"},
-                "targetSelector": {"title": "Targetselector", "type": "string"},
-            },
-            "required": ["sourceSelector", "targetSelector"],
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.extract",
-        "description": "Extracts deterministic text from the page, optionally filtered by a query or selector.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "browser.mouse_up",
+        "Releases the left mouse button on a selector or at coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.navigate",
+        "Navigates the browser to a URL, or goes back/forward in history.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "url": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "default": None,
+                "description": "The URL to navigate to. Required unless go_back or go_forward is true.",
+                "title": "Url",
             },
-            "additionalProperties": True,
-            "description": "Extracts deterministic text from the page, optionally filtered by a query or selector.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Optional selector to scope extraction.",
-                },
-                "query": {
-                    "default": "",
-                    "description": "Optional query used to filter the extracted content.",
-                    "title": "Query",
-                    "type": "string",
-                },
-                "include_html": {
-                    "default": False,
-                    "description": "If true, returns HTML instead of visible text.",
-                    "title": "Include Html",
-                    "type": "boolean",
-                },
-                "max_chars": {
-                    "default": 4000,
-                    "description": "Maximum characters to return.",
-                    "title": "Max Chars",
-                    "type": "integer",
-                },
+            "go_back": {
+                "default": False,
+                "description": "If true, navigates to the previous page in history.",
+                "title": "Go Back",
+                "type": "boolean",
             },
-            "type": "object",
+            "go_forward": {
+                "default": False,
+                "description": "If true, navigates to the next page in history.",
+                "title": "Go Forward",
+                "type": "boolean",
+            },
         },
-    },
-    {
-        "name": "browser.dropdown_options",
-        "description": "Retrieves all options (text and value) from a <select> dropdown element.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "user.request_input",
+        "Request structured input from the user before continuing execution.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "prompt": {
+                "description": "Prompt/question presented to the user.",
+                "title": "Prompt",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Retrieves all options (text and value) from a <select> dropdown element.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                }
+            "options": {
+                "anyOf": [{"items": {"type": "string"}, "type": "array"}, {"type": "null"}],
+                "default": None,
+                "description": "Optional list of suggested choices.",
+                "title": "Options",
             },
-            "required": ["selector"],
-            "type": "object",
+            "allow_free_form": {
+                "default": True,
+                "description": "Whether the user can answer outside the suggested options.",
+                "title": "Allow Free Form",
+                "type": "boolean",
+            },
+            "question_id": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "default": None,
+                "description": "Optional stable identifier for mapping the answer.",
+                "title": "Question Id",
+            },
+            "required": {
+                "default": True,
+                "description": "Whether answering this question is required to continue.",
+                "title": "Required",
+                "type": "boolean",
+            },
         },
-    },
-    {
-        "name": "browser.go_back",
-        "description": "Navigates to the previous page in browser history.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["prompt"],
+    ),
+    _tool(
+        "browser.rightclick",
+        "Right-clicks an element identified by a selector or coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.screenshot",
+        "Takes a screenshot of the current page.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "file_path": {
+                "default": "",
+                "description": "The file path where the screenshot should be saved.",
+                "title": "File Path",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Navigates to the previous page in browser history.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                }
+            "full_page": {
+                "default": False,
+                "description": "Whether to capture the full scrollable page.",
+                "title": "Full Page",
+                "type": "boolean",
             },
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.hold_key",
-        "description": "Hold a keyboard key down, optionally for a duration, and release it.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "browser.scroll",
+        "Scrolls the page up, down, left, right, to a text, or by a specific amount.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "value": {
+                "anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}],
+                "default": None,
+                "description": "Scroll amount or target. If int: scroll by that many px in the chosen direction. If None: scroll by viewport size in the chosen direction. If str: one of {'top','bottom','left','right','max','start','end'} or text to scroll into view.",
+                "title": "Value",
             },
-            "additionalProperties": True,
-            "description": "Hold a keyboard key down, optionally for a duration, and release it.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "key": {
-                    "description": "Keyboard key to hold/release. Use Playwright key names.",
-                    "title": "Key",
-                    "type": "string",
-                },
-                "duration_ms": {
-                    "anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Optional duration in ms to hold before releasing.",
-                    "title": "Duration Ms",
-                },
-                "release": {
-                    "default": False,
-                    "description": "If true, only releases the key instead of pressing it.",
-                    "title": "Release",
-                    "type": "boolean",
-                },
+            "up": {
+                "default": False,
+                "description": "Scroll vertically up.",
+                "title": "Up",
+                "type": "boolean",
             },
-            "required": ["key"],
-            "type": "object",
+            "down": {
+                "default": False,
+                "description": "Scroll vertically down.",
+                "title": "Down",
+                "type": "boolean",
+            },
+            "left": {
+                "default": False,
+                "description": "Scroll horizontally left.",
+                "title": "Left",
+                "type": "boolean",
+            },
+            "right": {
+                "default": False,
+                "description": "Scroll horizontally right.",
+                "title": "Right",
+                "type": "boolean",
+            },
         },
-    },
-    {
-        "name": "browser.hover",
-        "description": "Hovers the mouse cursor over an element identified by a selector.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+    ),
+    _tool(
+        "browser.search",
+        "Searches the web using a search engine and opens the results page.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "query": {"description": "Search query to run.", "title": "Query", "type": "string"},
+            "engine": {
+                "default": "duckduckgo",
+                "description": "Search engine: duckduckgo, google, or bing.",
+                "title": "Engine",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Hovers the mouse cursor over an element identified by a selector.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                }
-            },
-            "required": ["selector"],
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.idle",
-        "description": "Represents an intentional idle state or pause. Does nothing.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["query"],
+    ),
+    _tool(
+        "browser.select",
+        "Selects an option in a dropdown (<select>) element.",
+        {
+            "selector": _REQUIRED_SELECTOR,
+            "value": {
+                "description": "The value, label, or index of the option to select.",
+                "title": "Value",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Represents an intentional idle state or pause. Does nothing.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                }
-            },
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.left_click_drag",
-        "description": "Left-click drag from a start selector/(x,y) to a target selector/(x,y).",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["selector", "value"],
+    ),
+    _tool(
+        "browser.select_dropdown",
+        "Selects a specific option within a <select> dropdown element by its visible text.",
+        {
+            "selector": _REQUIRED_SELECTOR,
+            "text": {
+                "description": "The exact visible text of the option to select.",
+                "title": "Text",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Left-click drag from a start selector/(x,y) to a target selector/(x,y).",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Start selector. If omitted, x/y must be provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Start X coordinate.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Start Y coordinate.",
-                    "title": "Y",
-                },
-                "targetSelector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Target selector. If omitted, targetX/targetY must be provided.",
-                },
-                "targetX": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Target X coordinate.",
-                    "title": "Targetx",
-                },
-                "targetY": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Target Y coordinate.",
-                    "title": "Targety",
-                },
-                "steps": {
-                    "default": 1,
-                    "description": "Number of intermediate mouse move steps during the drag.",
-                    "title": "Steps",
-                    "type": "integer",
-                },
+            "timeout_ms": {
+                "default": 1000,
+                "description": "Maximum time in milliseconds to wait for the element and option.",
+                "title": "Timeout Ms",
+                "type": "integer",
             },
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.middleclick",
-        "description": "Middle-clicks an element identified by a selector or coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["selector", "text"],
+    ),
+    _tool(
+        "browser.send_keys",
+        "Presses keyboard keys. Can be used for shortcuts or special keys.",
+        {
+            "selector": _OPTIONAL_SELECTOR,
+            "keys": {
+                "description": "The key or key combination to press (e.g., 'Enter', 'Control+C', 'ArrowDown').",
+                "title": "Keys",
+                "type": "string",
             },
-            "additionalProperties": True,
-            "description": "Middle-clicks an element identified by a selector or coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
-            },
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.mouse_down",
-        "description": "Presses the left mouse button down on a selector or at coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["keys"],
+    ),
+    _tool(
+        "browser.submit",
+        "Submits a form by pressing Enter on a specific element.",
+        {"selector": _REQUIRED_SELECTOR},
+        ["selector"],
+    ),
+    _tool(
+        "browser.tripleclick",
+        "Triple-clicks an element identified by a selector or coordinates.",
+        _CLICK_TARGET,
+    ),
+    _tool(
+        "browser.input",
+        "Fills an input field identified by a selector with the given text. Clears the field first.",
+        {
+            "selector": {
+                "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+                "default": None,
+                "description": "Selector for the element to type into. Required if 'text' is not provided.",
             },
-            "additionalProperties": True,
-            "description": "Presses the left mouse button down on a selector or at coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
+            "text": {
+                "description": "The text to type into the element.",
+                "title": "Text",
+                "type": "string",
             },
-            "type": "object",
         },
-    },
-    {
-        "name": "browser.mouse_move",
-        "description": "Moves the mouse to a selector center or to specific coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
+        ["text"],
+    ),
+    _tool(
+        "browser.undefined",
+        "Represents an undefined or placeholder action. Does nothing.",
+        {"selector": _OPTIONAL_SELECTOR},
+    ),
+    _tool(
+        "browser.wait",
+        "Waits for a specific condition: an element to appear or a fixed duration.",
+        {
+            "selector": {
+                "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
+                "default": None,
+                "description": "Selector for an element to wait for. If provided, waits for the element.",
             },
-            "additionalProperties": True,
-            "description": "Moves the mouse to a selector center or to specific coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
-                "steps": {
-                    "default": 1,
-                    "description": "Number of intermediate mouse move steps (animation).",
-                    "title": "Steps",
-                    "type": "integer",
-                },
+            "time_seconds": {
+                "anyOf": [{"type": "number"}, {"type": "null"}],
+                "default": None,
+                "description": "Duration in seconds to wait. If provided without a selector, pauses execution.",
+                "title": "Time Seconds",
             },
-            "type": "object",
+            "timeout_seconds": {
+                "default": 5.0,
+                "description": "Maximum time in seconds to wait for the selector.",
+                "title": "Timeout Seconds",
+                "type": "number",
+            },
         },
-    },
-    {
-        "name": "browser.mouse_up",
-        "description": "Releases the left mouse button on a selector or at coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Releases the left mouse button on a selector or at coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.navigate",
-        "description": "Navigates the browser to a URL, or goes back/forward in history.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Navigates the browser to a URL, or goes back/forward in history.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "url": {
-                    "anyOf": [{"type": "string"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The URL to navigate to. Required unless go_back or go_forward is true.",
-                    "title": "Url",
-                },
-                "go_back": {
-                    "default": False,
-                    "description": "If true, navigates to the previous page in history.",
-                    "title": "Go Back",
-                    "type": "boolean",
-                },
-                "go_forward": {
-                    "default": False,
-                    "description": "If true, navigates to the next page in history.",
-                    "title": "Go Forward",
-                    "type": "boolean",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "user.request_input",
-        "description": "Request structured input from the user before continuing execution.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Request structured input from the user before continuing execution.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "prompt": {
-                    "description": "Prompt/question presented to the user.",
-                    "title": "Prompt",
-                    "type": "string",
-                },
-                "options": {
-                    "anyOf": [{"items": {"type": "string"}, "type": "array"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Optional list of suggested choices.",
-                    "title": "Options",
-                },
-                "allow_free_form": {
-                    "default": True,
-                    "description": "Whether the user can answer outside the suggested options.",
-                    "title": "Allow Free Form",
-                    "type": "boolean",
-                },
-                "question_id": {
-                    "anyOf": [{"type": "string"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Optional stable identifier for mapping the answer.",
-                    "title": "Question Id",
-                },
-                "required": {
-                    "default": True,
-                    "description": "Whether answering this question is required to continue.",
-                    "title": "Required",
-                    "type": "boolean",
-                },
-            },
-            "required": ["prompt"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.rightclick",
-        "description": "Right-clicks an element identified by a selector or coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Right-clicks an element identified by a selector or coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.screenshot",
-        "description": "Takes a screenshot of the current page.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Takes a screenshot of the current page.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "file_path": {
-                    "default": "",
-                    "description": "The file path where the screenshot should be saved.",
-                    "title": "File Path",
-                    "type": "string",
-                },
-                "full_page": {
-                    "default": False,
-                    "description": "Whether to capture the full scrollable page.",
-                    "title": "Full Page",
-                    "type": "boolean",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.scroll",
-        "description": "Scrolls the page up, down, left, right, to a text, or by a specific amount.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Scrolls the page up, down, left, right, to a text, or by a specific amount.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "value": {
-                    "anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Scroll amount or target. If int: scroll by that many px in the chosen direction. If None: scroll by viewport size in the chosen direction. If str: one of {'top','bottom','left','right','max','start','end'} or text to scroll into view.",
-                    "title": "Value",
-                },
-                "up": {
-                    "default": False,
-                    "description": "Scroll vertically up.",
-                    "title": "Up",
-                    "type": "boolean",
-                },
-                "down": {
-                    "default": False,
-                    "description": "Scroll vertically down.",
-                    "title": "Down",
-                    "type": "boolean",
-                },
-                "left": {
-                    "default": False,
-                    "description": "Scroll horizontally left.",
-                    "title": "Left",
-                    "type": "boolean",
-                },
-                "right": {
-                    "default": False,
-                    "description": "Scroll horizontally right.",
-                    "title": "Right",
-                    "type": "boolean",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.search",
-        "description": "Searches the web using a search engine and opens the results page.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Searches the web using a search engine and opens the results page.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "query": {
-                    "description": "Search query to run.",
-                    "title": "Query",
-                    "type": "string",
-                },
-                "engine": {
-                    "default": "duckduckgo",
-                    "description": "Search engine: duckduckgo, google, or bing.",
-                    "title": "Engine",
-                    "type": "string",
-                },
-            },
-            "required": ["query"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.select",
-        "description": "Selects an option in a dropdown (<select>) element.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Selects an option in a dropdown (<select>) element.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                },
-                "value": {
-                    "description": "The value, label, or index of the option to select.",
-                    "title": "Value",
-                    "type": "string",
-                },
-            },
-            "required": ["selector", "value"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.select_dropdown",
-        "description": "Selects a specific option within a <select> dropdown element by its visible text.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Selects a specific option within a <select> dropdown element by its visible text.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                },
-                "text": {
-                    "description": "The exact visible text of the option to select.",
-                    "title": "Text",
-                    "type": "string",
-                },
-                "timeout_ms": {
-                    "default": 1000,
-                    "description": "Maximum time in milliseconds to wait for the element and option.",
-                    "title": "Timeout Ms",
-                    "type": "integer",
-                },
-            },
-            "required": ["selector", "text"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.send_keys",
-        "description": "Presses keyboard keys. Can be used for shortcuts or special keys.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Presses keyboard keys. Can be used for shortcuts or special keys.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                },
-                "keys": {
-                    "description": "The key or key combination to press (e.g., 'Enter', 'Control+C', 'ArrowDown').",
-                    "title": "Keys",
-                    "type": "string",
-                },
-            },
-            "required": ["keys"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.submit",
-        "description": "Submits a form by pressing Enter on a specific element.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Submits a form by pressing Enter on a specific element.",
-            "properties": {
-                "selector": {
-                    "$ref": "#/$defs/Selector",
-                    "description": "The selector used to locate the target element for the action. This is mandatory.",
-                }
-            },
-            "required": ["selector"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.tripleclick",
-        "description": "Triple-clicks an element identified by a selector or coordinates.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Triple-clicks an element identified by a selector or coordinates.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to click. Required if x, y are not provided.",
-                },
-                "x": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "X-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "X",
-                },
-                "y": {
-                    "anyOf": [{"type": "integer"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Y-coordinate for the click, relative to the top-left corner of the viewport.",
-                    "title": "Y",
-                },
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.input",
-        "description": "Fills an input field identified by a selector with the given text. Clears the field first.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Fills an input field identified by a selector with the given text. Clears the field first.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for the element to type into. Required if 'text' is not provided.",
-                },
-                "text": {
-                    "description": "The text to type into the element.",
-                    "title": "Text",
-                    "type": "string",
-                },
-            },
-            "required": ["text"],
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.undefined",
-        "description": "Represents an undefined or placeholder action. Does nothing.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Represents an undefined or placeholder action. Does nothing.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "The selector to locate the target element. Optional for actions not targeting specific elements.",
-                }
-            },
-            "type": "object",
-        },
-    },
-    {
-        "name": "browser.wait",
-        "description": "Waits for a specific condition: an element to appear or a fixed duration.",
-        "parameters": {
-            "$defs": {
-                "Selector": {
-                    "description": "Represents a strategy for locating elements on a web page.",
-                    "properties": {
-                        "type": {"$ref": "#/$defs/SelectorType"},
-                        "attribute": {
-                            "anyOf": [{"type": "string"}, {"type": "null"}],
-                            "default": None,
-                            "title": "Attribute",
-                        },
-                        "value": {"title": "Value", "type": "string"},
-                        "case_sensitive": {
-                            "default": False,
-                            "title": "Case Sensitive",
-                            "type": "boolean",
-                        },
-                    },
-                    "required": ["type", "value"],
-                    "title": "Selector",
-                    "type": "object",
-                },
-                "SelectorType": {
-                    "description": "Enumeration of supported selector strategies.",
-                    "enum": ["attributeValueSelector", "tagContainsSelector", "xpathSelector"],
-                    "title": "SelectorType",
-                    "type": "string",
-                },
-            },
-            "additionalProperties": True,
-            "description": "Waits for a specific condition: an element to appear or a fixed duration.",
-            "properties": {
-                "selector": {
-                    "anyOf": [{"$ref": "#/$defs/Selector"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Selector for an element to wait for. If provided, waits for the element.",
-                },
-                "time_seconds": {
-                    "anyOf": [{"type": "number"}, {"type": "null"}],
-                    "default": None,
-                    "description": "Duration in seconds to wait. If provided without a selector, pauses execution.",
-                    "title": "Time Seconds",
-                },
-                "timeout_seconds": {
-                    "default": 5.0,
-                    "description": "Maximum time in seconds to wait for the selector.",
-                    "title": "Timeout Seconds",
-                    "type": "number",
-                },
-            },
-            "type": "object",
-        },
-    },
+    ),
 ]
 
 ACTION_TYPES: dict[str, str] = {

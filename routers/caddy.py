@@ -44,18 +44,16 @@ from dockyard.core.models import Model
 from dockyard.core.router import (
     ROUTE_HEADER,
     Route,
-    Router,
     RouterError,
     RouterHealth,
     Upstream,
-    route_prefix,
 )
 from dockyard.routers.proxy import (
     ProxyProcess,
+    ProxyRouter,
     find_binary,
     loopback_url,
     options,
-    probe_route,
     replace_file,
     write_atomically,
 )
@@ -90,7 +88,7 @@ class CaddyOptions(Model):
     flush_interval_ms: int = -1  # -1: stream responses without buffering
 
 
-class CaddyRouter(Router):
+class CaddyRouter(ProxyRouter):
     """Routes through Caddy's admin API."""
 
     name = "caddy"
@@ -330,9 +328,6 @@ class CaddyRouter(Router):
             raise RouterError(f"caddy refused route {rid}: {body}")
         raise RouterError(f"caddy: route {rid} kept changing under us; gave up")
 
-    async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
-        return await probe_route(self.probe_url, route, self.stamp(route), timeout_s=timeout_s)
-
     async def remove(self, deployment_id: str) -> None:
         self.routes.pop(deployment_id, None)
         async with self._writing:
@@ -452,19 +447,8 @@ class CaddyRouter(Router):
         routes, _ = await self._route_list()
         return routes is not None
 
-    async def close(self) -> None:
-        if self.process is not None:
-            await self.process.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def revive(self) -> bool:
-        if self.process is None or self.process.running:
-            return False
-        log.warning("caddy exited (%s); starting it again", self.process.log_tail(2))
+    async def _restart(self) -> None:
         await self._start()
-        return True
 
     async def health(self) -> RouterHealth:
         version = ".".join(map(str, self.version)) if self.version else None
@@ -472,7 +456,7 @@ class CaddyRouter(Router):
         if self.version and self.version < SAFE_VERSION:
             detail += f"; Caddy {version} cuts requests in flight on every switch"
         ok = True
-        if self.managed and not (self.process and self.process.running):
+        if self.proxy_down:
             ok, detail = False, "caddy is not running"
         else:
             try:
@@ -481,18 +465,7 @@ class CaddyRouter(Router):
                     ok, detail = False, f"caddy has no {ROUTES_ID} subroute (config lost)"
             except RouterError as exc:
                 ok, detail = False, exc.message
-        return RouterHealth(
-            name=self.name,
-            ok=ok,
-            detail=detail,
-            entrypoint=self.public_url,
-            managed=self.managed,
-            version=version,
-        )
-
-    def url_for(self, deployment_id: str) -> str | None:
-        """``<public_url>/apps/<id>/``: the same for every slot and after a restart."""
-        return f"{self.public_url}{route_prefix(deployment_id)}/"
+        return self._health(ok, detail, version)
 
 
 def _caddy_version(binary: str) -> tuple[int, ...] | None:

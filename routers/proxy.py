@@ -1,6 +1,7 @@
 """What the Traefik and Caddy routers share: finding the proxy's binary, running the proxy
 as a child process (with a pid file, dying with dockyard: ``core/children.py``), atomic file
-writes, and verifying a route by probing through the proxy.
+writes, verifying a route by probing through the proxy, and :class:`ProxyRouter`, the base
+both dialects build on (closing, reviving, health and the public URL).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import msgspec
 from dockyard.core.children import PidFile, die_with_parent
 from dockyard.core.config import Settings
 from dockyard.core.errors import ConfigError
-from dockyard.core.router import ROUTE_HEADER, Route, RouterError
+from dockyard.core.router import (
+    ROUTE_HEADER,
+    Route,
+    Router,
+    RouterError,
+    RouterHealth,
+    route_prefix,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -282,3 +290,58 @@ class ProxyProcess:
         if record is not None and self.process is not None and self.process.pid == record["pid"]:
             return
         self.pid_file.reap(self.argv[0])
+
+
+class ProxyRouter(Router):
+    """A router for a proxy dockyard can run itself (a :class:`ProxyProcess`) or attach to,
+    spoken to through an HTTP session. A dialect sets ``opts``, ``managed``, ``home``,
+    ``probe_url`` and ``public_url`` and says how its proxy starts again (:meth:`_restart`).
+    """
+
+    probe_url: str
+    public_url: str
+    process: ProxyProcess | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    async def _restart(self) -> None:
+        """Start the proxy again after its process died."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self.process is not None:
+            await self.process.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def revive(self) -> bool:
+        if self.process is None or self.process.running:
+            return False
+        dialect_log = logging.getLogger(type(self).__module__)
+        dialect_log.warning(
+            "%s exited (%s); starting it again", self.name, self.process.log_tail(2)
+        )
+        await self._restart()
+        return True
+
+    async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
+        return await probe_route(self.probe_url, route, self.stamp(route), timeout_s=timeout_s)
+
+    @property
+    def proxy_down(self) -> bool:
+        """The proxy is ours to run and its process is not running."""
+        return self.managed and not (self.process and self.process.running)
+
+    def _health(self, ok: bool, detail: str, version: str | None) -> RouterHealth:
+        return RouterHealth(
+            name=self.name,
+            ok=ok,
+            detail=detail,
+            entrypoint=self.public_url,
+            managed=self.managed,
+            version=version,
+        )
+
+    def url_for(self, deployment_id: str) -> str | None:
+        """``<public_url>/apps/<id>/``: the same for every slot and after a restart."""
+        return f"{self.public_url}{route_prefix(deployment_id)}/"

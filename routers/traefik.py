@@ -25,17 +25,15 @@ from dockyard.core.models import Model
 from dockyard.core.router import (
     ROUTE_HEADER,
     Route,
-    Router,
     RouterError,
     RouterHealth,
-    route_prefix,
 )
 from dockyard.routers.proxy import (
     ProxyProcess,
+    ProxyRouter,
     find_binary,
     loopback_url,
     options,
-    probe_route,
     write_atomically,
 )
 
@@ -60,7 +58,7 @@ class TraefikOptions(Model):
     throttle_ms: int = 20  # providersThrottleDuration of a managed Traefik
 
 
-class TraefikRouter(Router):
+class TraefikRouter(ProxyRouter):
     """Routes through Traefik's file provider."""
 
     name = "traefik"
@@ -115,19 +113,9 @@ class TraefikRouter(Router):
             await self.close()
             raise
 
-    async def close(self) -> None:
-        if self.process is not None:
-            await self.process.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def revive(self) -> bool:
-        if self.process is None or self.process.running:
-            return False
-        log.warning("traefik exited (%s); starting it again", self.process.log_tail(2))
+    async def _restart(self) -> None:
+        assert self.process is not None
         await self.process.start(self._pings)
-        return True
 
     # -- routes --------------------------------------------------------------------------
     def path(self, deployment_id: str) -> Path:
@@ -180,9 +168,6 @@ class TraefikRouter(Router):
             )
         except OSError as exc:
             raise RouterError(f"cannot write traefik route file: {exc}") from exc
-
-    async def verify(self, route: Route, *, timeout_s: float = 5.0) -> bool:
-        return await probe_route(self.probe_url, route, self.stamp(route), timeout_s=timeout_s)
 
     async def remove(self, deployment_id: str) -> None:
         """Delete the route's file, then wait (up to REMOVE_WAIT_S) until Traefik no longer
@@ -254,7 +239,7 @@ class TraefikRouter(Router):
         version = None
         ok = True
         detail = f"file provider: {self.directory}"
-        if self.managed and not (self.process and self.process.running):
+        if self.proxy_down:
             ok, detail = False, "traefik is not running"
         elif self.api_url is not None and self._session is not None:
             try:
@@ -263,18 +248,7 @@ class TraefikRouter(Router):
                     version = (await response.json()).get("Version") if ok else None
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 ok, detail = False, f"traefik API {self.api_url}: {exc or type(exc).__name__}"
-        return RouterHealth(
-            name=self.name,
-            ok=ok,
-            detail=detail,
-            entrypoint=self.public_url,
-            managed=self.managed,
-            version=version,
-        )
-
-    def url_for(self, deployment_id: str) -> str | None:
-        """``<public_url>/apps/<id>/``: the same for every slot and after a restart."""
-        return f"{self.public_url}{route_prefix(deployment_id)}/"
+        return self._health(ok, detail, version)
 
 
 @hookimpl

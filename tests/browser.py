@@ -18,10 +18,11 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiohttp
+
+from dockyard.client.closing import AsyncClosing
 
 FLAGS = [
     "--headless",
@@ -43,7 +44,7 @@ def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-class Browser:
+class Browser(AsyncClosing):
     """One Chromium process with one page, and the DevTools calls the tests need."""
 
     def __init__(self, process: subprocess.Popen[bytes], profile: Path) -> None:
@@ -101,14 +102,6 @@ class Browser:
             await self.close()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._reader is not None:

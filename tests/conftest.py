@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+# Helper modules whose asserts should explain themselves like a test's own.
+pytest.register_assert_rewrite("tests.hostprobe", "tests.serve")
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = ROOT / "contrib" / "example-plugin"
 ON_CI = os.environ.get("CI", "").lower() == "true"
@@ -128,29 +131,19 @@ def api_client_factory(tmp_path: Path, example_plugin_module: Any) -> Any:
 @pytest.fixture
 def fake_client_factory(tmp_path: Path) -> Any:
     """A TestClient over FakeRuntime + FakeSource + SQLite: fast orchestration tests."""
-    from litestar.testing import TestClient
-
-    from dockyard.api.app import create_app
-    from dockyard.core.config import Settings
     from dockyard.core.plugins import build_plugin_manager
-    from dockyard.core.services import Services
-    from tests.fakes import FakeRuntime, FakeSource
+    from tests.fakes import FakeRuntime, api_over
 
     @contextlib.contextmanager
     def make(
         extra_plugins: Sequence[tuple[str, object]] = (),
         disable: Sequence[str] = (),
         **settings: Any,
-    ) -> Iterator[TestClient[Any]]:
-        cfg = Settings(data_dir=str(tmp_path / "data"), **{**TEST_SETTINGS, **settings})
+    ) -> Iterator[Any]:
         pm = build_plugin_manager(
             disable, load_entry_points=False, extra_plugins=list(extra_plugins)
         )
-        services = Services.build(
-            cfg, pm, runtime=FakeRuntime(), sources={"fake": FakeSource(tmp_path / "src")}
-        )
-        with TestClient(create_app(cfg, services=services)) as client:
-            client.headers.update(AUTH)
+        with api_over(tmp_path, FakeRuntime(), pm=pm, **settings) as client:
             yield client
 
     return make

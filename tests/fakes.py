@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,10 @@ class FakeRuntime(Runtime):
         app = web.Application()
         app.router.add_get("/health", health)
         app.router.add_get("/", root)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        return await self.serve_app(spec, app)
+
+    def record_running(self, spec: ContainerSpec) -> ContainerInfo:
+        """A new running container for ``spec``, recorded as this runtime's."""
         info = ContainerInfo(
             id=f"{next(self._ids):012x}",
             name=spec.name,
@@ -129,6 +130,17 @@ class FakeRuntime(Runtime):
             host_port=spec.host_port,
         )
         self.containers[info.id] = info
+        return info
+
+    async def serve_app(
+        self, spec: ContainerSpec, app: web.Application, **runner_options: Any
+    ) -> ContainerInfo:
+        """Serve ``app`` on 127.0.0.1 at the spec's host port as the container's process
+        (``stop`` cleans it up); the recorded container."""
+        runner = web.AppRunner(app, access_log=None, **runner_options)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        info = self.record_running(spec)
         self.servers[info.id] = runner
         return info
 
@@ -228,3 +240,33 @@ async def started_services(
     finally:
         await svc.runtime.close()
         await svc.close()
+
+
+@contextlib.contextmanager
+def api_over(
+    tmp_path: Path,
+    runtime: Runtime,
+    *,
+    pm: Any = None,
+    sources: Mapping[str, Source] | None = None,
+    **settings: Any,
+) -> Iterator[Any]:
+    """dockyard's API as an authenticated Litestar ``TestClient`` over ``runtime``: data in
+    ``tmp_path/data``, the test settings with ``settings`` on top, a :class:`FakeSource`
+    (``tmp_path/src``) unless ``sources`` says otherwise, no entry-point plugins unless
+    ``pm`` is given."""
+    from litestar.testing import TestClient
+
+    from dockyard.api.app import create_app
+    from tests.conftest import AUTH, TEST_SETTINGS
+
+    cfg = Settings(data_dir=str(tmp_path / "data"), **{**TEST_SETTINGS, **settings})
+    services = Services.build(
+        cfg,
+        pm or build_plugin_manager(load_entry_points=False),
+        runtime=runtime,
+        sources=sources or {"fake": FakeSource(tmp_path / "src")},
+    )
+    with TestClient(create_app(cfg, services=services)) as client:
+        client.headers.update(AUTH)
+        yield client

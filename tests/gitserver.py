@@ -471,3 +471,12 @@ def servers(base: Path) -> Iterator[Mapping[str, Any]]:
     """A git daemon and a smart-HTTP server over ``base``, stopped on exit."""
     with GitDaemon(base) as daemon, SmartHttpServer(base) as http:
         yield {"git": daemon, "http": http}
+
+
+@contextlib.contextmanager
+def daemon_with_repos(root: Path) -> Iterator[tuple[GitDaemon, RepoBuilder]]:
+    """A git daemon serving ``root`` and the builder that makes repositories in it (it
+    creates the directory, so it comes first), the daemon stopped on exit."""
+    builder = RepoBuilder(root)
+    with GitDaemon(root) as daemon:
+        yield daemon, builder

@@ -30,6 +30,27 @@ def cgroup_v1_file(pid: int, controller: str, filename: str) -> str | None:
     return None
 
 
+def assert_unprivileged(pids: list[int], *, nofile: int, nproc: int) -> None:
+    """Every process in ``pids``, as ``/proc`` shows it: no capabilities (bounding or
+    effective), ``no_new_privs``, and ``nofile``/``nproc`` as both soft and hard limits."""
+    for pid in pids:
+        status = proc_status(pid)
+        assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
+        assert status["NoNewPrivs"] == "1"
+        assert proc_limit(pid, "Max open files") == (str(nofile), str(nofile))
+        assert proc_limit(pid, "Max processes") == (str(nproc), str(nproc))
+
+
+def assert_cgroup_v1_limits(pid: int, *, memory_bytes: int, pids: int, cfs_quota_us: int) -> None:
+    """The kernel's own view of a container's limits on a cgroup v1 host (memory+swap may be
+    absent: no swap accounting on that kernel)."""
+    assert cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(memory_bytes)
+    swap = cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
+    assert swap in (None, str(memory_bytes))
+    assert cgroup_v1_file(pid, "pids", "pids.max") == str(pids)
+    assert cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == str(cfs_quota_us)
+
+
 def listeners(port: int) -> list[str]:
     """Local addresses of host TCP sockets listening on ``port`` (IPv4 and IPv6)."""
     found = []

@@ -27,6 +27,22 @@ from typing import Any
 from tests.conftest import TEST_TOKEN, TEST_TOKENS, free_port
 
 
+def wait_for_healthz(proc: subprocess.Popen[str], port: int, timeout_s: float = 60) -> Any:
+    """The ``/v1/healthz`` answer of the ``dockyard serve`` child ``proc`` on ``port`` once
+    it gives one; fails with the child's output when it exits or stays silent too long."""
+    body = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/healthz", timeout=2) as r:
+                body = json.load(r)
+                break
+        except OSError:
+            time.sleep(0.3)
+    assert body is not None, proc.stdout.read() if proc.stdout else ""
+    return body
+
+
 def install_plugin(where: Path, module: str, source: str) -> Path:
     """Write ``module`` (``source``) and a dist-info declaring it as a ``dockyard`` entry
     point under ``where``; the directory to put on ``PYTHONPATH``."""

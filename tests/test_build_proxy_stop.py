@@ -9,12 +9,12 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import httpd_agent
 from tests.gitserver import GitDaemon, RepoBuilder
 from tests.serve import Served, alive
 
@@ -26,12 +26,7 @@ RUN python3 -c "import time; time.sleep(90)"
 """
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
-    builder = RepoBuilder(root)
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
+git_server = httpd_agent.git_server
 
 
 def _serve(data: Path, offline_base_image: str, ports: tuple[int, int]) -> Served:

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.serve import wait_for_healthz
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -94,16 +93,7 @@ def test_serve_answers_healthz_and_stops_cleanly(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        body = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/healthz", timeout=2) as r:
-                    body = json.load(r)
-                    break
-            except OSError:
-                time.sleep(0.3)
-        assert body is not None, proc.stdout.read() if proc.stdout else ""
+        body = wait_for_healthz(proc, port)
         assert body["status"] == "ok"
         assert body["runtime"]["name"] == "podman"
         assert body["store"] == {"name": "sqlite", "ok": True, "error": None}

@@ -13,37 +13,24 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from dockyard.core.config import Settings
 from dockyard.core.controller import Controller
 from dockyard.core.errors import NotFound
 from dockyard.core.models import Color, DeploymentSpec, HealthCheck, SlotState
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerSpec
-from dockyard.core.services import Services
 from dockyard.core.views import promoted_url
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, started_services
 
 
 @pytest_asyncio.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
-    cfg = Settings(
-        data_dir=str(tmp_path), monitor_interval_s=0, port_range_start=62330, port_range_end=62340
-    )
-    services = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=FakeRuntime(),
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await services.start()
-    controller = Controller.from_services(services)
-    await controller.start()
-    try:
-        yield controller
-    finally:
-        await controller.stop()
-        await services.runtime.close()
-        await services.close()
+    ports = {"port_range_start": 62330, "port_range_end": 62340}
+    async with started_services(tmp_path, FakeRuntime(), **ports) as services:
+        controller = Controller.from_services(services)
+        await controller.start()
+        try:
+            yield controller
+        finally:
+            await controller.stop()
 
 
 def spec(deployment_id: str = "app", **fields: Any) -> DeploymentSpec:

@@ -54,6 +54,7 @@ from tests import hostprobe
 from tests.conftest import ROOT, free_port
 from tests.contract import conftest as contract
 from tests.contract.conftest import DockerEngine, TestImage, make_context
+from tests.serve import wait_for_healthz
 
 MIB = 1024 * 1024
 
@@ -147,19 +148,11 @@ async def test_daemon_view_confirms_hardening(
     assert Path(f"/proc/{pids[0]}/net/if_inet6").read_text() == ""
     assert len(pids) >= 2  # the init and the app
     assert "docker-init" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode()
-    for pid in pids:
-        status = hostprobe.proc_status(pid)
-        assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
-        assert status["NoNewPrivs"] == "1"
-        assert hostprobe.proc_limit(pid, "Max open files") == ("300", "300")
-        assert hostprobe.proc_limit(pid, "Max processes") == ("200", "200")
+    hostprobe.assert_unprivileged(pids, nofile=300, nproc=200)
     if info.cgroup_version == "v1":  # the kernel's own view
-        pid = pids[0]
-        assert hostprobe.cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
-        swap = hostprobe.cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
-        assert swap in (None, str(80 * MIB))
-        assert hostprobe.cgroup_v1_file(pid, "pids", "pids.max") == "48"
-        assert hostprobe.cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
+        hostprobe.assert_cgroup_v1_limits(
+            pids[0], memory_bytes=80 * MIB, pids=48, cfs_quota_us=25000
+        )
 
 
 async def test_port_listens_on_loopback_only(
@@ -459,16 +452,7 @@ def test_serve_with_runtime_docker(engine: DockerEngine, tmp_path: Path) -> None
         text=True,
     )
     try:
-        body = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/healthz", timeout=2) as r:
-                    body = json.load(r)
-                    break
-            except OSError:
-                time.sleep(0.3)
-        assert body is not None, proc.stdout.read() if proc.stdout else ""
+        body = wait_for_healthz(proc, port)
         assert body["runtime"]["name"] == "docker"
         assert body["runtime"]["socket"] == engine.url
     finally:

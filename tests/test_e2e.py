@@ -31,7 +31,7 @@ from litestar.testing import TestClient
 
 from tests.conftest import AUTH, TEST_SETTINGS
 from tests.contract.conftest import ENGINES, Engine, PodmanEngine
-from tests.gitserver import GitDaemon, Repo, RepoBuilder
+from tests.gitserver import GitDaemon, Repo, daemon_with_repos
 
 pytestmark = [pytest.mark.slow]
 
@@ -84,10 +84,8 @@ def git_server(
     engine: Engine, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[GitDaemon, Any]]:
     """A loopback git daemon with fresh repositories for each runtime's run of the module."""
-    root = tmp_path_factory.mktemp(f"repos-{engine.kind}") / "served"
-    builder = RepoBuilder(root)
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
+    with daemon_with_repos(tmp_path_factory.mktemp(f"repos-{engine.kind}") / "served") as served:
+        yield served
 
 
 @pytest.fixture(scope="module", params=E2E_RUNTIMES)

@@ -19,14 +19,11 @@ from aiohttp import web
 from litestar.testing import TestClient
 
 import tests.conftest as conftest
-from dockyard.api.app import create_app
-from dockyard.core.config import Settings
 from dockyard.core.errors import Conflict
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import LABEL_DEPLOYMENT, ContainerInfo, ContainerSpec
 from dockyard.core.services import Services
 from dockyard.plugins.evaluation import EVALUATION_LABEL, EvaluationService, records
-from tests.fakes import FakeRuntime, FakeSource
+from tests.fakes import FakeRuntime, api_over, started_services
 
 #: The auth engineer's test token and settings, when the suite has them.
 AUTH: dict[str, str] = getattr(conftest, "AUTH", {})
@@ -106,22 +103,7 @@ class AgentRuntime(FakeRuntime):
         for route in ("/solve_task", "/step", "/act"):
             app.router.add_post(route, answer)
         # A stopped container drops its requests at once, like a killed process.
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
-        )
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
-        info = ContainerInfo(
-            id=f"{next(self._ids):012x}",
-            name=spec.name,
-            image=spec.image,
-            status="running",
-            running=True,
-            labels=dict(spec.labels),
-            host_port=spec.host_port,
-        )
-        self.containers[info.id] = info
-        self.servers[info.id] = runner
+        info = await self.serve_app(spec, app, shutdown_timeout=0.2, handler_cancellation=True)
         self.max_alive = max(self.max_alive, sum(c.running for c in self.containers.values()))
         return info
 
@@ -130,17 +112,8 @@ class AgentRuntime(FakeRuntime):
 def make_client(tmp_path: Path) -> Any:
     @contextlib.contextmanager
     def make(sources: dict[str, Any] | None = None, **settings: Any) -> Iterator[TestClient[Any]]:
-        values = {**TEST_SETTINGS, "port_range_start": 48400, "port_range_end": 48440}
-        values.update(settings)
-        cfg = Settings(data_dir=str(tmp_path / "data"), **values)
-        services = Services.build(
-            cfg,
-            build_plugin_manager(load_entry_points=False),
-            runtime=AgentRuntime(),
-            sources=sources or {"fake": FakeSource(tmp_path / "src")},
-        )
-        with TestClient(create_app(cfg, services=services)) as client:
-            client.headers.update(AUTH)
+        ports = {"port_range_start": 48400, "port_range_end": 48440}
+        with api_over(tmp_path, AgentRuntime(), sources=sources, **{**ports, **settings}) as client:
             yield client
 
     return make
@@ -700,21 +673,11 @@ def test_a_session_ends_when_its_ttl_does(make_client: Any) -> None:
 async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
     tmp_path: Path,
 ) -> None:
-    cfg = Settings(
-        data_dir=str(tmp_path / "data"),
-        monitor_interval_s=0,
-        port_range_start=48450,
-        port_range_end=48460,
-    )
     runtime = AgentRuntime()
-    services = Services.build(
-        cfg,
-        build_plugin_manager(load_entry_points=False),
-        runtime=runtime,
-        sources={"fake": FakeSource(tmp_path / "src")},
-    )
-    await services.start()
-    try:
+    ports = {"port_range_start": 48450, "port_range_end": 48460}
+    async with started_services(
+        tmp_path, runtime, data_dir=str(tmp_path / "data"), **ports
+    ) as services:
         from dockyard.core.controller import Controller
 
         # What a killed dockyard left: a running evaluation's record, deployment, a
@@ -785,9 +748,6 @@ async def test_a_restart_ends_unfinished_evaluations_and_reaps_what_they_left(
         finally:
             await second.stop()
             await restarted.stop()
-    finally:
-        await runtime.close()
-        await services.close()
 
 
 async def _no_cleanup(run: Any) -> None:

@@ -16,13 +16,9 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from dockyard.api.app import create_app
-from dockyard.core.config import Settings
-from dockyard.core.plugins import build_plugin_manager
 from dockyard.core.runtime import BuildRequest, BuiltImage, ContainerInfo, ContainerSpec
-from dockyard.core.services import Services
-from tests.fakes import FakeSource
-from tests.test_evaluation import AUTH, REPO, TEST_SETTINGS, AgentRuntime, tasks, wait_final
+from tests.fakes import api_over
+from tests.test_evaluation import REPO, AgentRuntime, tasks, wait_final
 
 OPERATOR_IMAGE = "localhost/operator/agent-base:1"
 
@@ -62,17 +58,8 @@ class SlowStartRuntime(AgentRuntime):
 def slow_client(tmp_path: Path) -> Any:
     @contextlib.contextmanager
     def make(**settings: Any) -> Iterator[TestClient[Any]]:
-        values = {**TEST_SETTINGS, "port_range_start": 48600, "port_range_end": 48640}
-        values.update(settings)
-        cfg = Settings(data_dir=str(tmp_path / "data"), **values)
-        services = Services.build(
-            cfg,
-            build_plugin_manager(load_entry_points=False),
-            runtime=SlowStartRuntime(),
-            sources={"fake": FakeSource(tmp_path / "src")},
-        )
-        with TestClient(create_app(cfg, services=services)) as client:
-            client.headers.update(AUTH)
+        ports = {"port_range_start": 48600, "port_range_end": 48640}
+        with api_over(tmp_path, SlowStartRuntime(), **{**ports, **settings}) as client:
             yield client
 
     return make

@@ -25,7 +25,8 @@ import aiohttp
 import pytest
 
 from dockyard.client import Batch, DockyardClient, Evaluation, ValidatorIntegration
-from tests.gitserver import GitDaemon, Repo, RepoBuilder
+from tests.gitserver import GitDaemon, Repo, RepoBuilder, daemon_with_repos
+from tests.nc_agent import handler
 from tests.test_evaluation import AUTH, TEST_SETTINGS
 from tests.test_evaluation_client import live_dockyard
 
@@ -47,24 +48,8 @@ CMD ["sh", "-c", "echo starting; exit 3"]
 """
 #: One HTTP exchange per connection: /health, /solve_task (echoes the task), /step and
 #: /act (navigate at step 0, done after). ``SLEEP`` delays every task answer.
-AGENT_SH = r"""#!/bin/sh
-SLEEP=__SLEEP__
-read -r method path proto
-len=0
-while read -r line; do
-  line=$(printf '%s' "$line" | tr -d '\r')
-  [ -z "$line" ] && break
-  case "$line" in [Cc]ontent-[Ll]ength:*) len=${line#*: };; esac
-done
-body=""
-[ "$len" -gt 0 ] && body=$(head -c "$len")
-reply() {
-  printf 'HTTP/1.0 %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n' "$1" "${#2}"
-  printf 'Connection: close\r\n\r\n%s' "$2"
-}
-case "$path" in
-  /health) reply "200 OK" '{"status":"ok"}' ;;
-  /solve_task)
+AGENT_SH = handler(
+    r"""  /solve_task)
     sleep "$SLEEP"
     url=$(printf '%s' "$body" | sed -n 's/.*"url": *"\([^"]*\)".*/\1/p')
     actions="[{\"type\":\"NavigateAction\",\"url\":\"$url\"}]"
@@ -78,9 +63,9 @@ case "$path" in
     else
       reply "200 OK" "{\"tool_calls\":[],\"content\":\"step $i\",\"done\":true}"
     fi ;;
-  *) reply "404 Not Found" '{"error":"not found"}' ;;
-esac
-"""
+""",
+    setup="SLEEP=__SLEEP__\n",
+)
 
 
 def _podman(*args: str) -> str:
@@ -186,9 +171,8 @@ def dockyard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockyard]:
             "plugins": {"caddy": {"listen": f"127.0.0.1:{free_port()}"}},
         },
     )
-    root = tmp_path_factory.mktemp("evaluation-repos") / "served"
-    repos = RepoBuilder(root)
-    with GitDaemon(root) as git, live_dockyard(settings) as (url, app):
+    repos_dir = tmp_path_factory.mktemp("evaluation-repos") / "served"
+    with daemon_with_repos(repos_dir) as (git, repos), live_dockyard(settings) as (url, app):
         yield Dockyard(url, app, data, git, repos)
     left = _podman("ps", "-a", "--filter", "label=dockyard_evaluation", "--format", "{{.Names}}")
     assert left.strip() == "", f"containers left behind: {left}"

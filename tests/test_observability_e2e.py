@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dockyard.client import DockyardClient
 from dockyard.core.logs import ContextFilter, JsonFormatter
-from tests.gitserver import GitDaemon, RepoBuilder
+from tests.gitserver import GitDaemon, RepoBuilder, daemon_with_repos
 from tests.test_evaluation import AUTH, TEST_SETTINGS
 from tests.test_evaluation_client import live_dockyard
 from tests.test_evaluation_e2e import _required, agent
@@ -80,10 +80,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     old_level = root.level
-    root_dir = tmp_path_factory.mktemp("observability-repos") / "served"
-    repos = RepoBuilder(root_dir)
+    repos_dir = tmp_path_factory.mktemp("observability-repos") / "served"
     try:
-        with GitDaemon(root_dir) as git, live_dockyard(settings) as (url, app):
+        with daemon_with_repos(repos_dir) as (git, repos), live_dockyard(settings) as (url, app):
             # After uvicorn configured its logging (dictConfig drops earlier handlers).
             root.addHandler(handler)
             root.setLevel(logging.INFO)

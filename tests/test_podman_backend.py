@@ -83,12 +83,7 @@ async def test_cli_inspect_confirms_hardening(
     assert top and all(line.split() == ["none", "none"] for line in top)
     pids = _host_pids(engine, spec.name)
     assert pids
-    for pid in pids:
-        status = hostprobe.proc_status(pid)
-        assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
-        assert status["NoNewPrivs"] == "1"
-        assert hostprobe.proc_limit(pid, "Max open files") == ("300", "300")
-        assert hostprobe.proc_limit(pid, "Max processes") == ("200", "200")
+    hostprobe.assert_unprivileged(pids, nofile=300, nproc=200)
 
     if info.limits_enforced:
         assert hc["PidsLimit"] == 48
@@ -98,12 +93,9 @@ async def test_cli_inspect_confirms_hardening(
             100_000,
         )
         if info.cgroup_version == "v1":  # the kernel's own view
-            pid = pids[0]
-            assert hostprobe.cgroup_v1_file(pid, "memory", "memory.limit_in_bytes") == str(80 * MIB)
-            swap = hostprobe.cgroup_v1_file(pid, "memory", "memory.memsw.limit_in_bytes")
-            assert swap in (None, str(80 * MIB))  # None: no swap accounting on this kernel
-            assert hostprobe.cgroup_v1_file(pid, "pids", "pids.max") == "48"
-            assert hostprobe.cgroup_v1_file(pid, "cpu", "cpu.cfs_quota_us") == "25000"
+            hostprobe.assert_cgroup_v1_limits(
+                pids[0], memory_bytes=80 * MIB, pids=48, cfs_quota_us=25000
+            )
     else:
         assert engine.rootless
         assert info.limits_note

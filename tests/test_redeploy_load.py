@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import collections
 import http.client
-import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from tests.conftest import AUTH, ON_CI, TEST_SETTINGS
-from tests.gitserver import GitDaemon, Repo, RepoBuilder
-from tests.proxies import PROXIES, proxy_settings, require
+from tests import httpd_agent
+from tests.gitserver import Repo
+from tests.httpd_agent import commit_agent
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
@@ -35,13 +32,6 @@ REDEPLOYS = 5
 #: How long the agent takes to answer: longer than a switch, shorter than the grace period.
 ANSWER_S = "0.4"
 HEALTH = {"interval_s": 0.1, "timeout_s": 2, "deadline_s": 30}
-AGENT = """\
-FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-COPY www /www
-CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
-"""
 SLOW_CGI = """\
 #!/bin/sh
 sleep {seconds}
@@ -50,49 +40,18 @@ printf 'Content-Type: text/plain\\r\\n\\r\\n{version}\\n'
 
 
 def _agent(repo: Repo, version: str) -> str:
-    repo.write("busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
-    repo.write("Dockerfile", AGENT)
-    repo.write("www/index.html", version)
-    repo.write("www/health", "ok")
     repo.write("www/cgi-bin/slow", SLOW_CGI.format(seconds=ANSWER_S, version=version), mode=0o755)
-    return repo.commit(version)
+    return commit_agent(repo, version)
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
-    builder = RepoBuilder(root)  # makes the directory the daemon serves
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
-
-
-@pytest.fixture(scope="module", params=PROXIES)
-def client(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TestClient[Any]]:
-    """One dockyard on real Podman behind the proxy ``request.param`` it runs itself."""
-    if shutil.which("podman") is None:
-        if ON_CI:
-            pytest.fail("podman is not installed (CI=true: never skipped)")
-        pytest.skip("podman is not installed")
-    require(request.param)
-    from dockyard.api.app import create_app
-
-    settings = proxy_settings(
-        request.param,
-        tmp_path_factory.mktemp("data"),
-        **{
-            **TEST_SETTINGS,
-            "insecure_sources": True,
-            "port_range_start": 46440,
-            "port_range_end": 46460,
-            "build_timeout_s": 60,
-            "router_watch_interval_s": 0.5,
-        },
-    )
-    with TestClient(create_app(settings), timeout=180) as c:
-        c.headers.update(AUTH)
-        yield c
+git_server = httpd_agent.git_server
+client = httpd_agent.client_behind_each_proxy(
+    timeout_s=180,
+    port_range_start=46440,
+    port_range_end=46460,
+    build_timeout_s=60,
+    router_watch_interval_s=0.5,
+)
 
 
 class Clients:

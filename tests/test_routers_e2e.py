@@ -7,77 +7,31 @@ every answer comes from the new commit.
 from __future__ import annotations
 
 import collections
-import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from tests.conftest import AUTH, ON_CI, TEST_SETTINGS
-from tests.gitserver import GitDaemon, Repo, RepoBuilder
-from tests.proxies import PROXIES, proxy_settings, require
+from tests import httpd_agent
+from tests.httpd_agent import commit_agent
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 HEALTH = {"interval_s": 0.1, "timeout_s": 2, "deadline_s": 20}
-AGENT = """\
-FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-COPY www /www
-CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
-"""
 
 
-def _agent(repo: Repo, version: str) -> str:
-    repo.write("busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
-    repo.write("Dockerfile", AGENT)
-    repo.write("www/index.html", version)
-    repo.write("www/health", "ok")
-    return repo.commit(version)
-
-
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
-    builder = RepoBuilder(root)
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
-
-
-@pytest.fixture(scope="module", params=PROXIES)
-def client(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TestClient[Any]]:
-    """One dockyard on real Podman behind the proxy ``request.param`` it runs itself."""
-    if shutil.which("podman") is None:
-        if ON_CI:
-            pytest.fail("podman is not installed (CI=true: never skipped)")
-        pytest.skip("podman is not installed")
-    require(request.param)
-    from dockyard.api.app import create_app
-
-    settings = proxy_settings(
-        request.param,
-        tmp_path_factory.mktemp("data"),
-        **{
-            **TEST_SETTINGS,
-            "insecure_sources": True,
-            "port_range_start": 46400,
-            "port_range_end": 46420,
-            "build_timeout_s": 30,
-            "router_watch_interval_s": 0.5,
-        },
-    )
-    with TestClient(create_app(settings), timeout=120) as c:
-        c.headers.update(AUTH)
-        yield c
+git_server = httpd_agent.git_server
+client = httpd_agent.client_behind_each_proxy(
+    timeout_s=120,
+    port_range_start=46400,
+    port_range_end=46420,
+    build_timeout_s=30,
+    router_watch_interval_s=0.5,
+)
 
 
 class Load:
@@ -118,7 +72,7 @@ def test_redeploys_through_the_proxy_fail_no_request(
     repo = builder.new(dep)
     versions = ["v1", "v2", "v3"]
     for v in versions:
-        _agent(repo, v)
+        commit_agent(repo, v)
         repo.tag(v)
     r = client.post(
         "/v1/repos?wait=true&timeout=120",

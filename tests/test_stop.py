@@ -6,50 +6,35 @@ Caddy, not its private ``podman system service``, not a build step.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dockyard.core.config import Settings
-from tests.conftest import ON_CI
-from tests.gitserver import GitDaemon, Repo, RepoBuilder
+from tests import httpd_agent
+from tests.gitserver import GitDaemon, Repo
+from tests.httpd_agent import commit_agent, require_podman
 from tests.proxies import require
 from tests.serve import Served, alive
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 HEALTH = {"interval_s": 0.2, "timeout_s": 2, "deadline_s": 20}
-AGENT = """\
-FROM scratch
-COPY busybox /bin/busybox
-RUN ["/bin/busybox", "--install", "-s", "/bin"]
-COPY www /www
-{extra}CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
-"""
 
 
 def podman_required() -> None:
-    if shutil.which("podman") is None:
-        if ON_CI:
-            pytest.fail("podman is not installed (CI=true: never skipped)")
-        pytest.skip("podman is not installed: apt-get install podman")
+    require_podman()
     require("caddy")
 
 
 def agent(repo: Repo, version: str, *, slow_build_s: int = 0) -> str:
     """Commit a busybox httpd agent answering ``version``; with ``slow_build_s`` its build
     has a ``RUN sleep``."""
-    extra = f'RUN ["/bin/busybox", "sleep", "{slow_build_s}"]\n' if slow_build_s else ""
-    repo.write("busybox", Path("/bin/busybox").read_bytes(), mode=0o755)
-    repo.write("Dockerfile", AGENT.format(extra=extra))
-    repo.write("www/index.html", version)
-    repo.write("www/health", "ok")
-    return repo.commit(version)
+    steps = f'RUN ["/bin/busybox", "sleep", "{slow_build_s}"]\n' if slow_build_s else ""
+    return commit_agent(repo, version, build_steps=steps)
 
 
 def engine_containers(data_dir: Path) -> list[str]:
@@ -75,12 +60,7 @@ def engine_containers(data_dir: Path) -> list[str]:
     return sorted(out.split())
 
 
-@pytest.fixture(scope="module")
-def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GitDaemon, Any]]:
-    root = tmp_path_factory.mktemp("repos") / "served"
-    builder = RepoBuilder(root)
-    with GitDaemon(root) as daemon:
-        yield daemon, builder
+git_server = httpd_agent.git_server
 
 
 def slot_rows(served: Served, deployment_id: str) -> dict[str, dict[str, Any]]:

@@ -8,27 +8,12 @@ set -euo pipefail
 
 PACKAGES=(chromium fonts-dejavu-core)
 
-log() { printf 'setup-browser: %s\n' "$*"; }
+SETUP_NAME=setup-browser
+# shellcheck source=contrib/ci/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+require_root
 
-if [[ $(id -u) -ne 0 ]]; then
-    echo "setup-browser: must run as root" >&2
-    exit 1
-fi
-
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$pkg")
-    fi
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-else
-    log "packages already installed"
-fi
+install_missing "${PACKAGES[@]}"
 
 command -v chromium >/dev/null || { echo "setup-browser: chromium is missing" >&2; exit 1; }
 log "$(chromium --version 2>/dev/null || echo chromium)"

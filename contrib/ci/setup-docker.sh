@@ -13,28 +13,12 @@ set -euo pipefail
 
 PACKAGES=(docker.io busybox-static nftables)  # nftables: the agent firewall
 
-log() { printf 'setup-docker: %s\n' "$*"; }
+SETUP_NAME=setup-docker
+# shellcheck source=contrib/ci/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+require_root
 
-if [[ $(id -u) -ne 0 ]]; then
-    echo "setup-docker: must run as root" >&2
-    exit 1
-fi
-
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$pkg")
-    fi
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # policy-rc.d may refuse to start the service in containers and CI; that is fine.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-else
-    log "packages already installed"
-fi
+install_missing "${PACKAGES[@]}"
 
 for binary in dockerd containerd runc docker-init docker-proxy nft; do
     command -v "$binary" >/dev/null || { echo "setup-docker: $binary is missing" >&2; exit 1; }

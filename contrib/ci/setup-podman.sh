@@ -32,37 +32,22 @@ TEST_PACKAGES=(git iproute2 mount)  # tests only: git daemon/http-backend, ip ne
 TEST_PACKAGES+=(systemd)  # tests only: systemd-analyze verify of the units dockyard install writes
 MARKER="# managed by dockyard contrib/ci/setup-podman.sh"
 
-log() { printf 'setup-podman: %s\n' "$*"; }
-
-if [[ $(id -u) -ne 0 ]]; then
-    echo "setup-podman: must run as root" >&2
-    exit 1
-fi
+SETUP_NAME=setup-podman
+# shellcheck source=contrib/ci/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+require_root
 
 # ------------------------------------------------------------------ 1. packages
 if [[ $HOST_ONLY == 0 ]]; then
     PACKAGES+=("${TEST_PACKAGES[@]}")
 fi
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$pkg")
-    fi
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    if [[ " ${missing[*]} " == *" squid "* ]]; then
-        # dockyard starts one squid per build on a port of its own; the host-wide
-        # service (port 3128, every client on the host) is not wanted.
-        service squid stop >/dev/null 2>&1 || true
-        update-rc.d squid disable >/dev/null 2>&1 || true
-        systemctl disable --now squid >/dev/null 2>&1 || true
-    fi
-else
-    log "packages already installed"
+install_missing "${PACKAGES[@]}"
+if [[ " ${missing[*]} " == *" squid "* ]]; then
+    # dockyard starts one squid per build on a port of its own; the host-wide
+    # service (port 3128, every client on the host) is not wanted.
+    service squid stop >/dev/null 2>&1 || true
+    update-rc.d squid disable >/dev/null 2>&1 || true
+    systemctl disable --now squid >/dev/null 2>&1 || true
 fi
 
 # ------------------------------------------------------------------ 2. engine config

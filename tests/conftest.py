@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+#: A SIGTERM tears the fixtures down like Ctrl-C (``tests/sigterm.py``).
+pytest_plugins = ["tests.sigterm"]
+
 # Helper modules whose asserts should explain themselves like a test's own.
 pytest.register_assert_rewrite("tests.hostprobe", "tests.serve")
 

@@ -206,6 +206,23 @@ def test_a_plugin_ui_route_needs_a_session_unless_public(
 AUTH_HEADER = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
+def test_a_plugin_scope_that_implies_read_opens_the_status_page(
+    testplugin: Path, tmp_path: Path, example_plugin_module: Any
+) -> None:
+    """The test plugin's ``notes`` scope implies ``read``: its token logs in; a token with
+    only ``evaluate`` (which implies nothing) does not."""
+    with serving(tmp_path, example_plugin_module) as client:
+        notes = client.post("/v1/tokens", json={"name": "n", "scopes": ["notes"]}).json()
+        evaluate = client.post("/v1/tokens", json={"name": "e", "scopes": ["evaluate"]}).json()
+        client.headers.pop("Authorization")
+        refused = client.post("/ui/login", data={"token": evaluate["token"]})
+        assert refused.status_code == 401 and "lacks the read scope" in refused.text
+        opened = client.post("/ui/login", data={"token": notes["token"]}, follow_redirects=False)
+        assert opened.status_code == 303 and opened.headers["location"] == "/ui/"
+        index = client.get("/ui/")
+        assert index.status_code == 200 and '<div id="notes"' in index.text
+
+
 # ---------------------------------------------------------------- names two plugins take
 class Taker:
     """A plugin taking a status-page name."""

@@ -40,7 +40,7 @@ from litestar.response import Redirect, ServerSentEvent
 from litestar.status_codes import HTTP_303_SEE_OTHER
 from markupsafe import Markup
 
-from dockyard.api.auth import TokenBook, TokenRecord
+from dockyard.api.auth import APP_SCOPES, CORE_TABLE, TokenBook, TokenRecord
 from dockyard.api.deployments import render
 from dockyard.api.events import EventHub, last_event_id, sse_messages, tag_filters
 from dockyard.api.ui.parts import Bar, UiPanel, UiParts, UiSite
@@ -120,7 +120,13 @@ def current_record(connection: ASGIConnection[Any, Any, Any, Any]) -> TokenRecor
     if token_id is None:
         return None
     record = next((r for r in _book(state).active() if r.id == token_id), None)
-    return record if record is not None and record.grants("read") else None
+    return record if record is not None and _reads(state, record) else None
+
+
+def _reads(state: State, record: TokenRecord) -> bool:
+    """Whether ``record`` grants ``read`` with the app's scopes (a plugin's scope may imply
+    it)."""
+    return record.grants("read", getattr(state, APP_SCOPES, CORE_TABLE))
 
 
 def ui_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
@@ -259,7 +265,7 @@ class UIRoutes(Controller):
         data: Annotated[LoginForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Response[Any]:
         record = _book(state).verify(data.token.strip())
-        if record is None or not record.grants("read"):
+        if record is None or not _reads(state, record):
             return page(
                 request,
                 "login.html",
